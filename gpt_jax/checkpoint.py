@@ -1,0 +1,172 @@
+"""Orbax checkpoints under `out_dir/checkpoints`.
+
+Each checkpoint step directory holds four items, written by one `CheckpointManager.save`:
+  params     the model parameters (enough for sampling)
+  opt_state  the optimizer state (needed only to resume training)
+  progress   the train step and the base PRNG key
+  meta       JSON: model config, tokenizer vocabulary, losses, and the run config,
+             so a checkpoint directory is all that sampling or evaluation need.
+
+Retention: the newest `keep_last` checkpoints plus the one with the lowest val loss.
+Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
+save never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from gpt_jax.config import ModelConfig
+from gpt_jax.errors import UserError
+
+FORMAT = 'gpt_jax'
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(path: str) -> str:
+  """Accepts a run's out_dir or its `checkpoints/` folder; returns the absolute checkpoints folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  sub = os.path.join(path, 'checkpoints')
+  return sub if os.path.isdir(sub) else path
+
+
+class Checkpointer:
+  """A thin layer over `ocp.CheckpointManager` with gpt_jax's items, metadata and messages."""
+
+  def __init__(self, directory: str, ckpt_cfg: Optional[ml_collections.ConfigDict] = None,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    if read_only:
+      if not os.path.isdir(self.directory):
+        raise UserError(f'no checkpoint directory at {self.directory}; pass the out_dir of a '
+                        'training run (e.g. --ckpt_dir out/shakespeare_char).')
+      options = ocp.CheckpointManagerOptions(read_only=True, best_fn=_val_loss, best_mode='min')
+    else:
+      keep_last = int(ckpt_cfg.keep_last) if ckpt_cfg is not None else 2
+      policy = checkpoint_managers.AnyPreservationPolicy([
+          checkpoint_managers.LatestN(n=max(keep_last, 1)),
+          # BestN sorts by the metric and keeps the tail; `reverse=True` puts the *lowest* loss there.
+          checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1),
+      ])
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=policy, best_fn=_val_loss, best_mode='min',
+          enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else True,
+          create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # --- queries ---------------------------------------------------------------------------------
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    try:
+      return self.manager.best_step()
+    except Exception:  # No metrics recorded (e.g. written by something else): fall back to latest.
+      return self.manager.latest_step()
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata of checkpoint `step` (raises UserError if it isn't a gpt_jax checkpoint)."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+      raise UserError(f'checkpoint {step} in {self.directory} has no readable gpt_jax metadata ({e}); '
+                      'is it a checkpoint written by gpt_jax?') from None
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+      raise UserError(f'checkpoint {step} in {self.directory} was not written by gpt_jax.')
+    return meta
+
+  # --- save / restore --------------------------------------------------------------------------
+  def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float) -> None:
+    """Saves the train state (params, opt_state, step, key) and metadata as checkpoint `step`."""
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
+                val_loss=float(val_loss))
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        progress=ocp.args.StandardSave({'step': state.step, 'key': state.key}),
+        meta=ocp.args.JsonSave(meta),
+    ), metrics={'val_loss': float(val_loss)}, force=True)
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Restores a full train state shaped (and sharded) like `abstract_state`."""
+    try:
+      r = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          progress=ocp.args.StandardRestore({'step': abstract_state.step, 'key': abstract_state.key}),
+      ))
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'checkpoint {step} in {self.directory} does not fit the configured model and '
+                      f'optimizer: {_first_line(e)}') from None
+    return abstract_state.replace(params=r.params, opt_state=r.opt_state,
+                                  step=r.progress['step'], key=r.progress['key'])
+
+  def restore_params(self, step: int, abstract_params: Any = None) -> Any:
+    """Restores only the parameters (no optimizer state): what sampling and evaluation need."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params))).params
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'checkpoint {step} in {self.directory}: cannot restore parameters '
+                      f'({_first_line(e)})') from None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
+  """Raises a UserError naming every field where a checkpoint's model differs from `model_cfg`."""
+  saved = ModelConfig.from_dict(meta['model'])
+  # Dropout and compute dtype/backend do not change the parameters, so they may differ on resume.
+  def shape_only(c: ModelConfig) -> dict:
+    d = c.to_dict()
+    for k in ('dropout', 'attention', 'dtype'):
+      d.pop(k)
+    return d
+  a, b = shape_only(saved), shape_only(model_cfg)
+  diffs = [f'{k}: checkpoint {a[k]!r}, config {b[k]!r}' for k in a if a[k] != b[k]]
+  if diffs:
+    raise UserError(f'the checkpoint in {where} is for a different model ({"; ".join(diffs)}). '
+                    'Use the same model settings, or another --config.out_dir.')
+
+
+def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[ModelConfig, Any, dict]:
+  """Opens a run's checkpoints and returns (model config, params, meta) of `step` (default: best)."""
+  from gpt_jax import model as model_lib  # Local import keeps this module light for tooling.
+  ckpt = Checkpointer(checkpoint_dir(ckpt_dir), read_only=True)
+  steps = ckpt.steps()
+  if not steps:
+    raise UserError(f'no checkpoints in {ckpt.directory}; train first (scripts/train.py) or pass the '
+                    'out_dir of a finished run.')
+  if step is None:
+    step = ckpt.best_step()
+  elif step not in steps:
+    raise UserError(f'no checkpoint for step {step} in {ckpt.directory}; available: {steps}')
+  meta = ckpt.meta(step)
+  model_cfg = ModelConfig.from_dict(meta['model'])
+  abstract = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0)))
+  params = ckpt.restore_params(step, abstract)
+  ckpt.close()
+  return model_cfg, params, meta
+
+
+def _val_loss(metrics: Any) -> float:
+  return float(metrics['val_loss'])
+
+
+def _first_line(e: Exception) -> str:
+  s = str(e).strip()
+  return s.splitlines()[0] if s else type(e).__name__

@@ -1,0 +1,84 @@
+"""The model's hyperparameters as a small frozen dataclass, and checks on the whole run config.
+
+The run config (optimizer, data, checkpoints, ...) is an `ml_collections.ConfigDict` built by a
+`configs/*.py` file. The model part is turned into a frozen `ModelConfig`: hashable (so it can be a
+static attribute of Flax modules and jitted functions) and saved as JSON beside every checkpoint, so
+sampling needs nothing but the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from gpt_jax.errors import UserError
+
+ATTENTION_BACKENDS = ('manual', 'xla')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """GPT-2 shape and behaviour. Defaults are nanoGPT's `shakespeare_char` model."""
+  vocab_size: int = 65
+  block_size: int = 256         # Longest context; also the size of the position table `wpe`.
+  n_layer: int = 6
+  n_head: int = 6
+  n_embd: int = 384
+  dropout: float = 0.2
+  bias: bool = False            # Biases in Linear and LayerNorm (GPT-2: True; nanoGPT char: False).
+  gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
+  attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention).
+  dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
+
+  def __post_init__(self):
+    problems = []
+    for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
+      if int(getattr(self, name)) < 1:
+        problems.append(f'model.{name} must be >= 1 (got {getattr(self, name)})')
+    if self.n_head >= 1 and self.n_embd % self.n_head:
+      problems.append(f'model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})')
+    if not 0.0 <= self.dropout < 1.0:
+      problems.append(f'model.dropout must be in [0, 1) (got {self.dropout})')
+    if self.attention not in ATTENTION_BACKENDS:
+      problems.append(f'model.attention must be one of {ATTENTION_BACKENDS} (got {self.attention!r})')
+    if self.dtype not in DTYPES:
+      problems.append(f'model.dtype must be one of {DTYPES} (got {self.dtype!r})')
+    if problems:
+      raise UserError('invalid model config: ' + '; '.join(problems))
+
+  @property
+  def head_size(self) -> int:
+    return self.n_embd // self.n_head
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
+    """Builds from a mapping (a ConfigDict section or saved JSON); unknown keys are an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise UserError(f'unknown model config field(s) {unknown}; known fields are {sorted(fields)}')
+    return cls(**{k: d[k] for k in d})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def diff(self, other: 'ModelConfig') -> list[str]:
+    """Human-readable list of fields where `other` differs from `self`."""
+    return [f'{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}'
+            for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+  """Parameter count from the architecture alone (the model's own count must agree).
+
+  Per block: two LayerNorms, c_attn (C x 3C), attn.c_proj (C x C), mlp.c_fc (C x 4C), mlp.c_proj
+  (4C x C) = 12 C^2 weights, plus 13 C biases when `bias`. The LM head is tied to `wte`, so it adds
+  nothing. Like nanoGPT, `non_embedding=True` leaves out the position table `wpe` (the token table is
+  kept because it is also the output layer).
+  """
+  C, L = cfg.n_embd, cfg.n_layer
+  ln = 2 * C if cfg.bias else C
+  per_block = 12 * C * C + 2 * ln + (9 * C if cfg.bias else 0)
+  n = cfg.vocab_size * C + cfg.block_size * C + L * per_block + ln
+  return n - cfg.block_size * C if non_embedding else n

@@ -1,0 +1,223 @@
+"""GPT-2 in Flax Linen, written out by hand in one file.
+
+Read it top to bottom: LayerNorm and Linear (the two parameterised building blocks), causal
+self-attention, the MLP, a pre-LN transformer block, and the GPT that stacks them. Parameter names
+follow GPT-2 / nanoGPT so weights map one-to-one: `wte`, `wpe`, `h_0 ... h_{L-1}` each with `ln_1`,
+`attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`, and the final `ln_f`.
+
+Shapes: B = batch, T = sequence length, C = n_embd, H = n_head, D = head size (C // H),
+S = cache length (= block_size), V = vocab size.
+
+Things that differ from Flax's defaults on purpose (GPT-2 faithfulness):
+  * weights are initialised N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 L)), biases zero
+    (Flax's Dense would use lecun_normal);
+  * LayerNorm epsilon is 1e-5 (Flax's is 1e-6);
+  * GELU is exact (erf) by default as in nanoGPT, or the tanh form GPT-2 used (`gelu_approximate`);
+    `jax.nn.gelu` defaults to tanh, so the flag is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt_jax.config import ModelConfig
+
+# A KV cache: for every layer a dict with 'k' and 'v' of shape (B, S, H, D).
+Cache = tuple[dict[str, jax.Array], ...]
+
+
+class LayerNorm(nn.Module):
+  """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32."""
+  use_bias: bool = True
+  epsilon: float = 1e-5  # GPT-2's value; flax.linen.LayerNorm defaults to 1e-6.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    C = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (C,), jnp.float32)
+    x32 = x.astype(jnp.float32)  # Mean/variance in float32 even when computing in bfloat16.
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)  # Biased variance, as GPT-2.
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (C,), jnp.float32)
+    return y.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel + bias, kernel of shape (in, out) like GPT-2's Conv1D weight."""
+  features: int
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: Any = jnp.float32  # Compute dtype; the parameters themselves stay float32.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.normal(self.std), (n_in, self.features),
+                        jnp.float32)
+    # Multiply as one 2-D (B*T, in) @ (in, out) GEMM: the same maths as a (B, T, in) contraction, but
+    # it hands XLA the canonical matmul for the forward *and* for the weight gradient, which on CPU is
+    # several times faster than a contraction over two batch-like axes.
+    y = x.reshape(-1, n_in).astype(self.dtype) @ kernel.astype(self.dtype)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+    return y.reshape(*x.shape[:-1], self.features)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     dropout: nn.Module, deterministic: bool) -> jax.Array:
+  """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, T, H, D); k, v: (B, S, H, D).
+
+  `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
+  """
+  D = q.shape[-1]
+  att = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)  # (B, H, T, S)
+  att = att * (1.0 / math.sqrt(D))
+  att = jnp.where(mask, att, -jnp.inf)  # Future positions get probability exactly 0.
+  # Softmax by hand: subtract the row max for stability (each row has at least its own position, so
+  # the max is finite), exponentiate, normalise.
+  att = jnp.exp(att - jnp.max(att, axis=-1, keepdims=True))
+  att = att / jnp.sum(att, axis=-1, keepdims=True)
+  att = dropout(att, deterministic=deterministic)  # Attention dropout, as GPT-2 / nanoGPT.
+  y = jnp.einsum('bhts,bshd->bthd', att.astype(v.dtype), v)  # (B, T, H, D)
+  return y
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with an optional KV cache for generation."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool, cache: Optional[dict[str, jax.Array]] = None,
+               pos: Any = 0) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
+    cfg = self.config
+    B, T, C = x.shape
+    H, D = cfg.n_head, cfg.head_size
+    dtype = jnp.dtype(cfg.dtype)
+    resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual projections by 1/sqrt(N).
+
+    qkv = Linear(3 * C, cfg.bias, dtype=dtype, name='c_attn')(x)  # (B, T, 3C)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q, k, v = (a.reshape(B, T, H, D) for a in (q, k, v))  # (B, T, H, D)
+
+    q_pos = pos + jnp.arange(T)  # Absolute positions of the queries.
+    if cache is not None:
+      # Write this chunk's keys/values at positions [pos, pos + T) and attend over the whole cache;
+      # slots past the newest position hold stale values, which the causal mask hides.
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, pos, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, pos, 0, 0))
+      cache = {'k': k, 'v': v}
+    k_pos = jnp.arange(k.shape[1])
+    mask = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+
+    attn_dropout = nn.Dropout(cfg.dropout)
+    if cfg.attention == 'xla' and (deterministic or cfg.dropout == 0.0):
+      # jax.nn.dot_product_attention picks cuDNN flash attention on NVIDIA GPUs; it has no
+      # attention-probability dropout, so training with dropout > 0 stays on the manual path.
+      y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                       mask=mask[None, None], implementation=None)
+    else:
+      y = causal_attention(q, k, v, mask, attn_dropout, deterministic)
+    y = y.reshape(B, T, C)
+    y = Linear(C, cfg.bias, std=resid_std, dtype=dtype, name='c_proj')(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # Residual dropout.
+    return y, cache
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward: Linear(C -> 4C), GELU, Linear(4C -> C), dropout."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    h = Linear(4 * cfg.n_embd, cfg.bias, dtype=dtype, name='c_fc')(x)  # (B, T, 4C)
+    h = jax.nn.gelu(h, approximate=cfg.gelu_approximate)
+    h = Linear(cfg.n_embd, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), dtype=dtype,
+               name='c_proj')(h)
+    return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool, cache: Optional[dict[str, jax.Array]] = None,
+               pos: Any = 0) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
+    cfg = self.config
+    a, cache = CausalSelfAttention(cfg, name='attn')(
+        LayerNorm(cfg.bias, name='ln_1')(x), deterministic, cache, pos)
+    x = x + a  # The residual stream carries everything; each sub-layer adds a correction to it.
+    x = x + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x), deterministic)
+    return x, cache
+
+
+class GPT(nn.Module):
+  """The GPT-2 language model. `apply({'params': p}, idx)` returns logits (B, T, V)."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    init = nn.initializers.normal(0.02)
+    self.wte = self.param('wte', init, (cfg.vocab_size, cfg.n_embd), jnp.float32)  # Tokens.
+    self.wpe = self.param('wpe', init, (cfg.block_size, cfg.n_embd), jnp.float32)  # Positions.
+    self.drop = nn.Dropout(cfg.dropout)
+    self.h = [Block(cfg, name=f'h_{i}') for i in range(cfg.n_layer)]
+    self.ln_f = LayerNorm(cfg.bias)
+
+  def _forward(self, idx: jax.Array, deterministic: bool, cache: Optional[Cache],
+               pos: Any) -> tuple[jax.Array, Optional[Cache]]:
+    cfg = self.config
+    B, T = idx.shape
+    if T > cfg.block_size:
+      raise ValueError(f'sequence length {T} exceeds block_size {cfg.block_size}')
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(self.wte, idx, axis=0) + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)  # (B, T, C)
+    x = self.drop(x.astype(dtype), deterministic=deterministic)
+    new_cache = []
+    for i, block in enumerate(self.h):
+      x, layer_cache = block(x, deterministic, None if cache is None else cache[i], pos)
+      new_cache.append(layer_cache)
+    x = self.ln_f(x)
+    # Weight tying: the output layer is the token embedding, transposed (saves V*C parameters).
+    logits = (x.reshape(B * T, -1) @ self.wte.astype(dtype).T).reshape(B, T, cfg.vocab_size)
+    return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+
+  def __call__(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:
+    """idx (B, T) int token ids -> logits (B, T, V) float32. Dropout is off unless told otherwise."""
+    return self._forward(idx, deterministic, None, 0)[0]
+
+  def decode(self, idx: jax.Array, cache: Cache, pos: Any) -> tuple[jax.Array, Cache]:
+    """Runs tokens at absolute positions [pos, pos + T) against a KV cache (inference only).
+
+    Used both to prefill a prompt (T > 1, pos = 0) and to extend by one token (T = 1).
+    Returns logits (B, T, V) and the updated cache.
+    """
+    return self._forward(idx, True, cache, pos)
+
+
+def init_cache(config: ModelConfig, batch_size: int) -> Cache:
+  """An empty KV cache covering the whole context window: per layer k, v of (B, S, H, D)."""
+  shape = (batch_size, config.block_size, config.n_head, config.head_size)
+  dtype = jnp.dtype(config.dtype)
+  return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+               for _ in range(config.n_layer))
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Any:
+  """Fresh GPT-2-initialised parameters."""
+  dummy = jnp.zeros((1, min(8, config.block_size)), jnp.int32)
+  return GPT(config).init(key, dummy)['params']
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

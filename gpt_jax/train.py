@@ -1,0 +1,369 @@
+"""Training: small pure functions (`init_train_state`, `train_step`, `eval_step`) and a thin loop.
+
+Randomness is explicit and never reused. A run has one base key, PRNGKey(train.seed). Step s uses
+`fold_in(base, s)`, split into a batch key and a dropout key, so a resumed run draws exactly the
+batches and dropout masks an uninterrupted run would (the same idea as Flax's lm1b example).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import data as data_lib
+from gpt_jax import optim
+from gpt_jax import sample as sample_lib
+from gpt_jax.config import ModelConfig, num_params
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT
+
+EVAL_KEY_SALT = 0x5EED  # Eval batches come from their own key stream, fixed for the whole run.
+
+
+class TrainState(train_state.TrainState):
+  """params, opt_state, step (from Flax's TrainState) plus the run's base PRNG key."""
+  key: jax.Array
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The ModelConfig of a run; `model.vocab_size = 0` means 'take it from the data'."""
+  m = config.model.to_dict()
+  if not m.get('vocab_size'):
+    m['vocab_size'] = vocab_size
+  elif m['vocab_size'] < vocab_size:
+    raise UserError(f'model.vocab_size={m["vocab_size"]} is smaller than the tokenizer\'s vocabulary '
+                    f'({vocab_size}); set it to 0 (automatic) or at least {vocab_size}.')
+  return ModelConfig.from_dict(m)
+
+
+def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -> TrainState:
+  """Fresh parameters (GPT-2 init) and optimizer state; step 0."""
+  model = GPT(model_cfg)
+  tx = optim.make_optimizer(train_cfg)
+  base = jax.random.PRNGKey(train_cfg.seed)
+  init_key = jax.random.fold_in(base, -1 & 0xFFFFFFFF)  # Distinct from every step's key.
+
+  @jax.jit
+  def init(key):
+    params = model.init(key, jnp.zeros((1, model_cfg.block_size), jnp.int32))['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=base)
+
+  return init(init_key)
+
+
+def loss_fn(params: Any, model: GPT, x: jax.Array, y: jax.Array, dropout_key: Optional[jax.Array],
+            ) -> jax.Array:
+  """Mean next-token cross-entropy (float32). Dropout is on iff a key is given."""
+  logits = model.apply({'params': params}, x, deterministic=dropout_key is None,
+                       rngs=None if dropout_key is None else {'dropout': dropout_key})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_size: int,
+               grad_accum_steps: int, schedule: Callable[[Any], Any]) -> tuple[TrainState, dict]:
+  """One optimizer update: draw the batch on device, average gradients over micro-steps, apply.
+
+  All `batch_size * grad_accum_steps` rows are drawn at once and then split into micro-batches, so
+  accumulation computes the same update as one big batch (up to float summation order).
+  """
+  T = model.config.block_size
+  batch_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+  x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
+  grad_fn = jax.value_and_grad(loss_fn)
+  use_dropout = model.config.dropout > 0
+
+  def micro(i, xb, yb):
+    return grad_fn(state.params, model, xb, yb,
+                   jax.random.fold_in(dropout_key, i) if use_dropout else None)
+
+  if grad_accum_steps == 1:
+    loss, grads = micro(0, x, y)
+  else:
+    xs = x.reshape(grad_accum_steps, batch_size, T)
+    ys = y.reshape(grad_accum_steps, batch_size, T)
+
+    def body(acc, inp):
+      loss, grads = micro(*inp)
+      return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
+    loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
+
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params: Any, data: jax.Array, key: jax.Array, *, model: GPT, batch_size: int,
+              num_batches: int) -> jax.Array:
+  """Mean loss over `num_batches` random batches of `data` (dropout off), in one jitted scan."""
+  T = model.config.block_size
+
+  def body(total, i):
+    x, y = data_lib.get_batch(data, jax.random.fold_in(key, i), batch_size, T)
+    return total + loss_fn(params, model, x, y, None), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_batches))
+  return total / num_batches
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+  """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu."""
+  n = num_params(cfg, non_embedding=True)
+  return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+_PEAK_FLOPS = {  # Dense bf16/fp16 tensor-core peaks, per device (float32 runs will read low).
+    'a100': 312e12, 'h100': 989e12, 'h200': 989e12, 'v100': 125e12, 'a10': 125e12, 'l4': 121e12,
+    'rtx 4090': 165e12, 'rtx 3090': 71e12, 'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5': 459e12,
+}
+
+
+def peak_flops(configured: float) -> tuple[float, str]:
+  """Peak FLOP/s of one device for MFU: configured, known by name, or a measured matmul (CPU)."""
+  if configured > 0:
+    return configured, 'configured'
+  dev = jax.devices()[0]
+  kind = dev.device_kind.lower()
+  for name, flops in _PEAK_FLOPS.items():
+    if name in kind:
+      return flops, dev.device_kind
+  # Unknown device (e.g. a CPU): time a large float32 matmul; MFU is then relative to what XLA
+  # itself reaches on a plain GEMM on this machine.
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  best = math.inf
+  for _ in range(5):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best, 'measured float32 matmul'
+
+
+class MetricsLog:
+  """Appends one JSON object per line to out_dir/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, record: dict) -> None:
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+
+
+def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
+  if not math.isfinite(value):
+    latest = ckpt.latest_step()
+    where = (f'the last good checkpoint (step {latest}) is untouched in {ckpt.directory}'
+             if latest is not None else 'no checkpoint had been written yet')
+    raise UserError(f'{what} is {value} at step {step}: training diverged and was stopped; {where}. '
+                    'Try a lower train.learning_rate, a higher train.warmup_steps or train.grad_clip > 0.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
+  """Runs training as configured; returns a summary (final step, losses, wall time, best val loss)."""
+  t_start = time.time()
+  cfg_t, cfg_c, cfg_s = config.train, config.checkpoint, config.sample
+  _validate(config)
+  out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
+  os.makedirs(out_dir, exist_ok=True)
+
+  devices = jax.devices()
+  print(f'JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) '
+        f'[{", ".join(sorted({d.device_kind for d in devices}))}]')
+
+  ds = data_lib.load(config.data)
+  tok = ds.tokenizer
+  model_cfg = model_config_from(config, tok.vocab_size)
+  model = GPT(model_cfg)
+  print(f'model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, '
+        f'block {model_cfg.block_size}, vocab {model_cfg.vocab_size}: '
+        f'{num_params(model_cfg) / 1e6:.2f}M parameters '
+        f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
+  state = init_train_state(model_cfg, cfg_t)
+  best_val = math.inf
+  latest = ckpt.latest_step()
+  if cfg_t.resume:
+    if latest is None:
+      raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
+                      'run without --config.train.resume=True to start a new run.')
+    meta = ckpt.meta(latest)
+    checkpoint_lib.check_model_matches(meta, model_cfg, ckpt.directory)
+    if meta.get('tokenizer') != tok.to_dict():
+      raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
+                      f'the data in {ds.data_dir}; point data.* at the original data.')
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, 'shape') else a, state)
+    state = ckpt.restore_state(latest, abstract)
+    best_step = ckpt.best_step()
+    best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
+    print(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
+  elif latest is not None:
+    raise UserError(f'{ckpt.directory} already holds checkpoints (latest step {latest}). Resume it with '
+                    '--config.train.resume=True, or pick another --config.out_dir (nothing was '
+                    'overwritten).')
+
+  with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=1))
+  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl'))
+  start_step = int(state.step)
+  if start_step:
+    log.write({'event': 'resume', 'step': start_step})
+
+  # The training split lives on the device for the whole run; batches are cut from it in the step.
+  train_data = data_lib.to_device(ds.train)
+  val_data = data_lib.to_device(ds.val)
+  schedule = optim.lr_schedule(cfg_t)
+  step_fn = jax.jit(functools.partial(
+      train_step, model=model, batch_size=cfg_t.batch_size,
+      grad_accum_steps=cfg_t.grad_accum_steps, schedule=schedule), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(
+      eval_step, model=model, batch_size=cfg_t.batch_size, num_batches=cfg_t.eval_iters))
+  eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), EVAL_KEY_SALT)
+  prompt = np.array([tok.encode(cfg_s.prompt or '\n')], np.int32)
+
+  tokens_per_step = cfg_t.batch_size * cfg_t.grad_accum_steps * model_cfg.block_size
+  flops_step = flops_per_token(model_cfg) * tokens_per_step
+  peak, peak_src = peak_flops(cfg_t.peak_flops)
+  meta = {'model': model_cfg.to_dict(), 'tokenizer': tok.to_dict(),
+          'data': {k: ds.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256')},
+          'config': json.loads(config.to_json_best_effort())}
+
+  def evaluate(step: int) -> dict:
+    t0 = time.perf_counter()
+    losses = {split: float(eval_fn(state.params, d, eval_key))
+              for split, d in (('train', train_data), ('val', val_data))}
+    rec = {'step': step, 'train_loss': losses['train'], 'val_loss': losses['val'],
+           'lr': float(schedule(step)), 'eval_seconds': round(time.perf_counter() - t0, 3),
+           'time': round(time.time() - t_start, 3)}
+    if cfg_s.eval_tokens > 0:
+      out = sample_lib.generate(state.params, model_cfg, prompt, cfg_s.eval_tokens,
+                                jax.random.fold_in(jax.random.PRNGKey(cfg_s.seed), step),
+                                cfg_s.temperature, cfg_s.top_k, cfg_s.window_shift, tok.vocab_size)
+      rec['sample'] = tok.decode(np.asarray(out[0, prompt.shape[1]:]))
+    return rec
+
+  bar = tqdm(total=cfg_t.max_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
+             disable=None)
+  say = bar.write if not bar.disable else print
+  summary = {'start_step': start_step}
+  last_loss = math.nan
+  t_window, steps_in_window = time.perf_counter(), 0
+  step = start_step
+  try:
+    while True:
+      if step % cfg_t.eval_interval == 0 or step == cfg_t.max_steps:
+        rec = evaluate(step)
+        _check_finite(rec['val_loss'], 'the validation loss', step, ckpt)
+        say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
+            f'({rec["eval_seconds"]:.1f}s)')
+        if 'sample' in rec:
+          say('  sample: ' + rec['sample'].replace('\n', '\n          ')[:1000])
+        log.write(rec)
+        improved = rec['val_loss'] < best_val
+        best_val = min(best_val, rec['val_loss'])
+        if step > start_step and (improved or cfg_c.save == 'always'):
+          ckpt.save(step, state, meta, rec['val_loss'])
+          say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
+        summary.update(final_train_loss=rec['train_loss'], final_val_loss=rec['val_loss'])
+        t_window, steps_in_window = time.perf_counter(), 0  # Don't count evals in step timing.
+      if step >= cfg_t.max_steps:
+        break
+
+      state, metrics = step_fn(state, train_data)
+      step += 1
+      steps_in_window += 1
+      bar.update(1)
+      if step == start_step + 1:
+        metrics['loss'].block_until_ready()  # First step = compile; time the steps after it.
+        say(f'compiled and ran the first step in {time.time() - t_start:.1f}s since start')
+        t_window, steps_in_window = time.perf_counter(), 0
+      elif step == start_step + 6 or step % cfg_t.log_interval == 0 or step == cfg_t.max_steps:
+        last_loss = float(metrics['loss'])  # Syncs with the device.
+        _check_finite(last_loss, 'the training loss', step, ckpt)
+        dt = (time.perf_counter() - t_window) / max(steps_in_window, 1)
+        rec = {'step': step, 'train_loss': last_loss, 'lr': float(metrics['lr']),
+               'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
+               'tokens_per_s': round(tokens_per_step / dt, 1),
+               'mfu': round(flops_step / dt / peak, 5), 'time': round(time.time() - t_start, 3)}
+        if step == start_step + 6:
+          _report_expected_time(say, dt, cfg_t, step)
+        else:
+          log.write(rec)
+          say(f'step {step}: loss {last_loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
+              f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
+        bar.set_postfix(loss=f'{last_loss:.3f}')
+        t_window, steps_in_window = time.perf_counter(), 0
+  except KeyboardInterrupt:
+    ckpt.close()
+    bar.close()
+    latest = ckpt.latest_step()
+    raise UserError(f'interrupted at step {step}. ' + (
+        f'Continue from checkpoint {latest} with --config.train.resume=True.' if latest is not None
+        else 'No checkpoint was written yet.')) from None
+  finally:
+    bar.close()
+  ckpt.close()
+  if ckpt.latest_step() is None:
+    # "best" mode only writes when val loss improves on an earlier eval; a run that never evaluated
+    # twice would otherwise end with nothing to sample from.
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
+    ckpt.save(step, state, meta, summary.get('final_val_loss', math.inf))
+    ckpt.close()
+  summary.update(final_step=step, best_val_loss=best_val, wall_seconds=round(time.time() - t_start, 2),
+                 out_dir=out_dir)
+  print(f'done: step {step}, best val loss {best_val:.4f}, {summary["wall_seconds"]:.1f}s; '
+        f'checkpoints in {ckpt.directory}')
+  return summary
+
+
+def _report_expected_time(say: Callable[[str], None], dt: float, cfg_t: ml_collections.ConfigDict,
+                          step: int) -> None:
+  remaining = (cfg_t.max_steps - step) * dt
+  say(f'{1e3 * dt:.0f} ms/step: expect about {_human(remaining)} for the remaining '
+      f'{cfg_t.max_steps - step} steps (plus evals)')
+  if jax.default_backend() == 'cpu' and remaining > 3600:
+    say(f'note: this preset would take about {_human(remaining)} on this CPU; it is sized for a GPU. '
+        'For a CPU run use --config configs/shakespeare.py:cpu')
+
+
+def _human(seconds: float) -> str:
+  if seconds < 120:
+    return f'{seconds:.0f}s'
+  if seconds < 7200:
+    return f'{seconds / 60:.1f} min'
+  return f'{seconds / 3600:.1f} h'
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values a typo-free config can still get wrong, with one message listing them all."""
+  t, c = config.train, config.checkpoint
+  problems = []
+  for name in ('batch_size', 'max_steps', 'eval_interval', 'eval_iters', 'log_interval',
+               'grad_accum_steps'):
+    if int(t[name]) < 1:
+      problems.append(f'train.{name} must be >= 1 (got {t[name]})')
+  if t.learning_rate <= 0:
+    problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
+  if c.save not in ('best', 'always'):
+    problems.append(f"checkpoint.save must be 'best' or 'always' (got {c.save!r})")
+  if problems:
+    raise UserError('invalid config: ' + '; '.join(problems))

@@ -1,0 +1,28 @@
+"""Trains a GPT. Intentionally kept short: everything lives in gpt_jax/train.py.
+
+  python scripts/train.py --config configs/shakespeare.py:cpu
+  python scripts/train.py --config configs/shakespeare.py --config.train.max_steps=200
+  python scripts/train.py --config configs/shakespeare.py:cpu --config.train.resume=True
+"""
+import os
+
+from absl import app
+from ml_collections import config_flags
+
+import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+from gpt_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
+    'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:cpu).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from gpt_jax import train  # Imported after flag parsing so --help is instant.
+  cli.run_main(lambda: train.train_and_evaluate(_CONFIG.value))
+
+
+if __name__ == '__main__':
+  app.run(main)
