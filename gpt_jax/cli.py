@@ -1,20 +1,72 @@
-"""Shared plumbing for the thin entry points in scripts/: quiet library logs, clean error exits."""
+"""Shared plumbing for the thin entry points in scripts/: flag errors, quiet library logs, clean exits."""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import re
+import sys
+from typing import Callable, Sequence
 
+from absl import flags
 from absl import logging as absl_logging
 
 from gpt_jax.errors import exit_on_user_error
 
 
+class _DropOrbaxChatter(logging.Filter):
+  """Orbax logs every file it writes (and read-only notices) through absl; keep only its errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or 'orbax' not in record.pathname
+
+
 def quiet_library_logs() -> None:
-  """absl's app.run logs at INFO; Orbax then narrates every file it writes. Keep warnings only."""
+  """absl's app.run logs at INFO; show warnings and errors only, minus Orbax's routine notices."""
   absl_logging.set_verbosity(absl_logging.WARNING)
-  for name in ('orbax', 'absl', 'jax._src.xla_bridge'):
-    logging.getLogger(name).setLevel(logging.WARNING)
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropOrbaxChatter) for f in handler.filters):
+    handler.addFilter(_DropOrbaxChatter())
+
+
+def _innermost_message(e: BaseException) -> str:
+  """ml_collections wraps a KeyError's text in an AttributeError; unwrap to the readable words."""
+  msg = e.args[0] if e.args else str(e)
+  while isinstance(msg, BaseException):
+    msg = msg.args[0] if msg.args else str(msg)
+  msg = str(msg).replace('\\n', '\n').replace("\\'", "'").strip('"')
+  m = re.match(r"^'([^']+)'\s*(.*)$", msg, re.S)  # KeyError text: "'name'\nDid you mean ...?"
+  if m:
+    return f"there is no config field '{m.group(1)}'. {m.group(2).strip()}".strip()
+  return ' '.join(msg.split())
+
+
+def _without_traceback(msg: str) -> str:
+  """Config-file errors arrive with the loader's traceback pasted into the text; keep the gist."""
+  lines = [l.strip() for l in msg.splitlines() if l.strip()]
+  if any(l.startswith('Traceback') for l in lines):
+    return f'{lines[0]} {lines[-1]}'
+  return ' '.join(l for l in lines if not l.startswith(('Attempted', 'Failed loading config file',
+                                                        'Configuration is not available')))
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing that reports a bad flag (e.g. a config-override typo) in one line, no traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):
+      value = flags.FLAGS[name].value
+      if type(value).__name__ == '_ErrorConfig':  # ml_collections defers config-file errors.
+        getattr(value, 'to_dict')  # Raises the deferred error now, while we can report it.
+    return args
+  except flags.Error as e:
+    sys.stderr.write(f'error: {_without_traceback(str(e))}\nPass --help to see the flags.\n')
+  except OSError as e:
+    sys.stderr.write(f'error: {_without_traceback(str(e))}\n')
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    sys.stderr.write(f'error: invalid config override: {_innermost_message(e)} '
+                     f'(in: {" ".join(bad) or "the --config flag"})\n')
+  sys.exit(2)
 
 
 def run_main(fn: Callable[[], object]) -> None:

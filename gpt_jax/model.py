@@ -71,10 +71,12 @@ class Linear(nn.Module):
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     dropout: nn.Module, deterministic: bool) -> jax.Array:
+                     dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, T, H, D); k, v: (B, S, H, D).
 
   `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
+  With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (and the survivors
+  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT.
   """
   D = q.shape[-1]
   att = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)  # (B, H, T, S)
@@ -84,7 +86,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   # the max is finite), exponentiate, normalise.
   att = jnp.exp(att - jnp.max(att, axis=-1, keepdims=True))
   att = att / jnp.sum(att, axis=-1, keepdims=True)
-  att = dropout(att, deterministic=deterministic)  # Attention dropout, as GPT-2 / nanoGPT.
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, att.shape)
+    att = jnp.where(keep, att / (1.0 - dropout_rate), 0.0)
   y = jnp.einsum('bhts,bshd->bthd', att.astype(v.dtype), v)  # (B, T, H, D)
   return y
 
@@ -116,14 +120,15 @@ class CausalSelfAttention(nn.Module):
     k_pos = jnp.arange(k.shape[1])
     mask = k_pos[None, :] <= q_pos[:, None]  # (T, S)
 
-    attn_dropout = nn.Dropout(cfg.dropout)
-    if cfg.attention == 'xla' and (deterministic or cfg.dropout == 0.0):
+    use_dropout = not deterministic and cfg.dropout > 0.0
+    if cfg.attention == 'xla' and not use_dropout:
       # jax.nn.dot_product_attention picks cuDNN flash attention on NVIDIA GPUs; it has no
       # attention-probability dropout, so training with dropout > 0 stays on the manual path.
       y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                        mask=mask[None, None], implementation=None)
     else:
-      y = causal_attention(q, k, v, mask, attn_dropout, deterministic)
+      y = causal_attention(q, k, v, mask, cfg.dropout,
+                           self.make_rng('dropout') if use_dropout else None)
     y = y.reshape(B, T, C)
     y = Linear(C, cfg.bias, std=resid_std, dtype=dtype, name='c_proj')(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # Residual dropout.

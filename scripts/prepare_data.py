@@ -1,0 +1,31 @@
+"""Tokenizes the training text into train.bin / val.bin / tokenizer.json / meta.json.
+
+scripts/train.py runs the same step when the prepared files are missing or stale, so this is only
+needed to prepare ahead of time or to inspect the result.
+
+  python scripts/prepare_data.py --config configs/shakespeare.py
+  python scripts/prepare_data.py --config configs/shakespeare.py --config.data.text_path=input.txt
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+from gpt_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
+    'Run config whose `data` section says what to prepare.')
+flags.DEFINE_bool('force', False, 'Prepare again even if the files are up to date.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from gpt_jax import data
+  cli.run_main(lambda: data.prepare(_CONFIG.value.data, force=flags.FLAGS.force))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,39 @@
+"""Samples text from a trained checkpoint (parameters only; no optimizer state is loaded).
+
+  python scripts/sample.py --ckpt_dir out/shakespeare_char
+  python scripts/sample.py --ckpt_dir out/shakespeare_char --prompt "ROMEO:" --num_samples 3 \
+      --max_new_tokens 300 --temperature 0.8 --top_k 200 --seed 7
+"""
+from absl import app, flags
+
+import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+from gpt_jax import cli
+
+flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')
+flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the best one).')
+flags.DEFINE_string('prompt', '\n', 'Text to continue.')
+flags.DEFINE_string('prompt_file', None, 'Read the prompt from this file instead of --prompt.')
+flags.DEFINE_integer('num_samples', 1, 'How many samples (generated together as one batch).')
+flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate per sample.')
+flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
+flags.DEFINE_integer('top_k', 200, 'Sample only from the k most likely tokens (0 = all).')
+flags.DEFINE_integer('seed', 1337, 'PRNG seed.')
+flags.DEFINE_integer('window_shift', 0, 'Past block_size, re-encode every N tokens (0 = auto, '
+                     '1 = exact nanoGPT cropping).')
+flags.mark_flag_as_required('ckpt_dir')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from gpt_jax import sample  # Imported after flag parsing so --help is instant.
+  cli.run_main(lambda: sample.sample_from_checkpoint(
+      FLAGS.ckpt_dir, step=FLAGS.step, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
+      num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
+      window_shift=FLAGS.window_shift))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real data beside the checkout, small synthetic text, tiny configs."""
+
+import os
+import pathlib
+import random
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+sys.path.insert(0, str(REPO))
+
+from configs import shakespeare  # noqa: E402
+
+
+def shared_file(*parts: str) -> pathlib.Path:
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f'{path} not found (tests that need the real data read ../shared/data)')
+  return path
+
+
+@pytest.fixture
+def shakespeare_path() -> pathlib.Path:
+  return shared_file('tinyshakespeare.txt')
+
+
+def make_synthetic_text(n_chars: int = 30_000, seed: int = 0) -> str:
+  """Pseudo-English with structure a tiny model can learn quickly (and a fixed character set)."""
+  rng = random.Random(seed)
+  words = ['the', 'king', 'and', 'queen', 'of', 'rome', 'speak', 'thou', 'art', 'my', 'lord',
+           'what', 'say', 'you', 'good', 'night', 'sweet', 'prince']
+  lines = []
+  while sum(len(l) + 1 for l in lines) < n_chars:
+    name = rng.choice(['ROMEO', 'JULIET', 'HAMLET'])
+    lines.append(f'{name}:\n' + ' '.join(rng.choice(words) for _ in range(rng.randint(3, 9))) + '.\n')
+  return '\n'.join(lines)[:n_chars]
+
+
+@pytest.fixture
+def synthetic_text_path(tmp_path: pathlib.Path) -> pathlib.Path:
+  path = tmp_path / 'input.txt'
+  path.write_text(make_synthetic_text(), encoding='utf-8')
+  return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: pathlib.Path, synthetic_text_path: pathlib.Path):
+  """The `tiny` preset pointed at synthetic text and a temporary out_dir / data_dir."""
+  c = shakespeare.get_config('tiny')
+  c.out_dir = str(tmp_path / 'out')
+  c.data.text_path = str(synthetic_text_path)
+  c.data.data_dir = str(tmp_path / 'data')
+  c.data.cache_dir = str(tmp_path / 'cache')
+  c.train.peak_flops = 1e12  # Skip the matmul measurement in tests.
+  return c

@@ -1,0 +1,198 @@
+"""The hand-written GPT-2: shapes, causality, parameter count, init, LayerNorm/attention vs Flax/JAX."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import model as model_lib
+from gpt_jax.config import ModelConfig, num_params
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT
+
+CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+
+def _params(cfg=CFG, seed=0):
+  return model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+
+
+def test_logits_shape_and_dtype():
+  params = _params()
+  idx = jax.random.randint(jax.random.PRNGKey(1), (3, 11), 0, CFG.vocab_size)
+  logits = GPT(CFG).apply({'params': params}, idx)
+  assert logits.shape == (3, 11, CFG.vocab_size)
+  assert logits.dtype == jnp.float32
+
+
+def test_parameter_names_follow_gpt2():
+  params = _params(ModelConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True))
+  flat = {'.'.join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  for name in ['wte', 'wpe', 'h_0.ln_1.scale', 'h_0.ln_1.bias', 'h_0.attn.c_attn.kernel',
+               'h_0.attn.c_proj.kernel', 'h_0.ln_2.scale', 'h_0.mlp.c_fc.kernel',
+               'h_1.mlp.c_proj.bias', 'ln_f.scale', 'ln_f.bias']:
+    assert name in flat, name
+  assert not any('lm_head' in n for n in flat)  # The head is tied to wte.
+
+
+def test_causality_through_gradients():
+  """d logits[t] / d (input vector at position s) is exactly zero for every s > t.
+
+  The position table row wpe[s] is added to the input at position s only, so its gradient is the
+  gradient with respect to that position's input vector.
+  """
+  params = _params()
+  model = GPT(CFG)
+  T = 9
+  idx = jax.random.randint(jax.random.PRNGKey(2), (1, T), 0, CFG.vocab_size)
+
+  def summed_logits(wpe):  # (T,): one number per output position
+    return model.apply({'params': dict(params, wpe=wpe)}, idx)[0].sum(-1)
+
+  jac = jax.jacrev(summed_logits)(params['wpe'])  # (T, block_size, C)
+  for t in range(T):
+    norms = np.asarray(jnp.linalg.norm(jac[t, :T], axis=-1))
+    assert np.all(norms[t + 1:] == 0.0), f'position {t} depends on the future: {norms}'
+    assert np.all(norms[:t + 1] > 0), f'position {t} ignores its past: {norms}'
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+  params = _params()
+  idx = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size))
+  a = GPT(CFG).apply({'params': params}, idx)
+  idx2 = idx.copy()
+  idx2[:, 7] = (idx2[:, 7] + 1) % CFG.vocab_size
+  b = GPT(CFG).apply({'params': params}, idx2)
+  np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+  assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
+
+
+@pytest.mark.parametrize('cfg', [
+    CFG,
+    ModelConfig(vocab_size=65, block_size=64, n_layer=3, n_head=3, n_embd=48, bias=True),
+    ModelConfig(vocab_size=101, block_size=32, n_layer=1, n_head=1, n_embd=16, bias=False),
+])
+def test_parameter_count_matches_formula(cfg):
+  assert model_lib.count_params(_params(cfg)) == num_params(cfg)
+
+
+def test_gpt2_124m_parameter_count():
+  cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  assert model_lib.count_params(shapes) == num_params(cfg) == 124_439_808
+
+
+def test_gpt2_initialisation():
+  cfg = ModelConfig(vocab_size=500, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=True)
+  p = _params(cfg)
+  assert abs(float(jnp.std(p['wte'])) - 0.02) < 1e-3
+  assert abs(float(jnp.std(p['h_0']['mlp']['c_fc']['kernel'])) - 0.02) < 1e-3
+  resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+  assert abs(float(jnp.std(p['h_1']['mlp']['c_proj']['kernel'])) - resid) < 1e-3
+  assert abs(float(jnp.std(p['h_1']['attn']['c_proj']['kernel'])) - resid) < 1e-3
+  assert float(jnp.abs(p['h_0']['attn']['c_attn']['bias']).max()) == 0.0
+  np.testing.assert_array_equal(np.asarray(p['ln_f']['scale']), 1.0)
+
+
+def test_initial_loss_is_close_to_uniform():
+  cfg = ModelConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+  params = _params(cfg)
+  idx, targets = jax.random.randint(jax.random.PRNGKey(4), (2, 8, 32), 0, 65)
+  logits = GPT(cfg).apply({'params': params}, idx)
+  loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+  assert abs(float(loss) - math.log(65)) < 0.1
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_layernorm_matches_flax(use_bias):
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 7, 24)) * 3 + 1
+  ours = model_lib.LayerNorm(use_bias=use_bias)
+  theirs = nn.LayerNorm(epsilon=1e-5, use_bias=use_bias)
+  p = ours.init(jax.random.PRNGKey(0), x)
+  p = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.PRNGKey(6), a.shape), p)
+  np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), atol=1e-5, rtol=1e-5)
+  # And the gradients.
+  g1 = jax.grad(lambda p, x: (ours.apply(p, x) ** 2).sum(), argnums=(0, 1))(p, x)
+  g2 = jax.grad(lambda p, x: (theirs.apply(p, x) ** 2).sum(), argnums=(0, 1))(p, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_matches_jax_dot_product_attention():
+  B, T, H, D = 2, 10, 3, 8
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(7), 3)
+  q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in (kq, kk, kv))
+  mask = jnp.tril(jnp.ones((T, T), bool))
+
+  def ours(q, k, v):
+    return model_lib.causal_attention(q, k, v, mask)
+
+  def ref(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+  g1 = jax.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  g2 = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_xla_attention_backend_matches_manual():
+  params = _params()
+  idx = jax.random.randint(jax.random.PRNGKey(8), (2, 16), 0, CFG.vocab_size)
+  a = GPT(CFG).apply({'params': params}, idx)
+  b = GPT(ModelConfig(**dict(CFG.to_dict(), attention='xla'))).apply({'params': params}, idx)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_flag_selects_the_formula(approximate):
+  x = jnp.linspace(-4, 4, 101)
+  exact = 0.5 * x * (1 + jax.scipy.special.erf(x / math.sqrt(2)))
+  tanh = 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  cfg = ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4, dropout=0.0,
+                    gelu_approximate=approximate)
+  mlp = model_lib.MLP(cfg)
+  # An MLP with identity-like weights exposes the activation: c_fc picks x, c_proj sums 4 copies.
+  p = {'c_fc': {'kernel': jnp.eye(4, 16)}, 'c_proj': {'kernel': jnp.eye(16, 4)}}
+  y = mlp.apply({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)[0, :, 0]
+  np.testing.assert_allclose(y, tanh if approximate else exact, atol=1e-6)
+  assert not np.allclose(exact, tanh, atol=1e-6)
+
+
+def test_dropout_is_off_by_default_and_on_with_a_key():
+  cfg = ModelConfig(**dict(CFG.to_dict(), dropout=0.5))
+  params = _params(cfg)
+  idx = jnp.zeros((1, 8), jnp.int32)
+  m = GPT(cfg)
+  np.testing.assert_array_equal(m.apply({'params': params}, idx), m.apply({'params': params}, idx))
+  d1 = m.apply({'params': params}, idx, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+  assert not np.allclose(d1, m.apply({'params': params}, idx))
+
+
+def test_kv_cache_prefill_and_steps_match_full_forward():
+  params = _params()
+  m = GPT(CFG)
+  idx = jax.random.randint(jax.random.PRNGKey(9), (2, 14), 0, CFG.vocab_size)
+  full = m.apply({'params': params}, idx)
+  cache = model_lib.init_cache(CFG, 2)
+  logits, cache = m.apply({'params': params}, idx[:, :6], cache, 0, method=GPT.decode)
+  np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+  for t in range(6, 14):
+    step_logits, cache = m.apply({'params': params}, idx[:, t:t + 1], cache, t, method=GPT.decode)
+    np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_sequence_longer_than_block_is_rejected():
+  with pytest.raises(ValueError, match='block_size'):
+    GPT(CFG).apply({'params': _params()}, jnp.zeros((1, CFG.block_size + 1), jnp.int32))
+
+
+@pytest.mark.parametrize('bad', [dict(n_embd=30, n_head=4), dict(dropout=1.5), dict(attention='flash'),
+                                 dict(n_layer=0), dict(dtype='float8')])
+def test_invalid_model_config_is_a_user_error(bad):
+  with pytest.raises(UserError, match='invalid model config'):
+    ModelConfig(**dict(CFG.to_dict(), **bad))
