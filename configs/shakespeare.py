@@ -45,6 +45,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, lr_decay_steps=5000,
       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
       grad_accum_steps=1,
+      optimizer='optax',       # 'optax' (the production chain) or 'scratch' (hand-written AdamW).
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
       resume=False,

@@ -169,4 +169,5 @@ def _val_loss(metrics: Any) -> float:
 
 def _first_line(e: Exception) -> str:
   s = str(e).strip()
-  return s.splitlines()[0] if s else type(e).__name__
+  s = s.splitlines()[0] if s else type(e).__name__
+  return s if len(s) <= 300 else s[:300] + ' ...'  # Orbax may append the whole tree's keys.

@@ -60,7 +60,8 @@ def _generate(params: Any, prompt: jax.Array, key: jax.Array, *, cfg: ModelConfi
   S = cfg.block_size
   keep = S - shift + 1  # Tokens re-encoded when the window is full.
   total = P + max_new_tokens
-  tokens = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt)
+  # At least S long so that the (possibly never taken) re-encoding branch traces a valid slice.
+  tokens = jnp.zeros((B, max(total, S)), jnp.int32).at[:, :P].set(prompt)
 
   def encode_window(tokens: jax.Array, end: jax.Array, length: int) -> tuple[jax.Array, Any]:
     """Fresh cache from tokens[end - length : end] at positions 0..length-1; logits of the last."""
@@ -92,7 +93,7 @@ def _generate(params: Any, prompt: jax.Array, key: jax.Array, *, cfg: ModelConfi
 
   carry = (tokens, cache, jnp.asarray(first, jnp.int32), logits)
   tokens = jax.lax.fori_loop(0, max_new_tokens, body, carry)[0]
-  return tokens
+  return tokens[:, :total]
 
 
 def generate(params: Any, cfg: ModelConfig, prompt: np.ndarray | jax.Array, max_new_tokens: int,
@@ -116,14 +117,61 @@ def generate_uncached(params: Any, cfg: ModelConfig, prompt: np.ndarray, max_new
                       window_shift: int = 0) -> np.ndarray:
   """Greedy decoding by full recomputation each step, with the same window rule (a reference)."""
   model = GPT(cfg)
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
   S = cfg.block_size
+
+  @jax.jit
+  def last_logits(p, window, n):
+    # Right-padding to S keeps one compiled shape; causality makes logits[n - 1] independent of it.
+    return model.apply({'params': p}, window)[:, n - 1]
+
   keep = S - resolve_shift(cfg, window_shift) + 1
   tokens = np.asarray(prompt, np.int32)
   start = 0  # The window is tokens[start:].
   for _ in range(max_new_tokens):
     if tokens.shape[1] - start > S:
       start = tokens.shape[1] - keep
-    logits = forward(params, jnp.asarray(tokens[:, start:]))[:, -1]
+    window = tokens[:, start:]
+    padded = np.pad(window, ((0, 0), (0, S - window.shape[1])))
+    logits = last_logits(params, jnp.asarray(padded), window.shape[1])
     tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits, -1), np.int32)[:, None]], axis=1)
   return tokens
+
+
+def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt: str = '\n',
+                           prompt_file: Optional[str] = None, num_samples: int = 1,
+                           max_new_tokens: int = 500, temperature: float = 0.8, top_k: int = 200,
+                           seed: int = 1337, window_shift: int = 0, verbose: bool = True) -> list[str]:
+  """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt."""
+  from gpt_jax import checkpoint as checkpoint_lib
+  from gpt_jax import tokenizer as tokenizer_lib
+  from gpt_jax.errors import UserError
+
+  if prompt_file:
+    try:
+      with open(prompt_file, encoding='utf-8') as f:
+        prompt = f.read()
+    except OSError as e:
+      raise UserError(f'cannot read --prompt_file {prompt_file}: {e.strerror}') from None
+  if not prompt:
+    raise UserError('the prompt is empty; give at least one character (e.g. --prompt "\\n").')
+  for name, value, low in (('num_samples', num_samples, 1), ('max_new_tokens', max_new_tokens, 1),
+                           ('top_k', top_k, 0)):
+    if value < low:
+      raise UserError(f'--{name} must be >= {low} (got {value})')
+  if temperature < 0:
+    raise UserError(f'--temperature must be >= 0 (got {temperature})')
+
+  cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
+  tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])
+  ids = np.array([tok.encode(prompt)] * num_samples, np.int32)
+  if verbose:
+    print(f'checkpoint step {meta["step"]} (val loss {meta["val_loss"]:.4f}), '
+          f'{cfg.n_layer}x{cfg.n_embd} model, vocab {tok.vocab_size}')
+  out = generate(params, cfg, ids, max_new_tokens, jax.random.PRNGKey(seed), temperature, top_k,
+                 window_shift, tok.vocab_size)
+  texts = [tok.decode(np.asarray(row)) for row in out]
+  if verbose:
+    for i, text in enumerate(texts):
+      print(f'---------- sample {i + 1}/{len(texts)} ----------')
+      print(text)
+  return texts

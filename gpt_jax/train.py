@@ -104,7 +104,7 @@ def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_si
     (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
     loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
 
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
   return state.apply_gradients(grads=grads), metrics
 
 
@@ -270,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   step = start_step
   try:
     while True:
-      if step % cfg_t.eval_interval == 0 or step == cfg_t.max_steps:
+      resumed_here = step == start_step > 0  # Already evaluated before the checkpoint was saved.
+      if (step % cfg_t.eval_interval == 0 or step == cfg_t.max_steps) and not resumed_here:
         rec = evaluate(step)
         _check_finite(rec['val_loss'], 'the validation loss', step, ckpt)
         say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
@@ -293,10 +294,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
       steps_in_window += 1
       bar.update(1)
       if step == start_step + 1:
-        metrics['loss'].block_until_ready()  # First step = compile; time the steps after it.
-        say(f'compiled and ran the first step in {time.time() - t_start:.1f}s since start')
+        metrics['loss'].block_until_ready()  # The first step includes compilation.
+        say(f'compiled and ran the first step in {time.perf_counter() - t_window:.1f}s')
         t_window, steps_in_window = time.perf_counter(), 0
-      elif step == start_step + 6 or step % cfg_t.log_interval == 0 or step == cfg_t.max_steps:
+      elif step == start_step + 6:  # A few compiled steps tell how long the whole run will take.
+        metrics['loss'].block_until_ready()
+        _report_expected_time(say, (time.perf_counter() - t_window) / steps_in_window, cfg_t, step)
+      if step % cfg_t.log_interval == 0 or step == cfg_t.max_steps:
         last_loss = float(metrics['loss'])  # Syncs with the device.
         _check_finite(last_loss, 'the training loss', step, ckpt)
         dt = (time.perf_counter() - t_window) / max(steps_in_window, 1)
@@ -304,12 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
                'tokens_per_s': round(tokens_per_step / dt, 1),
                'mfu': round(flops_step / dt / peak, 5), 'time': round(time.time() - t_start, 3)}
-        if step == start_step + 6:
-          _report_expected_time(say, dt, cfg_t, step)
-        else:
-          log.write(rec)
-          say(f'step {step}: loss {last_loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
-              f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
+        log.write(rec)
+        say(f'step {step}: loss {last_loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
+            f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
         bar.set_postfix(loss=f'{last_loss:.3f}')
         t_window, steps_in_window = time.perf_counter(), 0
   except KeyboardInterrupt:

@@ -1,0 +1,98 @@
+"""The entry points, run as a user would (subprocesses): train -> sample, and clean error messages."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, cwd=None, timeout=300):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  return subprocess.run([sys.executable, str(REPO / 'scripts' / script), *args], cwd=cwd or REPO,
+                        capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def tiny_flags(tmp_path, text_path, *extra):
+  return ['--config', str(REPO / 'configs' / 'shakespeare.py') + ':tiny',
+          f'--config.out_dir={tmp_path / "out"}', f'--config.data.text_path={text_path}',
+          f'--config.data.data_dir={tmp_path / "data"}', '--config.train.peak_flops=1e12', *extra]
+
+
+def test_train_then_resume_then_sample_end_to_end(tmp_path, shakespeare_path):
+  r = run('train.py', *tiny_flags(tmp_path, shakespeare_path, '--config.train.max_steps=30'))
+  assert r.returncode == 0, r.stderr
+  assert 'on cpu' in r.stdout and 'parameters' in r.stdout  # Backend, devices, model size.
+  assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'expect about' in r.stdout
+  r = run('train.py', *tiny_flags(tmp_path, shakespeare_path, '--config.train.max_steps=50',
+                                  '--config.train.resume=True'))
+  assert r.returncode == 0, r.stderr
+  assert re.search(r'resumed from step (25|30) ', r.stdout)  # The latest (best-so-far) checkpoint.
+  metrics = [json.loads(l) for l in (tmp_path / 'out' / 'metrics.jsonl').read_text().splitlines()]
+  assert metrics[-1]['step'] == 50 and 'val_loss' in metrics[-1]
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['train']['max_steps'] == 50
+
+  r = run('sample.py', f'--ckpt_dir={tmp_path / "out"}', '--prompt=ROMEO:', '--num_samples=2',
+          '--max_new_tokens=40', '--seed=3')
+  assert r.returncode == 0, r.stderr
+  samples = r.stdout.split('---------- sample ')[1:]
+  assert len(samples) == 2
+  assert all(s.split('\n', 1)[1].startswith('ROMEO:') for s in samples)
+  assert all(len(s.split('\n', 1)[1].rstrip('\n')) >= 46 for s in samples)
+
+  prompt_file = tmp_path / 'prompt.txt'
+  prompt_file.write_text('JULIET:\n', encoding='utf-8')
+  r = run('sample.py', f'--ckpt_dir={tmp_path / "out"}', f'--prompt_file={prompt_file}',
+          '--max_new_tokens=5', '--temperature=0')
+  assert r.returncode == 0 and 'JULIET:\n' in r.stdout, r.stderr
+
+
+def test_prepare_data_script(tmp_path, synthetic_text_path):
+  args = ['--config', str(REPO / 'configs' / 'shakespeare.py'),
+          f'--config.data.text_path={synthetic_text_path}', f'--config.data.data_dir={tmp_path / "d"}']
+  r = run('prepare_data.py', *args)
+  assert r.returncode == 0 and 'prepared' in r.stdout, r.stderr
+  r = run('prepare_data.py', *args)
+  assert r.returncode == 0 and 'up to date' in r.stdout
+  assert json.loads((tmp_path / 'd' / 'meta.json').read_text())['tokenizer'] == 'char'
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.train.max_stepz=5'], 'there is no config field \'max_stepz\'. Did you mean "max_steps"'),
+    (['--config.train.max_steps=abc'], 'max_steps'),
+    (['--config.model.n_head=5'], 'n_embd (32) must be divisible by model.n_head (5)'),
+    (['--config.data.text_path=/no/such/file.txt'], 'does not exist'),
+])
+def test_train_bad_input_gets_one_clear_message(tmp_path, synthetic_text_path, args, message):
+  flags = tiny_flags(tmp_path, synthetic_text_path)
+  if 'text_path' in args[0]:
+    flags = [f for f in flags if 'text_path' not in f]
+  r = run('train.py', *flags, *args)
+  assert r.returncode != 0
+  assert message in r.stderr
+  assert 'Traceback' not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize('config_arg,message', [
+    ('configs/shakespeare.py:huge', "unknown preset 'huge'"),
+    ('configs/nope.py', 'No such file'),
+])
+def test_bad_config_file_or_preset(config_arg, message):
+  r = run('train.py', '--config', config_arg)
+  assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_sample_bad_input_gets_one_clear_message(tmp_path, synthetic_text_path):
+  r = run('sample.py', f'--ckpt_dir={tmp_path / "missing"}')
+  assert r.returncode == 1 and 'no checkpoint directory' in r.stderr and 'Traceback' not in r.stderr
+  r = run('train.py', *tiny_flags(tmp_path, synthetic_text_path, '--config.train.max_steps=5'))
+  assert r.returncode == 0, r.stderr
+  r = run('sample.py', f'--ckpt_dir={tmp_path / "out"}', '--prompt=Zebra€')
+  assert r.returncode == 1 and "'€'" in r.stderr and 'Traceback' not in r.stderr
+  r = run('sample.py', f'--ckpt_dir={tmp_path / "out"}', '--prompt_file=/no/such/prompt.txt')
+  assert r.returncode == 1 and 'prompt_file' in r.stderr and 'Traceback' not in r.stderr

@@ -1,0 +1,191 @@
+"""Training: learning, gradient accumulation, exact resume, divergence handling, run-directory safety."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import data as data_lib
+from gpt_jax import optim
+from gpt_jax import train as train_lib
+from gpt_jax.config import ModelConfig
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT
+
+
+def _read_metrics(out_dir):
+  with open(f'{out_dir}/metrics.jsonl', encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _step_losses(records):
+  """{step: train_loss} of the per-step log lines (not the eval lines), last write wins."""
+  return {r['step']: r['train_loss'] for r in records if 'val_loss' not in r and 'event' not in r}
+
+
+def _setup(cfg_overrides=None, **train_overrides):
+  model_cfg = ModelConfig(**dict(dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                                       dropout=0.0), **(cfg_overrides or {})))
+  from configs import shakespeare
+  train_cfg = shakespeare.get_config('tiny').train
+  train_cfg.update(train_overrides)
+  return model_cfg, train_cfg
+
+
+def _step_fn(model_cfg, train_cfg, batch_size, accum):
+  return jax.jit(functools.partial(
+      train_lib.train_step, model=GPT(model_cfg), batch_size=batch_size, grad_accum_steps=accum,
+      schedule=optim.lr_schedule(train_cfg)))
+
+
+def test_overfits_one_batch():
+  model_cfg, train_cfg = _setup(learning_rate=3e-3, warmup_steps=0, lr_decay_steps=1000,
+                                min_learning_rate=3e-3, weight_decay=0.0)
+  state = train_lib.init_train_state(model_cfg, train_cfg)
+  data = jnp.asarray(np.random.RandomState(0).randint(0, 20, 17), jnp.uint16)  # Exactly one window.
+  step = _step_fn(model_cfg, train_cfg, 4, 1)
+  first = None
+  for _ in range(150):
+    state, m = step(state, data)
+    first = first if first is not None else float(m['loss'])
+  assert first > 2.5 and float(m['loss']) < 0.05
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  model_cfg, train_cfg = _setup()
+  data = jnp.asarray(np.random.RandomState(1).randint(0, 20, 5000), jnp.uint16)
+  big = train_lib.init_train_state(model_cfg, train_cfg)
+  small = train_lib.init_train_state(model_cfg, train_cfg)
+  step_big, step_small = _step_fn(model_cfg, train_cfg, 8, 1), _step_fn(model_cfg, train_cfg, 2, 4)
+  for _ in range(3):
+    big, mb = step_big(big, data)
+    small, ms = step_small(small, data)
+    np.testing.assert_allclose(float(mb['loss']), float(ms['loss']), rtol=1e-5)
+    np.testing.assert_allclose(float(mb['grad_norm']), float(ms['grad_norm']), rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(big.params), jax.tree_util.tree_leaves(small.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_step_is_deterministic_and_keys_change_with_step():
+  model_cfg, train_cfg = _setup(cfg_overrides={'dropout': 0.1})
+  data = jnp.asarray(np.random.RandomState(2).randint(0, 20, 5000), jnp.uint16)
+  step = _step_fn(model_cfg, train_cfg, 4, 1)
+  s1, m1 = step(train_lib.init_train_state(model_cfg, train_cfg), data)
+  s2, m2 = step(train_lib.init_train_state(model_cfg, train_cfg), data)
+  assert float(m1['loss']) == float(m2['loss'])
+  _, m3 = step(s1, data)
+  assert float(m3['loss']) != float(m1['loss'])
+  assert int(s1.step) == 1
+
+
+def test_lr_reported_follows_schedule():
+  model_cfg, train_cfg = _setup(warmup_steps=4, learning_rate=1e-3)
+  data = jnp.asarray(np.random.RandomState(3).randint(0, 20, 500), jnp.uint16)
+  step = _step_fn(model_cfg, train_cfg, 2, 1)
+  state = train_lib.init_train_state(model_cfg, train_cfg)
+  lrs = []
+  for _ in range(5):
+    state, m = step(state, data)
+    lrs.append(float(m['lr']))
+  np.testing.assert_allclose(lrs, [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
+
+
+def test_full_run_learns_logs_and_checkpoints(tiny_config):
+  tiny_config.train.max_steps = 60
+  tiny_config.train.eval_interval = 30
+  summary = train_lib.train_and_evaluate(tiny_config)
+  recs = _read_metrics(tiny_config.out_dir)
+  evals = [r for r in recs if 'val_loss' in r]
+  assert [r['step'] for r in evals] == [0, 30, 60]
+  assert evals[0]['val_loss'] > evals[-1]['val_loss'] + 0.5  # It learns.
+  assert abs(evals[0]['val_loss'] - math.log(summary_vocab(tiny_config))) < 0.3  # Starts ~uniform.
+  for r in recs:
+    assert {'step', 'train_loss', 'lr'} <= set(r)
+  assert all(isinstance(r['sample'], str) and r['sample'] for r in evals)
+  steps_logged = [r for r in recs if 'ms_per_step' in r]
+  assert steps_logged and all(r['tokens_per_s'] > 0 and r['mfu'] > 0 for r in steps_logged)
+  assert summary['final_step'] == 60
+  assert summary['best_val_loss'] == min(r['val_loss'] for r in evals)
+
+
+def summary_vocab(config):
+  return data_lib.Dataset(config.data.data_dir).meta['vocab_size']
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, dropout):
+  tiny_config.model.dropout = dropout
+  tiny_config.train.update(max_steps=40, eval_interval=20, log_interval=1)
+  tiny_config.checkpoint.save = 'always'
+  straight = _step_losses(_run(tiny_config, str(tmp_path / 'straight')))
+
+  tiny_config.train.max_steps = 20  # Stop half-way (after the checkpoint at step 20) ...
+  _run(tiny_config, str(tmp_path / 'resumed'))
+  tiny_config.train.update(max_steps=40, resume=True)  # ... then continue to 40.
+  resumed = _step_losses(_run(tiny_config, str(tmp_path / 'resumed')))
+  assert sorted(resumed) == sorted(straight)
+  for s in straight:
+    assert resumed[s] == straight[s], f'step {s}: {resumed[s]} != {straight[s]}'
+
+
+def _run(config, out_dir):
+  config.out_dir = out_dir
+  train_lib.train_and_evaluate(config)
+  return _read_metrics(out_dir)
+
+
+def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tiny_config):
+  tiny_config.train.max_steps = 10
+  train_lib.train_and_evaluate(tiny_config)
+  with pytest.raises(UserError, match='already holds checkpoints.*resume'):
+    train_lib.train_and_evaluate(tiny_config)
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_config):
+  tiny_config.train.resume = True
+  with pytest.raises(UserError, match='no checkpoint'):
+    train_lib.train_and_evaluate(tiny_config)
+
+
+def test_resume_with_a_different_model_names_the_mismatch(tiny_config):
+  tiny_config.train.max_steps = 10
+  train_lib.train_and_evaluate(tiny_config)
+  tiny_config.model.n_embd = 48
+  tiny_config.train.update(resume=True, max_steps=20)
+  with pytest.raises(UserError, match=r'n_embd: checkpoint 32, config 48'):
+    train_lib.train_and_evaluate(tiny_config)
+
+
+def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_path):
+  tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=1)
+  tiny_config.checkpoint.save = 'always'
+  train_lib.train_and_evaluate(tiny_config)
+  ckpt_dir = tmp_path / 'out' / 'checkpoints'
+  before = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
+  # Continue with an absurd learning rate: the loss becomes NaN/Inf.
+  tiny_config.train.update(resume=True, max_steps=40, learning_rate=1e6, min_learning_rate=1e6)
+  with pytest.raises(UserError, match='diverged.*step 20.*untouched'):
+    train_lib.train_and_evaluate(tiny_config)
+  after = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
+  assert after == before
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('batch_size', 0, 'train.batch_size'),
+    ('learning_rate', -1.0, 'learning_rate'),
+])
+def test_invalid_train_values(tiny_config, key, value, match):
+  tiny_config.train[key] = value
+  with pytest.raises(UserError, match=match):
+    train_lib.train_and_evaluate(tiny_config)
+
+
+def test_flops_per_token_matches_nanogpt_formula():
+  cfg = ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
+  from gpt_jax.config import num_params
+  n = num_params(cfg, non_embedding=True)
+  assert train_lib.flops_per_token(cfg) == 6 * n + 12 * 6 * 384 * 256
