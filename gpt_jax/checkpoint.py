@@ -18,6 +18,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -95,6 +96,20 @@ class Checkpointer:
         progress=ocp.args.StandardSave({'step': state.step, 'key': state.key}),
         meta=ocp.args.JsonSave(meta),
     ), metrics={'val_loss': float(val_loss)}, force=True)
+
+  def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """An inference-only checkpoint (e.g. converted GPT-2 weights): no optimizer state, not resumable.
+
+    Orbax refuses an empty item, so `opt_state` is left out and the metadata says so.
+    """
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
+                val_loss=float('nan'), inference_only=True)
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        progress=ocp.args.StandardSave({'step': jnp.asarray(step, jnp.int32),
+                                        'key': jax.random.PRNGKey(0)}),
+        meta=ocp.args.JsonSave(meta),
+    ), metrics={'val_loss': float('nan')}, force=True)
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores a full train state shaped (and sharded) like `abstract_state`."""

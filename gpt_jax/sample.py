@@ -18,6 +18,7 @@ decoding gives identical tokens with both (tests/test_sample.py).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -165,8 +166,9 @@ def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt:
   tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])
   ids = np.array([tok.encode(prompt)] * num_samples, np.int32)
   if verbose:
-    print(f'checkpoint step {meta["step"]} (val loss {meta["val_loss"]:.4f}), '
-          f'{cfg.n_layer}x{cfg.n_embd} model, vocab {tok.vocab_size}')
+    loss = f', val loss {meta["val_loss"]:.4f}' if math.isfinite(meta['val_loss']) else ''
+    print(f'checkpoint step {meta["step"]}{loss}: {cfg.n_layer} layers x {cfg.n_embd} wide, '
+          f'vocab {tok.vocab_size}')
   out = generate(params, cfg, ids, max_new_tokens, jax.random.PRNGKey(seed), temperature, top_k,
                  window_shift, tok.vocab_size)
   texts = [tok.decode(np.asarray(row)) for row in out]

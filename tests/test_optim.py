@@ -1,0 +1,224 @@
+"""The hand-written AdamW ('scratch') against the optax chain, the schedule, the decay mask, clipping."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import shakespeare
+from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import optim
+from gpt_jax.config import ModelConfig
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT
+from gpt_jax.train import TrainState, loss_fn
+
+CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                  bias=True)
+
+
+def _train_cfg(optimizer: str, **overrides) -> ml_collections.ConfigDict:
+  """The shakespeare train section with a schedule whose warmup, cosine and flat tail fit in 200."""
+  t = shakespeare.get_config('tiny').train
+  t.update(learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20, lr_decay_steps=150,
+           beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=0.8, optimizer=optimizer)
+  t.update(**overrides)
+  return t
+
+
+@functools.lru_cache(maxsize=None)
+def _tx(optimizer: str, overrides: tuple = ()):
+  """One optimizer object per setting: TrainState.tx is static under jit, so reusing the object
+  reuses the compiled step instead of compiling again."""
+  return optim.make_optimizer(_train_cfg(optimizer, **dict(overrides)))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_params():
+  model = GPT(CFG)
+  return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, CFG.block_size), jnp.int32))['params']
+
+
+def _state(optimizer: str, **overrides) -> TrainState:
+  state = TrainState.create(apply_fn=GPT(CFG).apply, params=_init_params(),
+                            tx=_tx(optimizer, tuple(sorted(overrides.items()))),
+                            key=jax.random.PRNGKey(1))
+  return state.replace(step=jnp.zeros((), jnp.int32))  # An array, as init_train_state makes it.
+
+
+@jax.jit
+def _apply(state: TrainState, grads) -> TrainState:
+  return state.apply_gradients(grads=grads)
+
+
+DATA = jax.random.randint(jax.random.PRNGKey(2), (4096,), 0, CFG.vocab_size)
+
+
+@jax.jit
+def _step(state: TrainState) -> tuple[TrainState, jax.Array]:
+  """One update on a batch fixed by the step number (the same batches for both optimizers)."""
+  starts = jax.random.randint(jax.random.fold_in(state.key, state.step), (8,), 0,
+                              DATA.shape[0] - CFG.block_size - 1)
+  idx = starts[:, None] + jnp.arange(CFG.block_size)
+  x, y = DATA[idx], DATA[idx + 1]
+  grads = jax.grad(loss_fn)(state.params, GPT(CFG), x, y, None)
+  return state.apply_gradients(grads=grads), optim.global_norm(grads)
+
+
+def _run(state: TrainState, n: int) -> tuple[TrainState, list[float]]:
+  norms = []
+  for _ in range(n):
+    state, norm = _step(state)
+    norms.append(float(norm))
+  return state, norms
+
+
+def _max_rel_diff(a, b) -> float:
+  """max over leaves of ||a - b|| / ||b||."""
+  return max(float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_scratch_adamw_matches_optax_over_200_steps():
+  """Same start, same batches: the two optimizers must give the same parameters.
+
+  The model has biases on purpose. The key part of c_attn's bias has a mathematically zero gradient
+  (adding a constant to every key shifts each row of scores by a constant, which softmax ignores),
+  so Adam normalises pure rounding noise there into lr-sized steps: any difference in the float
+  operations shows up in that tensor first. In practice the two agree bit for bit.
+  """
+  s_optax, norms = _run(_state('optax'), 200)
+  s_scratch, _ = _run(_state('scratch'), 200)
+  assert int(s_optax.step) == int(s_scratch.step) == 200
+  assert any(n > 0.8 for n in norms) and any(n < 0.8 for n in norms), 'clipping never/always on'
+  start = _state('optax').params
+  assert _max_rel_diff(s_optax.params, start) > 0.05  # The parameters really moved.
+  rel = _max_rel_diff(s_scratch.params, s_optax.params)
+  print(f'scratch vs optax after 200 steps: max per-tensor relative difference {rel:.2e}')
+  assert rel < 1e-6
+  for a, b in zip(jax.tree_util.tree_leaves(s_scratch.params),
+                  jax.tree_util.tree_leaves(s_optax.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_scratch_state_round_trips_through_orbax(tmp_path):
+  state, _ = _run(_state('scratch'), 5)
+  assert isinstance(state.opt_state, optim.ScratchAdamWState)
+  ckpt = checkpoint_lib.Checkpointer(
+      str(tmp_path / 'ckpt'), ml_collections.ConfigDict(dict(keep_last=2, async_save=False)))
+  ckpt.save(5, state, {'model': CFG.to_dict()}, val_loss=1.0)
+  ckpt.close()
+
+  fresh = _state('scratch')
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, 'shape') else a, fresh)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
+  restored = ckpt.restore_state(5, abstract)
+  ckpt.close()
+
+  assert isinstance(restored.opt_state, optim.ScratchAdamWState)
+  for a, b in zip(jax.tree_util.tree_leaves((state.params, state.opt_state, state.step, state.key)),
+                  jax.tree_util.tree_leaves((restored.params, restored.opt_state, restored.step,
+                                             restored.key))):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  cont_a, _ = _run(state, 5)
+  cont_b, _ = _run(restored, 5)
+  for a, b in zip(jax.tree_util.tree_leaves(cont_a.params), jax.tree_util.tree_leaves(cont_b.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def nanogpt_get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int,
+                   lr_decay_iters: int) -> float:
+  """nanoGPT's get_lr (original form: warmup `lr * it / warmup_iters`, i.e. from 0 as optax)."""
+  if it < warmup_iters:
+    return learning_rate * it / warmup_iters
+  if it > lr_decay_iters:
+    return min_lr
+  decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+  coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+  return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize('preset', ['', 'cpu'])
+def test_schedule_matches_nanogpt_formula(preset):
+  t = shakespeare.get_config(preset).train
+  optax_lr = optim.lr_schedule(t)
+  args = (t.learning_rate, t.min_learning_rate, t.warmup_steps, t.lr_decay_steps)
+  steps = [0, 1, t.warmup_steps // 2, t.warmup_steps - 1, t.warmup_steps, t.warmup_steps + 1,
+           (t.warmup_steps + t.lr_decay_steps) // 2, t.lr_decay_steps - 1, t.lr_decay_steps,
+           t.lr_decay_steps + 1, 2 * t.lr_decay_steps]
+  for s in steps:
+    want = nanogpt_get_lr(s, *args)
+    assert float(optax_lr(s)) == pytest.approx(want, rel=1e-5, abs=1e-12), s
+  assert float(optax_lr(0)) == 0.0  # Warmup from 0: the first update only fills the moments.
+  assert float(optax_lr(t.warmup_steps)) == pytest.approx(t.learning_rate, rel=1e-6)
+  assert float(optax_lr(10 * t.lr_decay_steps)) == pytest.approx(t.min_learning_rate, rel=1e-6)
+
+
+def test_constant_schedule_without_warmup():
+  t = _train_cfg('scratch', warmup_steps=0, learning_rate=3e-5, min_learning_rate=3e-5)
+  for s in (0, 1, 100, 10_000):
+    assert float(optim.lr_schedule(t)(s)) == pytest.approx(3e-5, rel=1e-6)
+
+
+def test_decay_mask_selects_matrices_and_embeddings():
+  params = _state('optax').params
+  mask = optim.decay_mask(params)
+  assert mask['wte'] and mask['wpe']
+  assert mask['h_0']['attn']['c_attn']['kernel'] and mask['h_1']['mlp']['c_proj']['kernel']
+  assert not mask['h_0']['attn']['c_attn']['bias'] and not mask['h_0']['mlp']['c_fc']['bias']
+  assert not mask['h_0']['ln_1']['scale'] and not mask['h_0']['ln_1']['bias']
+  assert not mask['ln_f']['scale'] and not mask['ln_f']['bias']
+
+
+@pytest.mark.parametrize('optimizer', ['optax', 'scratch'])
+def test_weight_decay_only_shrinks_masked_params(optimizer):
+  """With zero gradients the Adam term is 0, so one step is pure decoupled decay: p *= 1 - lr*wd."""
+  lr, wd = 0.1, 0.5
+  state = _state(optimizer, warmup_steps=0, learning_rate=lr, min_learning_rate=lr, weight_decay=wd)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  new = _apply(state, zeros).params
+  mask = optim.decay_mask(state.params)
+  for p, q, m in zip(*(jax.tree_util.tree_leaves(t) for t in (state.params, new, mask))):
+    np.testing.assert_allclose(np.asarray(q), np.asarray(p) * ((1 - lr * wd) if m else 1.0),
+                               rtol=1e-6)
+
+
+def test_clip_by_global_norm():
+  grads = {'a': jnp.full((3, 4), 2.0), 'b': {'c': -jnp.arange(5.0)}}
+  norm = float(optim.global_norm(grads))
+  assert norm == pytest.approx(math.sqrt(12 * 4 + sum(i * i for i in range(5))))
+  clipped = optim.clip_by_global_norm(grads, 1.0)
+  assert float(optim.global_norm(clipped)) <= 1.0 + 1e-6
+  # The direction is kept: every leaf is scaled by the same factor.
+  np.testing.assert_allclose(np.asarray(clipped['a']), np.asarray(grads['a']) / norm, rtol=1e-6)
+  # Below the threshold nothing changes.
+  same = optim.clip_by_global_norm(grads, 2 * norm)
+  for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Zero gradients stay zero (no 0/0).
+  zero = optim.clip_by_global_norm({'a': jnp.zeros(3)}, 1.0)
+  np.testing.assert_array_equal(np.asarray(zero['a']), np.zeros(3))
+
+
+def test_clipping_caps_the_scratch_update_like_optax():
+  """A huge gradient gives the same first Adam-normalised step with both optimizers."""
+  for opt in ('optax', 'scratch'):
+    state = _state(opt, warmup_steps=0)
+    grads = jax.tree_util.tree_map(lambda p: 1e6 * jnp.ones_like(p), state.params)
+    state = _apply(state, grads)
+    if opt == 'optax':
+      want = state.params
+    else:
+      assert _max_rel_diff(state.params, want) < 1e-6
+
+
+def test_unknown_optimizer_is_a_user_error():
+  with pytest.raises(UserError, match="train.optimizer must be one of"):
+    optim.make_optimizer(_train_cfg('sgd'))
