@@ -1,10 +1,15 @@
-"""Tokenizes the training text into train.bin / val.bin / tokenizer.json / meta.json.
+r"""Tokenizes the training text into train.bin / val.bin / tokenizer.json / meta.json.
 
 scripts/train.py runs the same step when the prepared files are missing or stale, so this is only
-needed to prepare ahead of time or to inspect the result.
+needed to prepare ahead of time or to inspect the result. The config's `data` section says what to
+prepare: the text (`text_path`: a file, or a folder whose *.txt files are joined in sorted order) and
+the tokenizer (`tokenizer`: 'char', 'gpt2' or 'bpe'); see gpt_jax/data.py.
 
   python scripts/prepare_data.py --config configs/shakespeare.py
   python scripts/prepare_data.py --config configs/shakespeare.py --config.data.text_path=input.txt
+  python scripts/prepare_data.py --config configs/shakespeare_bpe.py --config.data.gpt2_dir=gpt2/
+  python scripts/prepare_data.py --config configs/shakespeare_bpe_compact.py \
+      --config.data.bpe_vocab_size=2048 --config.data.text_path=my_corpus/
 """
 import os
 
