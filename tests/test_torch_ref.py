@@ -1,0 +1,148 @@
+"""The PyTorch reference: exact weight transfer, equal logits/gradients, and side-by-side training."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+torch.set_num_threads(2)
+
+from gpt_jax import dynamics  # noqa: E402
+from gpt_jax import model as model_lib  # noqa: E402
+from gpt_jax import torch_ref  # noqa: E402
+from gpt_jax import train as train_lib  # noqa: E402
+from gpt_jax.config import ModelConfig  # noqa: E402
+from gpt_jax.errors import UserError  # noqa: E402
+
+CFGS = {
+    'nanogpt': ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0),
+    'gpt2': ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0,
+                        bias=True, gelu_approximate=True),
+}
+
+
+def _batch(cfg, B=4, T=None, seed=1):
+  T = T or cfg.block_size
+  idx = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (B, T + 1), 0, cfg.vocab_size))
+  return idx[:, :-1], idx[:, 1:]
+
+
+def _params(cfg, seed=0):
+  """GPT-2 init, with LayerNorm scales/biases moved off 1/0 so a transpose or swap would show."""
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 100), 1000))
+  return jax.tree_util.tree_map(
+      lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params)
+
+
+def test_missing_torch_is_a_user_error(monkeypatch):
+  monkeypatch.setitem(__import__('sys').modules, 'torch', None)
+  with pytest.raises(UserError, match=r'pip install torch==2\.13\.0'):
+    torch_ref.require_torch()
+
+
+@pytest.mark.parametrize('name', sorted(CFGS))
+def test_weight_transfer_round_trip_is_lossless(name):
+  cfg = CFGS[name]
+  params = _params(cfg)
+  model = torch_ref.jax_to_torch(params, torch_ref.build_model(cfg))
+  assert model.lm_head.weight is model.transformer.wte.weight  # Tied head.
+  back = torch_ref.torch_to_jax(model)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  assert len(flat) == len(jax.tree_util.tree_leaves(back))
+  for path, a in flat:
+    b = back
+    for k in path:
+      b = b[k.key]
+    assert b.dtype == np.float32 and np.array_equal(np.asarray(a), b), path
+  # Kernels (in, out) become Linear weights (out, in); c_attn keeps q, k, v in order.
+  ker = np.asarray(params['h_0']['attn']['c_attn']['kernel'])
+  w = model.transformer.h[0].attn.c_attn.weight.detach().numpy()
+  assert w.shape == (3 * cfg.n_embd, cfg.n_embd) and np.array_equal(w, ker.T)
+
+
+@pytest.mark.parametrize('name', sorted(CFGS))
+def test_logits_and_gradients_match_at_init(name):
+  cfg = CFGS[name]
+  res = torch_ref.compare_at_init(_params(cfg), cfg, *_batch(cfg))
+  assert res['logits_max_abs_diff'] <= 1e-5, res
+  assert res['grad_max_rel_diff'] <= 1e-5, res['grad_rel_diff']
+  assert abs(res['loss_jax'] - res['loss_torch']) <= 1e-5
+
+
+def test_optimizer_groups_follow_nanogpt():
+  cfg = CFGS['gpt2']
+  model = torch_ref.build_model(cfg)
+  tc = ml_collections.ConfigDict(dict(weight_decay=0.1, beta1=0.9, beta2=0.99))
+  decay, no_decay = torch_ref.make_optimizer(model, tc).param_groups
+  assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+  assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])
+  n = sum(p.numel() for g in (decay, no_decay) for p in g['params'])
+  assert n == sum(p.numel() for p in model.parameters())  # The tied weight counted once.
+
+
+def test_jax_step_is_train_step(tiny_config):
+  """The comparison's JAX step is the production train_step (same batches, masks and update)."""
+  c = tiny_config
+  c.model.update(dropout=0.1, n_layer=1)  # One block compiles faster and shows the same thing.
+  cfg = train_lib.model_config_from(c, 40)
+  model = model_lib.GPT(cfg)
+  data = jax.random.randint(jax.random.PRNGKey(3), (2000,), 0, 40).astype(np.uint16)
+  schedule = train_lib.optim.lr_schedule(c.train)
+  kw = dict(model=model, batch_size=c.train.batch_size, grad_accum_steps=1, schedule=schedule)
+  a = b = train_lib.init_train_state(cfg, c.train)
+  ref = jax.jit(lambda s: train_lib.train_step(s, data, **kw))
+  ours = jax.jit(lambda s: dynamics.jax_step(s, data, s.key, **kw))
+  for _ in range(2):
+    a, ma = ref(a)
+    b, mb, _, _ = ours(b)
+    assert float(ma['loss']) == float(mb['loss']) and float(ma['lr']) == float(mb['lr'])
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
+  out = tmp_path / 'cmp'
+  s = dynamics.run_comparison(tiny_config, 20, str(out), eval_interval=10, print_fn=lambda _: None)
+  assert s['max_abs_loss_diff'] <= dynamics.LOSS_TOL and s['first_step_over_tol'] is None, s
+  assert s['init_logits_max_abs_diff'] <= 1e-5 and s['init_grad_max_rel_diff'] <= 1e-5
+  assert s['max_rel_diff']['lr'] == 0.0  # The very same schedule values on both sides.
+  assert s['max_abs_val_loss_diff'] <= 1e-4
+  assert s['jax_tokens_per_s'] > 0 and s['torch_tokens_per_s'] > 0
+  assert json.loads((out / 'summary.json').read_text())['steps'] == 20
+  recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
+  train = [r for r in recs if r['kind'] == 'train']
+  assert sorted({(r['side'], r['step']) for r in train}) == sorted(
+      (side, i) for side in ('jax', 'torch') for i in range(1, 21))
+  assert {'loss', 'lr', 'grad_norm', 'grad_norm_layers', 'param_norm', 'update_ratio'} <= set(train[0])
+  assert set(train[0]['grad_norm_layers']) == {'wte', 'wpe', 'h_0', 'h_1', 'ln_f'}
+  assert sorted(r['step'] for r in recs if r['kind'] == 'eval' and r['side'] == 'jax') == [0, 10, 20]
+  assert os.path.getsize(out / 'dynamics.png') > 10_000
+
+
+def test_dropout_runs_several_seeds_and_gives_a_verdict(tiny_config, tmp_path):
+  tiny_config.model.update(dropout=0.1, n_layer=1)
+  out = tmp_path / 'cmp'
+  s = dynamics.run_comparison(tiny_config, 4, str(out), seeds=2, eval_interval=2,
+                              print_fn=lambda _: None, check_init=False)
+  assert s['seeds'] == 2 and isinstance(s['dropout_verdict']['within_spread'], bool)
+  assert 'dropout_verdict' in json.loads((out / 'summary.json').read_text())
+  recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
+  assert {(r['side'], r['seed']) for r in recs if r['kind'] == 'train'} == {
+      (side, j) for side in ('jax', 'torch') for j in (0, 1)}
+  assert (out / 'dynamics.png').exists()
+
+
+def test_seed_spread_verdict():
+  rng = np.random.default_rng(0)
+  base = np.linspace(4, 2, 300)
+  same = dynamics.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
+                                      base + 0.05 * rng.normal(size=(3, 300)))
+  assert same['within_spread'], same['text']
+  shifted = dynamics.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
+                                         base + 0.1 + 0.05 * rng.normal(size=(3, 300)))
+  assert not shifted['within_spread'], shifted['text']
