@@ -19,7 +19,7 @@ Things that differ from Flax's defaults on purpose (GPT-2 faithfulness):
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -71,12 +71,13 @@ class Linear(nn.Module):
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+                     dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                     probs_hook: Optional[Callable[[jax.Array], Any]] = None) -> jax.Array:
   """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, T, H, D); k, v: (B, S, H, D).
 
   `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
   With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (and the survivors
-  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT.
+  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT. `probs_hook`, if given, sees the probabilities.
   """
   D = q.shape[-1]
   att = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)  # (B, H, T, S)
@@ -86,6 +87,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   # the max is finite), exponentiate, normalise.
   att = jnp.exp(att - jnp.max(att, axis=-1, keepdims=True))
   att = att / jnp.sum(att, axis=-1, keepdims=True)
+  if probs_hook is not None:
+    probs_hook(att)  # (B, H, T, S) before dropout; the model sows them for gpt_jax/instruments.py.
   if dropout_rng is not None and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, att.shape)
     att = jnp.where(keep, att / (1.0 - dropout_rate), 0.0)
@@ -128,7 +131,9 @@ class CausalSelfAttention(nn.Module):
                                        mask=mask[None, None], implementation=None)
     else:
       y = causal_attention(q, k, v, mask, cfg.dropout,
-                           self.make_rng('dropout') if use_dropout else None)
+                           self.make_rng('dropout') if use_dropout else None,
+                           # Recorded only when 'intermediates' is mutable (instruments); else a no-op.
+                           probs_hook=lambda p: self.sow('intermediates', 'attn_probs', p))
     y = y.reshape(B, T, C)
     y = Linear(C, cfg.bias, std=resid_std, dtype=dtype, name='c_proj')(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # Residual dropout.
@@ -162,6 +167,7 @@ class Block(nn.Module):
         LayerNorm(cfg.bias, name='ln_1')(x), deterministic, cache, pos)
     x = x + a  # The residual stream carries everything; each sub-layer adds a correction to it.
     x = x + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x), deterministic)
+    self.sow('intermediates', 'resid', x)  # Residual stream after the block (no-op unless mutable).
     return x, cache
 
 
@@ -187,6 +193,7 @@ class GPT(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.take(self.wte, idx, axis=0) + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)  # (B, T, C)
     x = self.drop(x.astype(dtype), deterministic=deterministic)
+    self.sow('intermediates', 'embed', x)  # Residual stream entering h_0 (no-op unless mutable).
     new_cache = []
     for i, block in enumerate(self.h):
       x, layer_cache = block(x, deterministic, None if cache is None else cache[i], pos)
