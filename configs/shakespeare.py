@@ -56,6 +56,17 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       tensorboard=False,       # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
   ))
 
+  c.mesh = ml_collections.ConfigDict(dict(  # Device mesh (gpt_jax/sharding.py); -1 = all the rest.
+      data=-1,                 # Data-parallel axis: the batch is split over it, parameters replicated.
+      fsdp=1,                  # FSDP axis: the batch *and* parameters/optimizer state split over it.
+  ))
+
+  c.distributed = ml_collections.ConfigDict(dict(  # Multi-process runs (gpt_jax/distributed.py).
+      coordinator_address='',  # HOST:PORT of process 0; '' = JAX_COORDINATOR_ADDRESS or auto-detect.
+      num_processes=0,         # 0 = JAX_NUM_PROCESSES, a launcher's (Slurm, MPI, TPU), or 1 process.
+      process_id=-1,           # -1 = JAX_PROCESS_ID or the launcher's.
+  ))
+
   c.checkpoint = ml_collections.ConfigDict(dict(
       save='best',             # 'best': when val loss improves (nanoGPT); 'always': every eval.
       keep_last=2,             # Most recent checkpoints kept, beside the best one.

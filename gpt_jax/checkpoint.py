@@ -113,6 +113,7 @@ class Checkpointer:
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores a full train state shaped (and sharded) like `abstract_state`."""
+    abstract_state = _placed(abstract_state)
     try:
       r = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_state.params),
@@ -127,6 +128,7 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params: Any = None) -> Any:
     """Restores only the parameters (no optimizer state): what sampling and evaluation need."""
+    abstract_params = _placed(abstract_params)
     try:
       return self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params))).params
@@ -176,6 +178,20 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
   params = ckpt.restore_params(step, abstract)
   ckpt.close()
   return model_cfg, params, meta
+
+
+def _placed(abstract: Any) -> Any:
+  """Leaves without a target sharding go to this process's first device.
+
+  Without one, Orbax would rebuild the sharding the checkpoint was saved with, which fails when it
+  was written on another topology (e.g. sharded over 4 devices, now sampled on 1).
+  """
+  if abstract is None:
+    return None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+      if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None else a, abstract)
 
 
 def _val_loss(metrics: Any) -> float:

@@ -25,13 +25,21 @@ from tqdm.auto import tqdm
 
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import data as data_lib
+from gpt_jax import distributed
+from gpt_jax import instruments
 from gpt_jax import optim
 from gpt_jax import sample as sample_lib
+from gpt_jax import sharding as sharding_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
 
 EVAL_KEY_SALT = 0x5EED  # Eval batches come from their own key stream, fixed for the whole run.
+# XLA:CPU with several devices (simulated with --xla_force_host_platform_device_count, or one process
+# of many) deadlocks in a collective's rendezvous, and aborts after 40 s, once some 32-64 steps are
+# queued without a sync (jax 0.10.2, 2 cores). There the loop waits for every 8th step: no cost on a
+# CPU, whose dispatch cannot usefully run further ahead. GPUs and TPUs run ahead unbounded.
+CPU_MAX_STEPS_IN_FLIGHT = 8
 
 
 class TrainState(train_state.TrainState):
@@ -50,19 +58,26 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mod
   return ModelConfig.from_dict(m)
 
 
-def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -> TrainState:
-  """Fresh parameters (GPT-2 init) and optimizer state; step 0."""
+def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
+                     mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
+  """Fresh parameters (GPT-2 init) and optimizer state; step 0.
+
+  With a `mesh`, the state is born with its shardings (`sharding.state_shardings`): each device
+  computes only its own slice, so a model too big for one device never exists whole anywhere.
+  """
   model = GPT(model_cfg)
   tx = optim.make_optimizer(train_cfg)
-  base = jax.random.PRNGKey(train_cfg.seed)
-  init_key = jax.random.fold_in(base, -1 & 0xFFFFFFFF)  # Distinct from every step's key.
 
-  @jax.jit
-  def init(key):
-    params = model.init(key, jnp.zeros((1, model_cfg.block_size), jnp.int32))['params']
+  def init():  # No arguments: the keys are made inside, so nothing needs placing on devices first.
+    base = jax.random.PRNGKey(train_cfg.seed)
+    init_key = jax.random.fold_in(base, -1 & 0xFFFFFFFF)  # Distinct from every step's key.
+    params = model.init(init_key, jnp.zeros((1, model_cfg.block_size), jnp.int32))['params']
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=base)
 
-  return init(init_key)
+  if mesh is None:
+    return jax.jit(init)()
+  shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh)
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def loss_fn(params: Any, model: GPT, x: jax.Array, y: jax.Array, dropout_key: Optional[jax.Array],
@@ -74,27 +89,44 @@ def loss_fn(params: Any, model: GPT, x: jax.Array, y: jax.Array, dropout_key: Op
 
 
 def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_size: int,
-               grad_accum_steps: int, schedule: Callable[[Any], Any]) -> tuple[TrainState, dict]:
+               grad_accum_steps: int, schedule: Callable[[Any], Any],
+               dynamics: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+               ) -> tuple[TrainState, dict]:
   """One optimizer update: draw the batch on device, average gradients over micro-steps, apply.
+
+  With `dynamics` (a separately compiled variant), metrics['dynamics'] also holds per-layer gradient,
+  parameter and update norms and activation/attention statistics (gpt_jax/instruments.py).
 
   All `batch_size * grad_accum_steps` rows are drawn at once and then split into micro-batches, so
   accumulation computes the same update as one big batch (up to float summation order).
+
+  With a `mesh`, each (micro-)batch is pinned to the batch sharding: every device works on its own
+  rows, and XLA turns the mean over rows into an all-reduce of the gradients. Under FSDP the weights
+  are all-gathered for the computation and the gradients reduced onto their shards, where the
+  update runs (gpt_jax/sharding.py).
   """
   T = model.config.block_size
   batch_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
+  if mesh is not None and grad_accum_steps == 1:
+    x, y = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh)) for a in (x, y))
   grad_fn = jax.value_and_grad(loss_fn)
   use_dropout = model.config.dropout > 0
+  params = sharding_lib.gather_for_compute(state.params, mesh)  # FSDP: whole weights to compute.
 
   def micro(i, xb, yb):
-    return grad_fn(state.params, model, xb, yb,
-                   jax.random.fold_in(dropout_key, i) if use_dropout else None)
+    loss, grads = grad_fn(params, model, xb, yb,
+                          jax.random.fold_in(dropout_key, i) if use_dropout else None)
+    return loss, sharding_lib.reduce_gradients(grads, mesh)
 
   if grad_accum_steps == 1:
     loss, grads = micro(0, x, y)
   else:
     xs = x.reshape(grad_accum_steps, batch_size, T)
     ys = y.reshape(grad_accum_steps, batch_size, T)
+    if mesh is not None:  # Each micro-batch is split over all devices, not micro-batch i on device i.
+      xs, ys = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh, leading=1))
+                for a in (xs, ys))
 
     def body(acc, inp):
       loss, grads = micro(*inp)
@@ -105,17 +137,23 @@ def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_si
     loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
 
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  if dynamics:  # Python-level switch: the plain step's computation is exactly what it was without it.
+    metrics['dynamics'] = instruments.dynamics(model.config, state.params, new_state.params, grads, x)
+  return new_state, metrics
 
 
 def eval_step(params: Any, data: jax.Array, key: jax.Array, *, model: GPT, batch_size: int,
-              num_batches: int) -> jax.Array:
+              num_batches: int, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """Mean loss over `num_batches` random batches of `data` (dropout off), in one jitted scan."""
   T = model.config.block_size
+  full_params = sharding_lib.gather_for_compute(params, mesh)
 
   def body(total, i):
     x, y = data_lib.get_batch(data, jax.random.fold_in(key, i), batch_size, T)
-    return total + loss_fn(params, model, x, y, None), None
+    if mesh is not None:
+      x, y = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh)) for a in (x, y))
+    return total + loss_fn(full_params, model, x, y, None), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_batches))
   return total / num_batches
@@ -157,12 +195,14 @@ def peak_flops(configured: float) -> tuple[float, str]:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to out_dir/metrics.jsonl."""
+  """Appends one JSON object per line to out_dir/metrics.jsonl (path None: writes nothing)."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: Optional[str]):
+    self.path = path  # None on every process but 0, so that one process writes the file.
 
   def write(self, record: dict) -> None:
+    if self.path is None:
+      return
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, ensure_ascii=False) + '\n')
 
@@ -183,22 +223,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   _validate(config)
   out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
   os.makedirs(out_dir, exist_ok=True)
+  distributed.initialize(config.get('distributed'))  # Multi-process runs: before any JAX call.
+  main = distributed.is_main()  # Only process 0 prints and writes text files; all compute.
+  say0 = print if main else (lambda *args, **kwargs: None)
 
-  devices = jax.devices()
-  print(f'JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) '
-        f'[{", ".join(sorted({d.device_kind for d in devices}))}]')
+  devices = jax.devices()  # Every process's devices: the mesh (and each step) spans them all.
+  mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
+  sharding_lib.check_batch_divisible(cfg_t.batch_size, mesh)
+  say0(f'JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) '
+       f'[{", ".join(sorted({d.device_kind for d in devices}))}], {distributed.summary()}, '
+       f'mesh {sharding_lib.describe(mesh)}')
 
-  ds = data_lib.load(config.data)
+  # Process 0 prepares the token files first; then the others find them ready (shared filesystem)
+  # or prepare their own identical copy (a disk per host), without racing on the same files.
+  if main:
+    ds = data_lib.load(config.data)
+  distributed.barrier('gpt_jax: data prepared')
+  if not main:
+    ds = data_lib.load(config.data, verbose=False)
   tok = ds.tokenizer
   model_cfg = model_config_from(config, tok.vocab_size)
   model = GPT(model_cfg)
-  print(f'model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, '
-        f'block {model_cfg.block_size}, vocab {model_cfg.vocab_size}: '
-        f'{num_params(model_cfg) / 1e6:.2f}M parameters '
-        f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
+  say0(f'model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, '
+       f'block {model_cfg.block_size}, vocab {model_cfg.vocab_size}: '
+       f'{num_params(model_cfg) / 1e6:.2f}M parameters '
+       f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
-  state = init_train_state(model_cfg, cfg_t)
+  # Shapes and target shardings only: a resumed run never materialises a fresh state it would drop.
+  abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, cfg_t))
+  state_sh = sharding_lib.state_shardings(abstract_state, mesh)
   best_val = math.inf
   latest = ckpt.latest_step()
   if cfg_t.resume:
@@ -206,43 +260,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
       raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
                       'run without --config.train.resume=True to start a new run.')
     meta = ckpt.meta(latest)
+    if meta.get('inference_only'):
+      raise UserError(f'checkpoint {latest} in {ckpt.directory} holds parameters only (e.g. converted '
+                      'GPT-2 weights) and cannot be resumed; fine-tune from it with a fresh '
+                      '--config.out_dir instead.')
     checkpoint_lib.check_model_matches(meta, model_cfg, ckpt.directory)
     if meta.get('tokenizer') != tok.to_dict():
       raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
                       f'the data in {ds.data_dir}; point data.* at the original data.')
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, 'shape') else a, state)
-    state = ckpt.restore_state(latest, abstract)
+    # Target shardings in the abstract state: Orbax reads each device's slice straight into place,
+    # whatever the mesh (or number of devices/hosts) the checkpoint was written with.
+    state = ckpt.restore_state(latest, sharding_lib.abstract_with_shardings(abstract_state, state_sh))
     best_step = ckpt.best_step()
     best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
-    print(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
+    say0(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
   elif latest is not None:
     raise UserError(f'{ckpt.directory} already holds checkpoints (latest step {latest}). Resume it with '
                     '--config.train.resume=True, or pick another --config.out_dir (nothing was '
                     'overwritten).')
+  else:
+    state = init_train_state(model_cfg, cfg_t, mesh)  # Born sharded.
+    if config.get('init_from'):
+      # Fine-tuning: start from local GPT-2 weights instead of the random init (Adam moments stay 0).
+      from gpt_jax import hf  # Lazily: only fine-tuning reads Hugging Face files.
+      params = hf.init_params_from(config.init_from, model_cfg)
+      state = state.replace(params=jax.device_put(params, state_sh.params))
+      say0(f'initialised the parameters from {config.init_from}')
+  # The same shardings again, now on this state's own static fields (optimizer and apply_fn objects),
+  # which jit's in/out_shardings must match exactly.
+  state_sh = sharding_lib.state_shardings(state, mesh)
 
-  with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=1))
-  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl'))
+  if main:
+    with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=1))
+  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None)
+  if main and cfg_t.get('tensorboard', False):  # Mirror every record as TensorBoard scalars too.
+    log = instruments.TensorBoardLog(log, os.path.join(out_dir, 'tensorboard'))
   start_step = int(state.step)
   if start_step:
     log.write({'event': 'resume', 'step': start_step})
 
-  # The training split lives on the device for the whole run; batches are cut from it in the step.
-  train_data = data_lib.to_device(ds.train)
-  val_data = data_lib.to_device(ds.val)
+  # The training split lives on the devices for the whole run; batches are cut from it in the step.
+  # It is replicated on every device (2 bytes/token: 2 MB for TinyShakespeare), so each device cuts
+  # its own rows locally and no host feeds anything per step, on one host or many. A corpus too
+  # big to replicate streams from token shards instead (gpt_jax/shards.py).
+  rep = sharding_lib.replicated(mesh)
+  train_data = sharding_lib.put_replicated(ds.train, mesh)
+  val_data = sharding_lib.put_replicated(ds.val, mesh)
   schedule = optim.lr_schedule(cfg_t)
+  step_jit = dict(in_shardings=(state_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
   step_fn = jax.jit(functools.partial(
       train_step, model=model, batch_size=cfg_t.batch_size,
-      grad_accum_steps=cfg_t.grad_accum_steps, schedule=schedule), donate_argnums=0)
+      grad_accum_steps=cfg_t.grad_accum_steps, schedule=schedule, mesh=mesh), **step_jit)
+  dyn_every = cfg_t.get('dynamics_interval', 0)  # > 0: every N steps run the instrumented variant,
+  if dyn_every > 0:  # compiled once up front so that no step timing includes its compilation.
+    dyn_fn = jax.jit(functools.partial(
+        train_step, model=model, batch_size=cfg_t.batch_size, grad_accum_steps=cfg_t.grad_accum_steps,
+        schedule=schedule, dynamics=True, mesh=mesh), **step_jit).lower(state, train_data).compile()
   eval_fn = jax.jit(functools.partial(
-      eval_step, model=model, batch_size=cfg_t.batch_size, num_batches=cfg_t.eval_iters))
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), EVAL_KEY_SALT)
-  prompt = np.array([tok.encode(cfg_s.prompt or '\n')], np.int32)
+      eval_step, model=model, batch_size=cfg_t.batch_size, num_batches=cfg_t.eval_iters, mesh=mesh),
+      in_shardings=(state_sh.params, rep, rep), out_shardings=rep)
+  # Small host values enter jitted code as replicated global arrays, valid on any number of hosts.
+  eval_key = sharding_lib.put_replicated(
+      np.asarray(jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), EVAL_KEY_SALT)), mesh)
+  prompt = sharding_lib.put_replicated(np.array([data_lib.encode_text(tok, cfg_s.prompt or '\n')], np.int32), mesh)
 
   tokens_per_step = cfg_t.batch_size * cfg_t.grad_accum_steps * model_cfg.block_size
   flops_step = flops_per_token(model_cfg) * tokens_per_step
   peak, peak_src = peak_flops(cfg_t.peak_flops)
+  if not peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already uses
+    peak *= len(devices)                   # every core, which simulated CPU devices share.
   meta = {'model': model_cfg.to_dict(), 'tokenizer': tok.to_dict(),
           'data': {k: ds.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256')},
           'config': json.loads(config.to_json_best_effort())}
@@ -255,16 +342,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
            'lr': float(schedule(step)), 'eval_seconds': round(time.perf_counter() - t0, 3),
            'time': round(time.time() - t_start, 3)}
     if cfg_s.eval_tokens > 0:
-      out = sample_lib.generate(state.params, model_cfg, prompt, cfg_s.eval_tokens,
-                                jax.random.fold_in(jax.random.PRNGKey(cfg_s.seed), step),
+      key = sharding_lib.put_replicated(
+          np.asarray(jax.random.fold_in(jax.random.PRNGKey(cfg_s.seed), step)), mesh)
+      out = sample_lib.generate(state.params, model_cfg, prompt, cfg_s.eval_tokens, key,
                                 cfg_s.temperature, cfg_s.top_k, cfg_s.window_shift, tok.vocab_size)
-      rec['sample'] = tok.decode(np.asarray(out[0, prompt.shape[1]:]))
+      rec['sample'] = tok.decode(distributed.to_host(out)[0, prompt.shape[1]:])
     return rec
 
   bar = tqdm(total=cfg_t.max_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
-             disable=None)
-  say = bar.write if not bar.disable else print
+             disable=None if main else True)
+  say = bar.write if not bar.disable else say0
   summary = {'start_step': start_step}
+  bounded_dispatch = jax.default_backend() == 'cpu' and len(devices) > 1
   last_loss = math.nan
   t_window, steps_in_window = time.perf_counter(), 0
   step = start_step
@@ -289,8 +378,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
       if step >= cfg_t.max_steps:
         break
 
-      state, metrics = step_fn(state, train_data)
+      use_dyn = dyn_every > 0 and (step + 1) % dyn_every == 0
+      state, metrics = (dyn_fn if use_dyn else step_fn)(state, train_data)
       step += 1
+      if bounded_dispatch and step % CPU_MAX_STEPS_IN_FLIGHT == 0:
+        metrics['loss'].block_until_ready()
       steps_in_window += 1
       bar.update(1)
       if step == start_step + 1:
@@ -313,6 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
             f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
         bar.set_postfix(loss=f'{last_loss:.3f}')
         t_window, steps_in_window = time.perf_counter(), 0
+      if use_dyn:
+        log.write(instruments.record(step, metrics, model_cfg, time.time() - t_start))
   except KeyboardInterrupt:
     ckpt.close()
     bar.close()
@@ -331,8 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     ckpt.close()
   summary.update(final_step=step, best_val_loss=best_val, wall_seconds=round(time.time() - t_start, 2),
                  out_dir=out_dir)
-  print(f'done: step {step}, best val loss {best_val:.4f}, {summary["wall_seconds"]:.1f}s; '
-        f'checkpoints in {ckpt.directory}')
+  say0(f'done: step {step}, best val loss {best_val:.4f}, {summary["wall_seconds"]:.1f}s; '
+       f'checkpoints in {ckpt.directory}')
   return summary
 
 
@@ -364,6 +458,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f'train.{name} must be >= 1 (got {t[name]})')
   if t.learning_rate <= 0:
     problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
+  if t.get('optimizer', 'optax') not in optim.OPTIMIZERS:
+    problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
   if c.save not in ('best', 'always'):
     problems.append(f"checkpoint.save must be 'best' or 'always' (got {c.save!r})")
   if problems:

@@ -302,3 +302,27 @@ def test_scripts_convert_then_sample(bpe_hf_dir, tmp_path):
               str(tmp_path / 'x'))
   assert r.returncode == 1 and r.stderr.startswith('error: no GPT-2 directory')
   assert 'Traceback' not in r.stderr
+
+
+def test_training_can_start_from_hf_weights(tmp_path, tiny_config):
+  """`init_from` (nanoGPT's finetune): the run's step-0 eval scores the imported weights."""
+  from gpt_jax import data as data_lib
+  from gpt_jax import train as train_lib
+  vocab = data_lib.prepare(tiny_config.data, verbose=False)['vocab_size']
+  hf_model = _hf_model(seed=3, vocab_size=vocab, n_positions=tiny_config.model.block_size,
+                       n_embd=tiny_config.model.n_embd, n_layer=tiny_config.model.n_layer,
+                       n_head=tiny_config.model.n_head)
+  hf_model.save_pretrained(tmp_path / 'hf')
+  tiny_config.model.update(bias=True, gelu_approximate=True)
+  with tiny_config.unlocked():
+    tiny_config.init_from = str(tmp_path / 'hf')
+  tiny_config.train.update(max_steps=1, eval_iters=2)
+  train_lib.train_and_evaluate(tiny_config)
+  first = json.loads((pathlib.Path(tiny_config.out_dir) / 'metrics.jsonl').read_text().splitlines()[0])
+  # The same eval batches scored directly with the imported parameters.
+  model, params = hf.load_gpt2(str(tmp_path / 'hf'))
+  ds = data_lib.Dataset(tiny_config.data.data_dir)
+  key = jax.random.fold_in(jax.random.PRNGKey(tiny_config.train.seed), train_lib.EVAL_KEY_SALT)
+  direct = train_lib.eval_step(params, data_lib.to_device(ds.val), key, model=model,
+                               batch_size=tiny_config.train.batch_size, num_batches=2)
+  np.testing.assert_allclose(first['val_loss'], float(direct), rtol=1e-5)
