@@ -18,10 +18,11 @@ finetune_shakespeare: batch 1 x 32 accumulation steps of 1024 tokens, 20 steps a
 no dropout. Every other field is the same as configs/shakespeare.py, which this file builds on.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from gpt_jax.config import load_config_file
 
 PRESETS = {  # name: (n_layer, n_head, n_embd)
     'gpt2': (12, 12, 768),
@@ -32,12 +33,8 @@ PRESETS = {  # name: (n_layer, n_head, n_embd)
 
 
 def _shakespeare_config() -> ml_collections.ConfigDict:
-  """configs/shakespeare.py's default config, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py')
-  spec = importlib.util.spec_from_file_location('_gpt_jax_configs_shakespeare', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('')
+  """configs/shakespeare.py's default config."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'))
 
 
 def get_config(preset: str = 'gpt2') -> ml_collections.ConfigDict:

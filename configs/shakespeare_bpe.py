@@ -21,10 +21,11 @@ Presets (everything else as in configs/shakespeare.py):
   tiny       a toy model for tests.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from gpt_jax.config import load_config_file
 
 GPT2_VOCAB_SIZE = 50257
 VOCAB_MULTIPLE = 64
@@ -36,12 +37,9 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
-  """configs/shakespeare.py's config for `preset`, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py')
-  spec = importlib.util.spec_from_file_location('_gpt_jax_shakespeare_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  """configs/shakespeare.py's config for `preset`."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'),
+                          preset)
 
 
 def get_config(preset: str = '') -> ml_collections.ConfigDict:

@@ -18,21 +18,19 @@ Presets (everything else as in configs/shakespeare.py):
   tiny       a toy model with a 320-token BPE (synthetic test text supports ~330), for tests.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from gpt_jax.config import load_config_file
 
 VOCAB_MULTIPLE = 64
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
-  """configs/shakespeare.py's config for `preset`, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py')
-  spec = importlib.util.spec_from_file_location('_gpt_jax_shakespeare_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  """configs/shakespeare.py's config for `preset`."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'),
+                          preset)
 
 
 def get_config(preset: str = '') -> ml_collections.ConfigDict:

@@ -9,7 +9,11 @@ sampling needs nothing but the checkpoint directory.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Mapping
+
+import ml_collections
 
 from gpt_jax.errors import UserError
 
@@ -82,3 +86,16 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   per_block = 12 * C * C + 2 * ln + (9 * C if cfg.bias else 0)
   n = cfg.vocab_size * C + cfg.block_size * C + L * per_block + ln
   return n - cfg.block_size * C if non_embedding else n
+
+
+def load_config_file(path: str, preset: str = '') -> ml_collections.ConfigDict:
+  """`get_config(preset)` of a config file given by path, as `config_flags` would load it.
+
+  Config files are plain files, not a package, so one preset file builds on another through this
+  (e.g. configs/shakespeare_bpe.py starts from configs/shakespeare.py).
+  """
+  name = '_gpt_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
