@@ -6,8 +6,11 @@ One code path from one device to many hosts. The run's devices form a 2-D mesh w
   batch       rows sharded over both axes, ('data', 'fsdp'): every device gets B / n_devices rows.
   parameters  replicated when fsdp = 1 (plain data parallelism); otherwise each array is sharded
   + Adam      over 'fsdp' along its largest axis that the fsdp size divides (replicated if none
-  moments     does), so parameter and optimizer memory shrink by the fsdp factor (ZeRO-3 / FSDP).
+  moments     does), so their memory between steps shrinks by the fsdp factor (ZeRO-3 / FSDP).
   step, key   replicated.
+
+Within a step FSDP all-gathers the whole weights at once (one transient full copy of the weights,
+not of the optimizer state); gathering layer by layer would need annotations inside the model.
 
 `jit` gets these shardings for its inputs and outputs and the batch drawn inside the step is pinned
 with `with_sharding_constraint`; under FSDP the step also asks for whole weights to compute with
@@ -160,6 +163,18 @@ def put_replicated(tokens: np.ndarray, mesh: Mesh) -> jax.Array:
   """
   tokens = np.asarray(tokens)
   return jax.make_array_from_callback(tokens.shape, replicated(mesh), lambda idx: tokens[idx])
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays (identical on every process) placed as global arrays with the given shardings.
+
+  Each process fills only its own devices' slices, so this works on many hosts where a plain
+  `jax.device_put` of host memory would not.
+  """
+  def put(a, sharding):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:

@@ -284,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
       # Fine-tuning: start from local GPT-2 weights instead of the random init (Adam moments stay 0).
       from gpt_jax import hf  # Lazily: only fine-tuning reads Hugging Face files.
       params = hf.init_params_from(config.init_from, model_cfg)
-      state = state.replace(params=jax.device_put(params, state_sh.params))
+      state = state.replace(params=sharding_lib.put_global(params, state_sh.params))
       say0(f'initialised the parameters from {config.init_from}')
   # The same shardings again, now on this state's own static fields (optimizer and apply_fn objects),
   # which jit's in/out_shardings must match exactly.

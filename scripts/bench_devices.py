@@ -99,7 +99,8 @@ def main() -> None:
     rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
 
   base = rows[0]['ms_per_step']
-  print(f'preset {args.preset}, {args.mesh} parallel, global batch {rows[0]["batch"]}, '
+  kind = {'data': 'data parallel', 'fsdp': 'FSDP', 'both': 'data parallel x FSDP'}[args.mesh]
+  print(f'preset {args.preset}, {kind}, global batch {rows[0]["batch"]}, '
         f'{args.steps} timed steps, {os.cpu_count()} CPU core(s)')
   print('| devices | mesh | rows/device | ms/step | tokens/s | vs 1st | compile s |')
   print('|---|---|---|---|---|---|---|')
