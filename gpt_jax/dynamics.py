@@ -59,30 +59,11 @@ def jax_step(state: train_lib.TrainState, train_data: jax.Array, dropout_stream:
   Dropout keys come from `dropout_stream` (pass `state.key` for exactly train_step's masks); the batch
   keys always come from `state.key`, so runs with different dropout streams see the same batches.
   """
-  T = model.config.block_size
   batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
   _, dropout_key = jax.random.split(jax.random.fold_in(dropout_stream, state.step))
-  x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
-  grad_fn = jax.value_and_grad(train_lib.loss_fn)
-  use_dropout = model.config.dropout > 0
-
-  def micro(i, xb, yb):
-    return grad_fn(state.params, model, xb, yb,
-                   jax.random.fold_in(dropout_key, i) if use_dropout else None)
-
-  if grad_accum_steps == 1:
-    loss, grads = micro(0, x, y)
-  else:  # As train_step: scan over micro-batches, summing, then divide.
-    xs = x.reshape(grad_accum_steps, batch_size, T)
-    ys = y.reshape(grad_accum_steps, batch_size, T)
-
-    def body(acc, inp):
-      return jax.tree_util.tree_map(jnp.add, acc, micro(*inp)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
-    loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
-
+  loss, grads, x, y = train_lib.batch_gradients(
+      state.params, train_data, batch_key, dropout_key, model=model, batch_size=batch_size,
+      grad_accum_steps=grad_accum_steps)
   new_state = state.apply_gradients(grads=grads)
   # The update actually applied (new - old), measured the same way as on the PyTorch side.
   delta = jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)

@@ -88,34 +88,25 @@ def loss_fn(params: Any, model: GPT, x: jax.Array, y: jax.Array, dropout_key: Op
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_size: int,
-               grad_accum_steps: int, schedule: Callable[[Any], Any],
-               dynamics: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
-               ) -> tuple[TrainState, dict]:
-  """One optimizer update: draw the batch on device, average gradients over micro-steps, apply.
-
-  With `dynamics` (a separately compiled variant), metrics['dynamics'] also holds per-layer gradient,
-  parameter and update norms and activation/attention statistics (gpt_jax/instruments.py).
+def batch_gradients(params: Any, train_data: jax.Array, batch_key: jax.Array,
+                    dropout_key: jax.Array, *, model: GPT, batch_size: int, grad_accum_steps: int,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+  """Draws one step's batch on device and returns (mean loss, mean gradients, x, y).
 
   All `batch_size * grad_accum_steps` rows are drawn at once and then split into micro-batches, so
-  accumulation computes the same update as one big batch (up to float summation order).
-
-  With a `mesh`, each (micro-)batch is pinned to the batch sharding: every device works on its own
-  rows, and XLA turns the mean over rows into an all-reduce of the gradients. Under FSDP the weights
-  are all-gathered for the computation and the gradients reduced onto their shards, where the
-  update runs (gpt_jax/sharding.py).
+  accumulation computes the same gradients as one big batch (up to float summation order).
   """
   T = model.config.block_size
-  batch_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
   if mesh is not None and grad_accum_steps == 1:
     x, y = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh)) for a in (x, y))
   grad_fn = jax.value_and_grad(loss_fn)
   use_dropout = model.config.dropout > 0
-  params = sharding_lib.gather_for_compute(state.params, mesh)  # FSDP: whole weights to compute.
+  full_params = sharding_lib.gather_for_compute(params, mesh)  # FSDP: whole weights to compute.
 
   def micro(i, xb, yb):
-    loss, grads = grad_fn(params, model, xb, yb,
+    loss, grads = grad_fn(full_params, model, xb, yb,
                           jax.random.fold_in(dropout_key, i) if use_dropout else None)
     return loss, sharding_lib.reduce_gradients(grads, mesh)
 
@@ -132,10 +123,31 @@ def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_si
       loss, grads = micro(*inp)
       return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
     loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
 
+  return loss, grads, x, y
+
+
+def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_size: int,
+               grad_accum_steps: int, schedule: Callable[[Any], Any],
+               dynamics: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+               ) -> tuple[TrainState, dict]:
+  """One optimizer update: draw the batch on device, average gradients over micro-steps, apply.
+
+  With `dynamics` (a separately compiled variant), metrics['dynamics'] also holds per-layer gradient,
+  parameter and update norms and activation/attention statistics (gpt_jax/instruments.py).
+
+  Accumulation computes the same update as one big batch (see `batch_gradients`). With a `mesh`,
+  each (micro-)batch is pinned to the batch sharding: every device works on its own rows, and XLA turns the mean over rows into an all-reduce of the gradients. Under FSDP the weights
+  are all-gathered for the computation and the gradients reduced onto their shards, where the
+  update runs (gpt_jax/sharding.py).
+  """
+  batch_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+  loss, grads, x, _ = batch_gradients(state.params, train_data, batch_key, dropout_key, model=model,
+                                      batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+                                      mesh=mesh)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
   new_state = state.apply_gradients(grads=grads)
   if dynamics:  # Python-level switch: the plain step's computation is exactly what it was without it.
