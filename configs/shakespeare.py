@@ -40,6 +40,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       gpt2_dir='',             # tokenizer='gpt2': folder with encoder.json + vocab.bpe; '' = cache/download.
       bpe_vocab_size=0,        # tokenizer='bpe': vocabulary size to train (e.g. 1024).
       val_fraction=0.1,
+      shards_dir='',           # '' = the in-memory splits above; else train from token shards here
+                               # (train/ + val/, prepared from text_path if absent; gpt_jax/shards.py).
+      shard_tokens=1 << 24,    # shards_dir: tokens per shard file when preparing (16M = 32 MB).
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -2,7 +2,9 @@
 
 Randomness is explicit and never reused. A run has one base key, PRNGKey(train.seed). Step s uses
 `fold_in(base, s)`, split into a batch key and a dropout key, so a resumed run draws exactly the
-batches and dropout masks an uninterrupted run would (the same idea as Flax's lm1b example).
+batches and dropout masks an uninterrupted run would (the same idea as Flax's lm1b example). With
+`data.shards_dir` the batch instead comes from token shards on disk, drawn for (train.seed, s) and fed
+from the host (`train_step_on_batch`); the dropout key is the same.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gpt_jax import instruments
 from gpt_jax import optim
 from gpt_jax import sample as sample_lib
 from gpt_jax import sharding as sharding_lib
+from gpt_jax import shards as shards_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -94,11 +97,25 @@ def batch_gradients(params: Any, train_data: jax.Array, batch_key: jax.Array,
                     ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
   """Draws one step's batch on device and returns (mean loss, mean gradients, x, y).
 
-  All `batch_size * grad_accum_steps` rows are drawn at once and then split into micro-batches, so
-  accumulation computes the same gradients as one big batch (up to float summation order).
+  All `batch_size * grad_accum_steps` rows are drawn at once and then split into micro-batches (see
+  `gradients`), so accumulation computes the same gradients as one big batch.
   """
   T = model.config.block_size
   x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
+  loss, grads = gradients(params, x, y, dropout_key, model=model, batch_size=batch_size,
+                          grad_accum_steps=grad_accum_steps, mesh=mesh)
+  return loss, grads, x, y
+
+
+def gradients(params: Any, x: jax.Array, y: jax.Array, dropout_key: jax.Array, *, model: GPT,
+              batch_size: int, grad_accum_steps: int, mesh: Optional[jax.sharding.Mesh] = None,
+              ) -> tuple[jax.Array, Any]:
+  """(mean loss, mean gradients) of one step's batch x, y: (batch_size * grad_accum_steps, T).
+
+  The rows are split into `grad_accum_steps` consecutive micro-batches of `batch_size`, so
+  accumulation computes the same gradients as one big batch (up to float summation order).
+  """
+  T = model.config.block_size
   if mesh is not None and grad_accum_steps == 1:
     x, y = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh)) for a in (x, y))
   grad_fn = jax.value_and_grad(loss_fn)
@@ -111,23 +128,30 @@ def batch_gradients(params: Any, train_data: jax.Array, batch_key: jax.Array,
     return loss, sharding_lib.reduce_gradients(grads, mesh)
 
   if grad_accum_steps == 1:
-    loss, grads = micro(0, x, y)
-  else:
-    xs = x.reshape(grad_accum_steps, batch_size, T)
-    ys = y.reshape(grad_accum_steps, batch_size, T)
-    if mesh is not None:  # Each micro-batch is split over all devices, not micro-batch i on device i.
-      xs, ys = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh, leading=1))
-                for a in (xs, ys))
+    return micro(0, x, y)
+  xs = x.reshape(grad_accum_steps, batch_size, T)
+  ys = y.reshape(grad_accum_steps, batch_size, T)
+  if mesh is not None:  # Each micro-batch is split over all devices, not micro-batch i on device i.
+    xs, ys = (sharding_lib.constrain_batch(a, sharding_lib.batch_sharding(mesh, leading=1))
+              for a in (xs, ys))
 
-    def body(acc, inp):
-      loss, grads = micro(*inp)
-      return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), None
+  def body(acc, inp):
+    loss, grads = micro(*inp)
+    return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
-    loss, grads = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), xs, ys))
+  return jax.tree_util.tree_map(lambda a: a / grad_accum_steps, (loss, grads))
 
-  return loss, grads, x, y
+
+def _apply(state: TrainState, loss: jax.Array, grads: Any, x: jax.Array, *, model: GPT,
+           schedule: Callable[[Any], Any], dynamics: bool) -> tuple[TrainState, dict]:
+  """The optimizer update and the step's metrics, shared by both step variants."""
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
+  new_state = state.apply_gradients(grads=grads)
+  if dynamics:  # Python-level switch: the plain step's computation is exactly what it was without it.
+    metrics['dynamics'] = instruments.dynamics(model.config, state.params, new_state.params, grads, x)
+  return new_state, metrics
 
 
 def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_size: int,
@@ -148,11 +172,23 @@ def train_step(state: TrainState, train_data: jax.Array, *, model: GPT, batch_si
   loss, grads, x, _ = batch_gradients(state.params, train_data, batch_key, dropout_key, model=model,
                                       batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                                       mesh=mesh)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
-  new_state = state.apply_gradients(grads=grads)
-  if dynamics:  # Python-level switch: the plain step's computation is exactly what it was without it.
-    metrics['dynamics'] = instruments.dynamics(model.config, state.params, new_state.params, grads, x)
-  return new_state, metrics
+  return _apply(state, loss, grads, x, model=model, schedule=schedule, dynamics=dynamics)
+
+
+def train_step_on_batch(state: TrainState, x: jax.Array, y: jax.Array, *, model: GPT,
+                        batch_size: int, grad_accum_steps: int, schedule: Callable[[Any], Any],
+                        dynamics: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+                        ) -> tuple[TrainState, dict]:
+  """`train_step` on a batch fed from the host (token shards, gpt_jax/shards.py) instead of one cut
+  from a device-resident split: x, y are (batch_size * grad_accum_steps, T), batch-sharded.
+
+  The dropout key is train_step's (the batch key goes unused), so dropout masks depend on the step
+  alone, whatever feeds the batch.
+  """
+  _, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+  loss, grads = gradients(state.params, x, y, dropout_key, model=model, batch_size=batch_size,
+                          grad_accum_steps=grad_accum_steps, mesh=mesh)
+  return _apply(state, loss, grads, x, model=model, schedule=schedule, dynamics=dynamics)
 
 
 def eval_step(params: Any, data: jax.Array, key: jax.Array, *, model: GPT, batch_size: int,
@@ -169,6 +205,12 @@ def eval_step(params: Any, data: jax.Array, key: jax.Array, *, model: GPT, batch
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_batches))
   return total / num_batches
+
+
+def eval_loss_on_batch(params: Any, x: jax.Array, y: jax.Array, *, model: GPT,
+                       mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """Mean loss of one host-fed batch (dropout off): `eval_step` for token shards."""
+  return loss_fn(sharding_lib.gather_for_compute(params, mesh), model, x, y, None)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -248,13 +290,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
   # Process 0 prepares the token files first; then the others find them ready (shared filesystem)
   # or prepare their own identical copy (a disk per host), without racing on the same files.
+  # data.shards_dir set: token shards streamed from disk (gpt_jax/shards.py) instead of the
+  # in-memory splits of data_dir.
+  shards_dir = config.data.get('shards_dir', '')
+  load = (functools.partial(shards_lib.load, seed=cfg_t.seed) if shards_dir else data_lib.load)
   if main:
-    ds = data_lib.load(config.data)
+    ds = load(config.data)
   distributed.barrier('gpt_jax: data prepared')
   if not main:
-    ds = data_lib.load(config.data, verbose=False)
+    ds = load(config.data, verbose=False)
+  data_where = ds.directory if shards_dir else ds.data_dir
   tok = ds.tokenizer
   model_cfg = model_config_from(config, tok.vocab_size)
+  if shards_dir:
+    ds.check_block_size(model_cfg.block_size)
   model = GPT(model_cfg)
   say0(f'model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, '
        f'block {model_cfg.block_size}, vocab {model_cfg.vocab_size}: '
@@ -279,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     checkpoint_lib.check_model_matches(meta, model_cfg, ckpt.directory)
     if meta.get('tokenizer') != tok.to_dict():
       raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
-                      f'the data in {ds.data_dir}; point data.* at the original data.')
+                      f'the data in {data_where}; point data.* at the original data.')
     # Target shardings in the abstract state: Orbax reads each device's slice straight into place,
     # whatever the mesh (or number of devices/hosts) the checkpoint was written with.
     state = ckpt.restore_state(latest, sharding_lib.abstract_with_shardings(abstract_state, state_sh))
@@ -312,26 +361,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   if start_step:
     log.write({'event': 'resume', 'step': start_step})
 
-  # The training split lives on the devices for the whole run; batches are cut from it in the step.
-  # It is replicated on every device (2 bytes/token: 2 MB for TinyShakespeare), so each device cuts
-  # its own rows locally and no host feeds anything per step, on one host or many. A corpus too
-  # big to replicate streams from token shards instead (gpt_jax/shards.py).
   rep = sharding_lib.replicated(mesh)
-  train_data = sharding_lib.put_replicated(ds.train, mesh)
-  val_data = sharding_lib.put_replicated(ds.val, mesh)
   schedule = optim.lr_schedule(cfg_t)
-  step_jit = dict(in_shardings=(state_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
-  step_fn = jax.jit(functools.partial(
-      train_step, model=model, batch_size=cfg_t.batch_size,
-      grad_accum_steps=cfg_t.grad_accum_steps, schedule=schedule, mesh=mesh), **step_jit)
+  step_kw = dict(model=model, batch_size=cfg_t.batch_size, grad_accum_steps=cfg_t.grad_accum_steps,
+                 schedule=schedule, mesh=mesh)
+  T = model_cfg.block_size
+  if shards_dir:
+    # Token shards: each step every process reads its own rows of the step's global batch (all
+    # batch_size * grad_accum_steps of them, split into micro-batches inside the step) from disk and
+    # feeds them to its devices. Dispatch is asynchronous, so the host reads step k + 1's rows while
+    # the devices still compute step k. Batches depend on (train.seed, step) only: a resumed run
+    # continues the same stream. Evals use fixed batches from a seed of their own.
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    rows = cfg_t.batch_size * cfg_t.grad_accum_steps
+    step_args = lambda step: ds.train.global_batch(step, rows, T, batch_sh)
+    step_jit = dict(in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, rep),
+                    donate_argnums=0)
+    step_impl = train_step_on_batch
+    batch_spec = jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=batch_sh)
+    example_args = (batch_spec, batch_spec)
+    eval_seed = cfg_t.seed + (EVAL_KEY_SALT << 32)  # Never a (32-bit) training seed's stream.
+    eval_sets = {'train': ds.train.with_seed(eval_seed), 'val': ds.val.with_seed(eval_seed)}
+    eval_batch_fn = jax.jit(functools.partial(eval_loss_on_batch, model=model, mesh=mesh),
+                            in_shardings=(state_sh.params, batch_sh, batch_sh), out_shardings=rep)
+
+    def split_loss(split: str) -> float:  # Synced per batch: also bounds the CPU dispatch queue.
+      return sum(float(eval_batch_fn(state.params, *eval_sets[split].global_batch(
+          i, cfg_t.batch_size, T, batch_sh))) for i in range(cfg_t.eval_iters)) / cfg_t.eval_iters
+  else:
+    # The training split lives on the devices for the whole run; batches are cut from it in the step.
+    # It is replicated on every device (2 bytes/token: 2 MB for TinyShakespeare), so each device cuts
+    # its own rows locally and no host feeds anything per step, on one host or many. A corpus too
+    # big to replicate streams from token shards instead (data.shards_dir, above).
+    split_data = {'train': sharding_lib.put_replicated(ds.train, mesh),
+                  'val': sharding_lib.put_replicated(ds.val, mesh)}
+    step_args = lambda step: (split_data['train'],)
+    step_jit = dict(in_shardings=(state_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    step_impl = train_step
+    example_args = step_args(0)
+    eval_fn = jax.jit(functools.partial(
+        eval_step, model=model, batch_size=cfg_t.batch_size, num_batches=cfg_t.eval_iters, mesh=mesh),
+        in_shardings=(state_sh.params, rep, rep), out_shardings=rep)
+
+    def split_loss(split: str) -> float:
+      return float(eval_fn(state.params, split_data[split], eval_key))
+
+  step_fn = jax.jit(functools.partial(step_impl, **step_kw), **step_jit)
   dyn_every = cfg_t.get('dynamics_interval', 0)  # > 0: every N steps run the instrumented variant,
   if dyn_every > 0:  # compiled once up front so that no step timing includes its compilation.
-    dyn_fn = jax.jit(functools.partial(
-        train_step, model=model, batch_size=cfg_t.batch_size, grad_accum_steps=cfg_t.grad_accum_steps,
-        schedule=schedule, dynamics=True, mesh=mesh), **step_jit).lower(state, train_data).compile()
-  eval_fn = jax.jit(functools.partial(
-      eval_step, model=model, batch_size=cfg_t.batch_size, num_batches=cfg_t.eval_iters, mesh=mesh),
-      in_shardings=(state_sh.params, rep, rep), out_shardings=rep)
+    dyn_fn = jax.jit(functools.partial(step_impl, dynamics=True, **step_kw),
+                     **step_jit).lower(state, *example_args).compile()
   # Small host values enter jitted code as replicated global arrays, valid on any number of hosts.
   eval_key = sharding_lib.put_replicated(
       np.asarray(jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), EVAL_KEY_SALT)), mesh)
@@ -343,13 +422,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   if not peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already uses
     peak *= len(devices)                   # every core, which simulated CPU devices share.
   meta = {'model': model_cfg.to_dict(), 'tokenizer': tok.to_dict(),
-          'data': {k: ds.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256')},
+          'data': {k: ds.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256', 'shards_dir')
+                   if k in ds.meta},
           'config': json.loads(config.to_json_best_effort())}
 
   def evaluate(step: int) -> dict:
     t0 = time.perf_counter()
-    losses = {split: float(eval_fn(state.params, d, eval_key))
-              for split, d in (('train', train_data), ('val', val_data))}
+    losses = {split: split_loss(split) for split in ('train', 'val')}
     rec = {'step': step, 'train_loss': losses['train'], 'val_loss': losses['val'],
            'lr': float(schedule(step)), 'eval_seconds': round(time.perf_counter() - t0, 3),
            'time': round(time.time() - t_start, 3)}
@@ -391,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         break
 
       use_dyn = dyn_every > 0 and (step + 1) % dyn_every == 0
-      state, metrics = (dyn_fn if use_dyn else step_fn)(state, train_data)
+      state, metrics = (dyn_fn if use_dyn else step_fn)(state, *step_args(step))
       step += 1
       if bounded_dispatch and step % CPU_MAX_STEPS_IN_FLIGHT == 0:
         metrics['loss'].block_until_ready()
@@ -472,6 +551,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
   if t.get('optimizer', 'optax') not in optim.OPTIMIZERS:
     problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
+  if config.data.get('shards_dir') and int(t.seed) < 0:
+    problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
   if c.save not in ('best', 'always'):
     problems.append(f"checkpoint.save must be 'best' or 'always' (got {c.save!r})")
   if problems:

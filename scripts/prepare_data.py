@@ -10,6 +10,13 @@ the tokenizer (`tokenizer`: 'char', 'gpt2' or 'bpe'); see gpt_jax/data.py.
   python scripts/prepare_data.py --config configs/shakespeare_bpe.py --config.data.gpt2_dir=gpt2/
   python scripts/prepare_data.py --config configs/shakespeare_bpe_compact.py \
       --config.data.bpe_vocab_size=2048 --config.data.text_path=my_corpus/
+
+With `data.shards_dir` set, the text (any size) becomes token shards instead: numbered uint16 files
+plus index.json (tokenizer, shard sizes, SHA-256) in shards_dir/train and shards_dir/val, written
+with flat memory (gpt_jax/shards.py); scripts/train.py with the same setting trains from them.
+
+  python scripts/prepare_data.py --config.data.text_path=my_corpus/ \
+      --config.data.shards_dir=data/my_corpus_shards
 """
 import os
 
@@ -28,8 +35,10 @@ flags.DEFINE_bool('force', False, 'Prepare again even if the files are up to dat
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import data
-  cli.run_main(lambda: data.prepare(_CONFIG.value.data, force=flags.FLAGS.force))
+  from gpt_jax import data, shards
+  data_cfg = _CONFIG.value.data
+  prepare = shards.prepare if data_cfg.get('shards_dir') else data.prepare
+  cli.run_main(lambda: prepare(data_cfg, force=flags.FLAGS.force))
 
 
 if __name__ == '__main__':

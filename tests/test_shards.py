@@ -1,11 +1,21 @@
-"""Sharded token datasets: streaming writer, checksums, deterministic per-process memmap batches."""
+"""Sharded token datasets: streaming writer, checksums, deterministic per-process memmap batches,
+and training from them (train/val splits, exact resume, 4 simulated devices against 1).
 
+The 4-device half runs this very file as a subprocess (`python tests/test_shards.py SPEC.json`, see
+tests/test_sharding.py for the pattern).
+"""
+
+import functools
 import hashlib
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import tracemalloc
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # conftest, also as a script.
 
 import jax
 import numpy as np
@@ -193,3 +203,211 @@ def test_prepare_shards_script(corpus, tmp_path):
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr
   r = run(f'--source={corpus}', f'--out_dir={out}')
   assert r.returncode == 1 and r.stderr.startswith('error: ') and 'overwrite' in r.stderr
+
+
+# --- training from shards -------------------------------------------------------------------------
+
+def shard_config(root, corpus, mesh=(-1, 1)):
+  """A 1-layer model trained from the shards of `corpus` in root/shards (prepared on first use)."""
+  from configs import shakespeare
+  root = str(root)
+  c = shakespeare.get_config('tiny')
+  c.out_dir = os.path.join(root, 'out')
+  c.data.update(text_path=str(corpus), data_dir=os.path.join(root, 'data'),
+                cache_dir=os.path.join(root, 'cache'), shards_dir=os.path.join(root, 'shards'),
+                shard_tokens=5_000)
+  c.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)
+  c.train.update(max_steps=30, eval_interval=15, log_interval=1, peak_flops=1e12)
+  c.checkpoint.update(save='always', async_save=False)
+  c.sample.eval_tokens = 0
+  c.mesh.update(data=mesh[0], fsdp=mesh[1])
+  return c
+
+
+def test_splits_are_the_in_memory_splits(corpus, tmp_path):
+  """With the char tokenizer, the train/val shards hold exactly data.py's train.bin / val.bin."""
+  cfg = shard_config(tmp_path, corpus)
+  indexes = shards.prepare(cfg.data, verbose=False)
+  ds = data_lib.load(cfg.data, verbose=False)
+  opened = shards.ShardedSplits(cfg.data.shards_dir)
+  assert opened.tokenizer.to_dict() == ds.tokenizer.to_dict()
+  for split in ('train', 'val'):
+    np.testing.assert_array_equal(_stream(tmp_path / 'shards' / split, indexes[split]),
+                                  np.asarray(getattr(ds, split)))
+    assert indexes[split]['split'] == split
+  assert len(indexes['train']['shards']) > 1  # Several shard files, windows drawn across them.
+  assert indexes['train']['split_chars'][1] == indexes['val']['split_chars'][0] == ds.meta['train_chars']
+  assert indexes['train']['settings'] == data_lib.tokenizer_settings(cfg.data)
+
+
+def test_host_fed_step_is_the_device_drawn_step():
+  """train_step_on_batch fed the very rows train_step draws itself makes train_step's update, with
+  accumulation (2 micro-batches) and dropout (the same dropout keys)."""
+  import jax.numpy as jnp
+  from configs import shakespeare
+  from gpt_jax import optim, train
+  from gpt_jax.config import ModelConfig
+  from gpt_jax.model import GPT
+  model_cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
+  train_cfg = shakespeare.get_config('tiny').train
+  kw = dict(model=GPT(model_cfg), schedule=optim.lr_schedule(train_cfg), batch_size=4,
+            grad_accum_steps=2)
+  data = jnp.asarray(np.random.RandomState(0).randint(0, 20, 3000), jnp.uint16)
+  state = train.init_train_state(model_cfg, train_cfg)
+  ref, m_ref = jax.jit(functools.partial(train.train_step, **kw))(state, data)
+  batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
+  x, y = data_lib.get_batch(data, batch_key, 8, 16)
+  got, m_got = jax.jit(functools.partial(train.train_step_on_batch, **kw))(state, x, y)
+  np.testing.assert_allclose(float(m_got['loss']), float(m_ref['loss']), rtol=1e-6)
+  np.testing.assert_allclose(float(m_got['grad_norm']), float(m_ref['grad_norm']), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
+  from gpt_jax import checkpoint as checkpoint_lib
+  from gpt_jax import tokenizer as tokenizer_lib
+  from gpt_jax import train
+  from test_sharding import run_losses
+  cfg = shard_config(tmp_path, corpus)
+  cfg.model.dropout = 0.1  # The dropout key stream must continue too.
+  cfg.train.grad_accum_steps = 2  # batch_size * 2 rows drawn per step, in two micro-batches.
+  train.train_and_evaluate(cfg)  # Prepares root/shards first.
+  straight = run_losses(cfg.out_dir)
+  assert straight['val']['0'] > straight['val']['30'] + 0.3  # It learns.
+  assert straight['train']['30'] < straight['train']['1'] - 0.3
+
+  # The same run as if it had stopped after its checkpoint at step 15, continued by a new run.
+  resumed_dir = tmp_path / 'resumed'
+  shutil.copytree(cfg.out_dir, resumed_dir)
+  shutil.rmtree(resumed_dir / 'checkpoints' / '30')
+  (resumed_dir / 'metrics.jsonl').unlink()  # So that only resumed steps are read.
+  cfg.out_dir = str(resumed_dir)
+  cfg.train.resume = True
+  train.train_and_evaluate(cfg)
+  resumed = run_losses(cfg.out_dir)
+  assert sorted(resumed['train'], key=int) == [str(s) for s in range(16, 31)]
+  for s in resumed['train']:
+    assert abs(resumed['train'][s] - straight['train'][s]) <= 1e-6, s
+  assert abs(resumed['val']['30'] - straight['val']['30']) <= 1e-6
+
+  # The checkpoint records the tokenizer (from the shard index): sampling needs only the run dir.
+  ckpt = checkpoint_lib.Checkpointer(str(resumed_dir / 'checkpoints'))
+  meta = ckpt.meta(ckpt.latest_step())
+  ckpt.close()
+  index = shards.read_index(str(tmp_path / 'shards' / 'train'))
+  assert meta['tokenizer'] == index['tokenizer']
+  assert tokenizer_lib.tokenizer_from_dict(meta['tokenizer']).vocab_size == meta['model']['vocab_size']
+  assert meta['data']['shards_dir'] == str(tmp_path / 'shards')
+
+
+def test_bad_shards_dir_is_a_user_error(corpus, tmp_path):
+  from gpt_jax import train
+  cfg = shard_config(tmp_path, corpus)
+  shards_dir = tmp_path / 'shards'
+  run = lambda: train.train_and_evaluate(cfg)
+
+  shards_dir.write_text('not a folder')
+  with pytest.raises(UserError, match='is a file'):
+    run()
+  shards_dir.unlink()
+  shards_dir.mkdir()
+  (shards_dir / 'notes.txt').write_text('someone else\'s folder')
+  with pytest.raises(UserError, match=r'holds no sharded dataset.*prepare_data.py .*--force'):
+    run()
+  (shards_dir / 'notes.txt').unlink()
+  shards.write_shards(str(corpus), str(shards_dir), verbose=False)  # One set, no train/val.
+  with pytest.raises(UserError, match='single shard set'):
+    run()
+  shutil.rmtree(shards_dir)
+
+  shards.prepare(cfg.data, verbose=False)
+  (shards_dir / 'val' / 'index.json').unlink()  # An interrupted preparation.
+  with pytest.raises(UserError, match=r'incomplete.*val/index.json missing.*prepare_data.py'):
+    run()
+  shards.prepare(cfg.data, force=True, verbose=False)
+  shard = shards_dir / 'train' / 'shard_000001.bin'
+  good = shard.read_bytes()
+  shard.write_bytes(good[:10] + bytes([good[10] ^ 1]) + good[11:])
+  with pytest.raises(UserError, match=r'shard_000001.bin .*damaged.*--force'):
+    run()
+  shard.write_bytes(good)
+  cfg.model.block_size = 6_000  # Longer than every shard.
+  with pytest.raises(UserError, match=r'at most 5,000 tokens each.*block_size = 6000'):
+    run()
+  cfg.model.block_size = 16
+  cfg.data.val_fraction = 0.2
+  with pytest.raises(UserError, match=r'other data settings \(val_fraction: 0.1 -> 0.2\).*--force'):
+    run()
+  cfg.data.update(val_fraction=0.1, tokenizer='bpe', bpe_vocab_size=300)
+  with pytest.raises(UserError, match="'bpe' cannot be used with data.shards_dir"):
+    run()
+
+
+def test_prepare_data_script_writes_shards_and_train_reports_errors(corpus, tmp_path):
+  out = tmp_path / 'script_shards'
+  run = lambda script, *a: subprocess.run(
+      [sys.executable, str(REPO / 'scripts' / script), *a], capture_output=True, text=True,
+      timeout=120, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  args = [f'--config.data.text_path={corpus}', f'--config.data.shards_dir={out}',
+          '--config.data.shard_tokens=20000']
+  r = run('prepare_data.py', *args)
+  assert r.returncode == 0, r.stderr
+  assert 'wrote' in r.stdout and 'train /' in r.stdout
+  index = json.loads((out / 'train' / 'index.json').read_text())
+  assert [s['tokens'] for s in index['shards']] == [20_000, 20_000, index['total_tokens'] - 40_000]
+  assert json.loads((out / 'val' / 'index.json').read_text())['split'] == 'val'
+  r = run('prepare_data.py', *args)
+  assert r.returncode == 0 and 'is prepared' in r.stdout, r.stderr
+  r = run('prepare_shards.py', f'--check={out / "val"}')  # Each split is a plain shard set.
+  assert r.returncode == 0 and 'ok: 1 shard(s)' in r.stdout, r.stderr
+
+  (out / 'val' / 'index.json').unlink()
+  r = run('train.py', '--config', str(REPO / 'configs' / 'shakespeare.py') + ':tiny', *args,
+          f'--config.out_dir={tmp_path / "out"}')
+  assert r.returncode == 1 and r.stderr.startswith('error: ') and 'Traceback' not in r.stderr
+  assert 'incomplete' in r.stderr and f'--config.data.shards_dir={out}' in r.stderr
+
+
+# --- 4 simulated devices against 1 ----------------------------------------------------------------
+
+def worker(spec: dict) -> dict:
+  """The 4-device half: the same run from the same shards on a data=2 x fsdp=2 mesh."""
+  from gpt_jax import train
+  from test_sharding import run_losses
+  assert jax.device_count() == 4, jax.devices()
+  cfg = shard_config(spec['root'], spec['corpus'], mesh=(2, 2))
+  cfg.train.update(spec['train'])
+  cfg.out_dir = os.path.join(spec['root'], 'out4')
+  train.train_and_evaluate(cfg)
+  return run_losses(cfg.out_dir)
+
+
+@pytest.mark.slow
+def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
+  from gpt_jax import train
+  from test_sharding import RESULT, max_delta, run_losses
+  cfg = shard_config(tmp_path, corpus)
+  cfg.train.update(max_steps=10, eval_interval=5)
+  train.train_and_evaluate(cfg)  # One device; prepares the shards the worker then reads.
+  ref = run_losses(cfg.out_dir)
+  spec = {'root': str(tmp_path), 'corpus': str(corpus),
+          'train': {'max_steps': 10, 'eval_interval': 5}}
+  spec_path = tmp_path / 'spec.json'
+  spec_path.write_text(json.dumps(spec))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             PYTHONUNBUFFERED='1')
+  r = subprocess.run([sys.executable, __file__, str(spec_path)], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  got = json.loads([l for l in r.stdout.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
+  d_train, d_val = max_delta(got['train'], ref['train']), max_delta(got['val'], ref['val'])
+  print(f'shards, data=2 x fsdp=2 vs 1 device: max |dloss| {d_train:.2e} (train), {d_val:.2e} (eval)')
+  assert d_train < 1e-5 and d_val < 1e-5
+
+
+if __name__ == '__main__':
+  from test_sharding import RESULT
+  with open(sys.argv[1]) as f:
+    print(RESULT + json.dumps(worker(json.load(f))), flush=True)
