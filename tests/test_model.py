@@ -127,8 +127,9 @@ def test_attention_matches_jax_dot_product_attention():
   q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in (kq, kk, kv))
   mask = jnp.tril(jnp.ones((T, T), bool))
 
-  def ours(q, k, v):
-    return model_lib.causal_attention(q, k, v, mask)
+  def ours(q, k, v):  # Takes and returns head-major (B, H, T, D).
+    hm = lambda a: a.transpose(0, 2, 1, 3)
+    return hm(model_lib.causal_attention(hm(q), hm(k), hm(v), mask))
 
   def ref(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -138,6 +139,42 @@ def test_attention_matches_jax_dot_product_attention():
   g2 = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('T, block', [(16, 4), (13, 5), (8, 8)])
+def test_block_causal_attention_equals_causal_attention(T, block):
+  B, H, D = 2, 3, 8
+  q, k, v = (jax.random.normal(key, (B, H, T, D)) for key in jax.random.split(jax.random.PRNGKey(9), 3))
+  mask = jnp.tril(jnp.ones((T, T), bool))
+  full = lambda q, k, v: model_lib.causal_attention(q, k, v, mask)
+  blocked = lambda q, k, v: model_lib.block_causal_attention(q, k, v, block)
+  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), atol=1e-6, rtol=1e-6)
+  g1 = jax.grad(lambda *a: (blocked(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  g2 = jax.grad(lambda *a: (full(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_model_uses_blocked_attention_for_long_sequences(monkeypatch):
+  """The model's block-skipping path gives the logits and gradients of the plain path."""
+  params = _params()
+  idx = jax.random.randint(jax.random.PRNGKey(8), (2, 16), 0, CFG.vocab_size)
+  loss = lambda p: (GPT(CFG).apply({'params': p}, idx) ** 2).mean()
+  calls = []
+  monkeypatch.setattr(model_lib, 'block_causal_attention',
+                      lambda *a, **k: calls.append(1) or _BLOCKED(*a, **k))
+  monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 1000)
+  plain, g_plain = loss(params), jax.grad(loss)(params)
+  assert not calls
+  monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 4)
+  blocked, g_blocked = loss(params), jax.grad(loss)(params)
+  assert calls
+  np.testing.assert_allclose(blocked, plain, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_blocked), jax.tree_util.tree_leaves(g_plain)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+_BLOCKED = model_lib.block_causal_attention
 
 
 def test_xla_attention_backend_matches_manual():
@@ -161,6 +198,37 @@ def test_gelu_flag_selects_the_formula(approximate):
   y = mlp.apply({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)[0, :, 0]
   np.testing.assert_allclose(y, tanh if approximate else exact, atol=1e-6)
   assert not np.allclose(exact, tanh, atol=1e-6)
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_matches_jax_nn_gelu_values_and_gradients(approximate):
+  x = jnp.linspace(-8, 8, 2001)
+  ours = lambda x: model_lib.gelu(x, approximate)
+  theirs = lambda x: jax.nn.gelu(x, approximate=approximate)
+  # The erf form (PyTorch's) loses the ~1e-7-sized tail for x << 0 to cancellation in 1 + erf:
+  # an absolute error below 1e-6, where jax.nn.gelu's erfc form keeps it.
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(ours))(x), jax.vmap(jax.grad(theirs))(x),
+                             atol=2e-6, rtol=1e-6)
+
+
+def test_dropout_rate_scale_and_independence():
+  x = jnp.ones((400, 1000))
+  y = np.asarray(model_lib.dropout(x, 0.2, jax.random.PRNGKey(0)))
+  kept = y != 0
+  # 400k draws: the dropped fraction is 0.2 within 5 standard deviations (sd = 6.3e-4).
+  assert abs(1 - kept.mean() - 0.2) < 5 * math.sqrt(0.2 * 0.8 / y.size)
+  # Survivors are scaled by the inverse of the keep probability actually used (a multiple of 2^-16),
+  # so the mean is preserved exactly in expectation.
+  np.testing.assert_allclose(y[kept], 65536 / (65536 - round(0.2 * 65536)), rtol=1e-7)
+  assert abs(y.mean() - 1.0) < 5 * math.sqrt(0.25 * 0.8 / 0.2 / y.size) * 2
+  # Neighbouring elements (the two halves of one 32-bit draw) are uncorrelated.
+  a, b = kept.reshape(-1)[0::2].astype(float), kept.reshape(-1)[1::2].astype(float)
+  assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+  # Another key, another mask; the same key, the same mask; odd sizes work.
+  assert (np.asarray(model_lib.dropout(x, 0.2, jax.random.PRNGKey(1))) != y).any()
+  np.testing.assert_array_equal(model_lib.dropout(x, 0.2, jax.random.PRNGKey(0)), y)
+  assert model_lib.dropout(jnp.ones((3, 5, 7)), 0.5, jax.random.PRNGKey(2)).shape == (3, 5, 7)
 
 
 def test_dropout_is_off_by_default_and_on_with_a_key():
