@@ -147,10 +147,10 @@ class Checkpointer:
 def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
   """Raises a UserError naming every field where a checkpoint's model differs from `model_cfg`."""
   saved = ModelConfig.from_dict(meta['model'])
-  # Dropout and compute dtype/backend do not change the parameters, so they may differ on resume.
+  # Dropout, compute dtype/backend and remat do not change the parameters: they may differ on resume.
   def shape_only(c: ModelConfig) -> dict:
     d = c.to_dict()
-    for k in ('dropout', 'attention', 'dtype'):
+    for k in ('dropout', 'attention', 'dtype', 'remat'):
       d.pop(k)
     return d
   a, b = shape_only(saved), shape_only(model_cfg)

@@ -34,6 +34,7 @@ class ModelConfig:
   gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
   attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention).
   dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
+  remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
 
   def __post_init__(self):
     problems = []
