@@ -1,0 +1,92 @@
+"""Speed and memory of training and generation, optionally side by side with PyTorch.
+
+  python scripts/bench.py --vs_torch                 # everything the performance section reports
+  python scripts/bench.py --settings baby --steps 50 --no_generate
+  python scripts/bench.py --settings char --dtype bfloat16 --no_generate
+
+Train: the project's jitted train_step (on-device batch, AdamW, clipping) on the 'baby' (nanoGPT's
+CPU config) and 'char' (shakespeare_char) settings: ms/step, tokens/s, model TFLOP/s, MFU against a
+measured float32 matmul, XLA compile time, first step, peak RSS. Generation: the jitted KV-cache loop,
+500 new tokens at batch 1, 8, 64 with the 'char' model. --vs_torch runs the project's PyTorch
+reference (gpt_jax/torch_ref.py: nanoGPT-style eager model, AdamW, no-cache generate) in this same
+process, so each ratio compares two runs on the same machine under the same load.
+Prints one table and a final line `BENCH_JSON {...}` with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--settings', default='baby,char', help='Comma-separated: baby, char (tiny: tests).')
+  p.add_argument('--steps', type=int, default=0, help='Timed steps per round (0: 40 baby, 2 char).')
+  p.add_argument('--dtype', default='float32', help="Compute dtype of the JAX model ('bfloat16').")
+  p.add_argument('--vs_torch', action='store_true', help='Also time the PyTorch reference.')
+  p.add_argument('--no_generate', action='store_true', help='Skip the generation benchmark.')
+  p.add_argument('--gen_setting', default='char', help='Model used for generation.')
+  p.add_argument('--gen_batches', default='1,8,64', help='Batch sizes for KV-cache generation.')
+  p.add_argument('--gen_tokens', type=int, default=500, help='New tokens per generation.')
+  p.add_argument('--torch_gen_batches', default='1', help='Batch sizes for PyTorch no-cache generate.')
+  args = p.parse_args()
+
+  from gpt_jax import bench
+  from gpt_jax.cli import run_main
+
+  def run() -> None:
+    result = {'env': bench.environment(), 'matmul_peak_tflops': bench.matmul_peak_tflops(),
+              'train': {}, 'generate': {}}
+    peak = result['matmul_peak_tflops']
+    rows = []
+    for name in filter(None, args.settings.split(',')):
+      cfg, batch = bench.setting(name, args.dtype)
+      steps = args.steps or (2 if cfg.block_size >= 256 else 40)
+      r = {'jax': bench.jax_train(cfg, batch, steps)}
+      r['jax']['mfu'] = r['jax']['model_tflops'] / peak
+      if args.vs_torch:
+        r['torch'] = bench.torch_train(cfg, batch, steps)
+        r['speedup'] = r['torch']['ms_per_step'] / r['jax']['ms_per_step']
+      result['train'][name] = r
+      j = r['jax']
+      rows.append((f'train {name} ({cfg.n_layer}/{cfg.n_head}/{cfg.n_embd}, T={cfg.block_size}, '
+                   f'B={batch}, dropout {cfg.dropout}, {cfg.dtype})',
+                   f'{j["ms_per_step"]:.1f} ms/step', r.get('torch', {}).get('ms_per_step'),
+                   r.get('speedup'),
+                   f'compile {j["compile_s"]:.1f}s, 1st step {j["first_step_s"]:.1f}s, '
+                   f'MFU {100 * j["mfu"]:.0f}%, RSS {j["peak_rss_mb"]:.0f} MB'))
+    if not args.no_generate:
+      cfg, _ = bench.setting(args.gen_setting, args.dtype)
+      torch_batches = {int(b) for b in args.torch_gen_batches.split(',') if b}
+      for b in (int(b) for b in args.gen_batches.split(',') if b):
+        g = {'jax': bench.jax_generate(cfg, b, args.gen_tokens)}
+        if args.vs_torch and b in torch_batches:
+          g['torch'] = bench.torch_generate(cfg, b, args.gen_tokens)
+          g['speedup'] = g['jax']['tokens_per_s'] / g['torch']['tokens_per_s']
+        result['generate'][f'batch_{b}'] = g
+        rows.append((f'generate {args.gen_setting}, batch {b}, {args.gen_tokens} new tokens',
+                     f'{g["jax"]["tokens_per_s"]:,.0f} tok/s',
+                     g.get('torch', {}).get('tokens_per_s'), g.get('speedup'),
+                     f'first call (compile) {g["jax"]["first_call_s"]:.1f}s, '
+                     f'RSS {g["jax"]["peak_rss_mb"]:.0f} MB'))
+
+    env = result['env']
+    print(f'JAX {env["jax"]} on {env["backend"]} ({env["device"]}, {env["cpu_count"]} cores)'
+          + (f', PyTorch {env["torch"]}' if 'torch' in env else '')
+          + f'; float32 matmul peak {peak:.2f} TFLOP/s')
+    print(f'{"benchmark":<68} {"gpt_jax":>16} {"PyTorch":>16} {"ratio":>7}  notes')
+    for what, ours, theirs, ratio, notes in rows:
+      unit = ' ms/step' if 'ms/step' in ours else ' tok/s'
+      t = '-' if theirs is None else (f'{theirs:.1f}{unit}' if unit == ' ms/step' else f'{theirs:,.1f}{unit}')
+      print(f'{what:<68} {ours:>16} {t:>16} {"-" if ratio is None else f"{ratio:.2f}x":>7}  {notes}')
+    print('BENCH_JSON ' + json.dumps(result, sort_keys=True))
+
+  run_main(run)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

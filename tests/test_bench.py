@@ -1,0 +1,47 @@
+"""scripts/bench.py: runs end to end on a tiny setting and reports every figure it promises."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from gpt_jax import bench
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_script_prints_table_and_json():
+  pytest.importorskip('torch')
+  r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'bench.py'), '--settings=tiny',
+                      '--steps=3', '--gen_setting=tiny', '--gen_batches=1,4', '--gen_tokens=40',
+                      '--torch_gen_batches=1', '--vs_torch'],
+                     capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert any(l.startswith('train tiny') for l in lines)
+  assert sum(l.startswith('generate tiny') for l in lines) == 2
+  result = json.loads(lines[-1].removeprefix('BENCH_JSON '))
+  train = result['train']['tiny']
+  for side in ('jax', 'torch'):
+    assert train[side]['ms_per_step'] > 0 and train[side]['peak_rss_mb'] > 0
+  assert train['speedup'] == pytest.approx(train['torch']['ms_per_step'] / train['jax']['ms_per_step'])
+  assert 0 < train['jax']['mfu'] < 1 and train['jax']['compile_s'] > 0
+  gen = result['generate']
+  assert set(gen) == {'batch_1', 'batch_4'} and 'torch' in gen['batch_1'] and 'torch' not in gen['batch_4']
+  assert gen['batch_1']['speedup'] == pytest.approx(
+      gen['batch_1']['jax']['tokens_per_s'] / gen['batch_1']['torch']['tokens_per_s'])
+  assert result['matmul_peak_tflops'] > 0
+
+
+def test_unknown_setting_is_named():
+  with pytest.raises(ValueError, match='unknown setting'):
+    bench.setting('huge')
+
+
+def test_peak_rss_is_read_and_reset():
+  before = bench.peak_rss_mb()
+  assert before > 10  # A Python process with JAX loaded.
+  if bench.reset_peak_rss():
+    assert bench.peak_rss_mb() <= before
