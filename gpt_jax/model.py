@@ -164,6 +164,40 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int 
   return jnp.concatenate(out, axis=2)  # (B, H, T, D)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, pos: Any) -> jax.Array:
+  """Attention of a chunk of T new tokens at positions [pos, pos + T) over the cache and itself.
+
+  q, k, v: (B, H, T, D) of the new tokens; k_cache, v_cache: (B, H, S, D), valid below `pos`.
+  The same softmax as `causal_attention` over the keys [cache[:pos], k], computed as two score
+  blocks that share one max and one normaliser, so the cache is only *read* here. The caller writes
+  k, v into the cache afterwards, which lets XLA update it in place (see CausalSelfAttention).
+  Returns (B, H, T, D).
+  """
+  T, S, D = q.shape[2], k_cache.shape[2], q.shape[-1]
+  scale = 1.0 / math.sqrt(D)
+  old = jnp.einsum('bhtd,bhsd->bhts', q, k_cache, preferred_element_type=jnp.float32) * scale
+  old = jnp.where(jnp.arange(S)[None, :] < pos, old, -jnp.inf)  # (B, H, T, S): the past.
+  new = jnp.einsum('bhtd,bhsd->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  new = jnp.where(jnp.arange(T)[None, :] <= jnp.arange(T)[:, None], new, -jnp.inf)  # (B, H, T, T)
+  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(old, axis=-1, keepdims=True),
+                                        jnp.max(new, axis=-1, keepdims=True)))
+  old, new = jnp.exp(old - m), jnp.exp(new - m)
+  norm = jnp.sum(old, axis=-1, keepdims=True) + jnp.sum(new, axis=-1, keepdims=True)
+  y = (jnp.einsum('bhts,bhsd->bhtd', old.astype(v.dtype), v_cache, preferred_element_type=jnp.float32)
+       + jnp.einsum('bhts,bhsd->bhtd', new.astype(v.dtype), v, preferred_element_type=jnp.float32))
+  return (y / norm).astype(v.dtype)  # (B, H, T, D)
+
+
+def _after(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x, as a value that depends on y (same shape): x itself unless y is NaN (then 0).
+
+  XLA:CPU updates a loop-carried KV cache in place only when it can see that the update comes after
+  every read of the cache; without a data dependency it copies the whole cache (twice) per token.
+  """
+  return jnp.where(jnp.isnan(y), jnp.zeros_like(x), x)
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention with an optional KV cache for generation."""
   config: ModelConfig
@@ -181,30 +215,32 @@ class CausalSelfAttention(nn.Module):
     # One transpose puts q, k, v head-major: (B, T, 3, H, D) -> (3, B, H, T, D).
     q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # Each (B, H, T, D).
 
-    q_pos = pos + jnp.arange(T)  # Absolute positions of the queries.
-    if cache is not None:
-      # Write this chunk's keys/values at positions [pos, pos + T) and attend over the whole cache;
-      # slots past the newest position hold stale values, which the causal mask hides.
-      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, 0, pos, 0))
-      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, 0, pos, 0))
-      cache = {'k': k, 'v': v}
-    k_pos = jnp.arange(k.shape[2])
-    mask = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-
     use_dropout = not deterministic and cfg.dropout > 0.0
-    if cfg.attention == 'xla' and not use_dropout:
+    if cache is not None:
+      # Generation: attend over the cache's past (nothing when pos is the static 0 of a prefill) and
+      # this chunk, then write the chunk's keys/values at [pos, pos + T) -- after the reads (_after).
+      if isinstance(pos, int) and pos == 0:
+        y = (block_causal_attention(q, k, v) if T > QUERY_BLOCK else
+             causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool))))
+      else:
+        y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
+      write = lambda c, new: jax.lax.dynamic_update_slice(c, _after(new, y).astype(c.dtype),
+                                                            (0, 0, pos, 0))
+      cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+      y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
+    elif cfg.attention == 'xla' and not use_dropout:
       # jax.nn.dot_product_attention picks cuDNN flash attention on NVIDIA GPUs; it has no
       # attention-probability dropout, so training with dropout > 0 stays on the manual path.
       # It takes (B, T, H, D).
-      q, k, v = (a.transpose(0, 2, 1, 3).astype(q.dtype) for a in (q, k, v))
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=None)
+      q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None)
     elif cache is None and T > QUERY_BLOCK and not self.is_mutable_collection('intermediates'):
       # Training / full forward of a long sequence: skip the fully masked blocks.
       y = block_causal_attention(q, k, v, QUERY_BLOCK, cfg.dropout,
                                  self.make_rng('dropout') if use_dropout else None)
       y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
     else:
-      y = causal_attention(q, k, v, mask, cfg.dropout,
+      y = causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)), cfg.dropout,
                            self.make_rng('dropout') if use_dropout else None,
                            # Recorded only when 'intermediates' is mutable (instruments); else a no-op.
                            probs_hook=lambda p: self.sow('intermediates', 'attn_probs', p))

@@ -61,7 +61,7 @@ def _generate(params: Any, prompt: jax.Array, key: jax.Array, *, cfg: ModelConfi
   S = cfg.block_size
   keep = S - shift + 1  # Tokens re-encoded when the window is full.
   total = P + max_new_tokens
-  # At least S long so that the (possibly never taken) re-encoding branch traces a valid slice.
+  # At least S long so that the re-encoding traces a valid slice even when it never runs.
   tokens = jnp.zeros((B, max(total, S)), jnp.int32).at[:, :P].set(prompt)
 
   def encode_window(tokens: jax.Array, end: jax.Array, length: int) -> tuple[jax.Array, Any]:
@@ -71,30 +71,39 @@ def _generate(params: Any, prompt: jax.Array, key: jax.Array, *, cfg: ModelConfi
                                 method=GPT.decode)
     return logits[:, -1], cache
 
+  def choose(i: jax.Array, tokens: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Picks new token number i from `logits` and writes it at tokens[:, P + i]."""
+    nxt = _pick(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)
+    return nxt, jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, P + i))
+
+  def extend(i, carry):  # Room left in the window: one position against the cache.
+    tokens, cache, n_ctx, logits = carry
+    nxt, tokens = choose(i, tokens, logits)
+    logits, cache = model.apply({'params': params}, nxt[:, None], cache, n_ctx, method=GPT.decode)
+    return tokens, cache, n_ctx + 1, logits[:, -1]
+
+  def slide(i, carry):  # Window full: re-encode the most recent `keep` tokens from position 0.
+    tokens, _, _, logits = carry
+    _, tokens = choose(i, tokens, logits)
+    logits, cache = encode_window(tokens, P + i + 1, keep)
+    return tokens, cache, jnp.asarray(keep, jnp.int32), logits
+
   # Prefill with the prompt, or its most recent part when it is longer than the window.
   first = P if P <= S else keep
   logits, cache = encode_window(tokens, P, first)
-
-  def body(i, carry):
-    tokens, cache, n_ctx, logits = carry
-    t = P + i  # Index of the token chosen now.
-    nxt = _pick(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)
-    tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t))
-
-    def extend(_):  # Room left in the window: one position against the cache.
-      lg, c = model.apply({'params': params}, nxt[:, None], cache, n_ctx, method=GPT.decode)
-      return lg[:, -1], c, n_ctx + 1
-
-    def slide(_):  # Window full: re-encode the most recent `keep` tokens from position 0.
-      lg, c = encode_window(tokens, t + 1, keep)
-      return lg, c, jnp.asarray(keep, jnp.int32)
-
-    logits, cache, n_ctx = jax.lax.cond(n_ctx < S, extend, slide, None)
-    return tokens, cache, n_ctx, logits
-
   carry = (tokens, cache, jnp.asarray(first, jnp.int32), logits)
-  tokens = jax.lax.fori_loop(0, max_new_tokens, body, carry)[0]
-  return tokens[:, :total]
+  # The schedule is static: extends until the window is full, then rounds of one slide followed by
+  # up to shift - 1 extends. Plain loops with no `lax.cond` inside let XLA update the cache in place.
+  fill = min(max_new_tokens, S - first)
+  carry = jax.lax.fori_loop(0, fill, extend, carry)
+
+  def round_(r, carry):
+    i = fill + r * shift  # The token chosen by this round's slide.
+    carry = slide(i, carry)
+    return jax.lax.fori_loop(i + 1, jnp.minimum(i + shift, max_new_tokens), extend, carry)
+
+  carry = jax.lax.fori_loop(0, -(-(max_new_tokens - fill) // shift), round_, carry)
+  return carry[0][:, :total]
 
 
 def generate(params: Any, cfg: ModelConfig, prompt: np.ndarray | jax.Array, max_new_tokens: int,

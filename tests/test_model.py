@@ -254,6 +254,24 @@ def test_kv_cache_prefill_and_steps_match_full_forward():
     np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
 
 
+def test_kv_cache_chunks_at_traced_positions_match_full_forward():
+  """Chunks of several tokens at non-zero (traced) positions see the cache and each other causally."""
+  params = _params()
+  m = GPT(CFG)
+  idx = jax.random.randint(jax.random.PRNGKey(3), (2, 15), 0, CFG.vocab_size)
+  full = m.apply({'params': params}, idx)
+  step = jax.jit(lambda p, chunk, c, pos: m.apply({'params': p}, chunk, c, pos, method=GPT.decode))
+  logits, cache = m.apply({'params': params}, idx[:, :4], model_lib.init_cache(CFG, 2), 0,
+                          method=GPT.decode)
+  for s, e in ((4, 9), (9, 10), (10, 15)):
+    logits, cache = step(params, idx[:, s:e], cache, jnp.int32(s))
+    np.testing.assert_allclose(logits, full[:, s:e], atol=1e-5)
+  # The cache holds every position's keys: one more step equals the prefill-everything path.
+  _, ref = m.apply({'params': params}, idx, model_lib.init_cache(CFG, 2), 0, method=GPT.decode)
+  for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a[:, :, :15], b[:, :, :15], atol=1e-5)
+
+
 def test_sequence_longer_than_block_is_rejected():
   with pytest.raises(ValueError, match='block_size'):
     GPT(CFG).apply({'params': _params()}, jnp.zeros((1, CFG.block_size + 1), jnp.int32))
