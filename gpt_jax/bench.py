@@ -196,6 +196,39 @@ def torch_generate(cfg: ModelConfig, batch_size: int, new_tokens: int) -> dict:
   return {'tokens_per_s': batch_size * new_tokens / dt, 'seconds': dt, 'peak_rss_mb': peak_rss_mb()}
 
 
+def weight_stream_gbs(cfg: ModelConfig, repeats: int = 20) -> float:
+  """GB/s at which XLA streams float32 weight matrices through batch-1 matrix-vector products.
+
+  Batch-1 generation must read every weight once per token, so parameter bytes / this rate is
+  the floor of its time per token (`generation_ceiling_tok_s`). Measured on matrix pairs
+  (C, 4C) and (4C, C) of the model's width with as many bytes as the model's weights, chained
+  through tanh so that nothing can be hoisted out of the timed loop.
+  """
+  C = cfg.n_embd
+  n_pairs = max(1, round(weight_bytes(cfg) / (8 * C * C * 4)))
+  keys = jax.random.split(jax.random.PRNGKey(0), 2 * n_pairs)
+  mats = [jax.random.normal(k, (C, 4 * C) if i % 2 == 0 else (4 * C, C)) * 0.02
+          for i, k in enumerate(keys)]
+
+  @jax.jit
+  def stream(mats, x):
+    def body(_, x):
+      for m in mats:
+        x = jnp.tanh(x @ m)
+      return x
+    return jax.lax.fori_loop(0, repeats, body, x)
+
+  x = jnp.ones((1, C), jnp.float32)
+  dt = _best_of(lambda: stream(mats, x).block_until_ready(), 3, 1)
+  return sum(m.size * 4 for m in mats) * repeats / dt / 1e9
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+  """float32 bytes of the model's parameters, all of which one generated token reads."""
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  return sum(math.prod(p.shape) * 4 for p in jax.tree_util.tree_leaves(params))
+
+
 def matmul_peak_tflops() -> float:
   """float32 GEMM throughput XLA reaches on this machine (the MFU denominator on a CPU)."""
   return train_lib.peak_flops(0.0)[0] / 1e12

@@ -62,17 +62,26 @@ def main() -> None:
     if not args.no_generate:
       cfg, _ = bench.setting(args.gen_setting, args.dtype)
       torch_batches = {int(b) for b in args.torch_gen_batches.split(',') if b}
+      # Batch 1 reads every weight once per token: bytes / streaming rate bounds its tokens/s.
+      gbs = bench.weight_stream_gbs(cfg)
+      result['generate']['weight_stream_gbs'] = gbs
+      result['generate']['batch1_ceiling_tok_s'] = ceiling = gbs * 1e9 / bench.weight_bytes(cfg)
       for b in (int(b) for b in args.gen_batches.split(',') if b):
         g = {'jax': bench.jax_generate(cfg, b, args.gen_tokens)}
         if args.vs_torch and b in torch_batches:
           g['torch'] = bench.torch_generate(cfg, b, args.gen_tokens)
           g['speedup'] = g['jax']['tokens_per_s'] / g['torch']['tokens_per_s']
         result['generate'][f'batch_{b}'] = g
+        bound = ''
+        if b == 1:
+          bound = f', weight-streaming ceiling {ceiling:,.0f} tok/s ({gbs:.0f} GB/s)'
+          if 'torch' in g:
+            bound += f' = {ceiling / g["torch"]["tokens_per_s"]:.1f}x PyTorch'
         rows.append((f'generate {args.gen_setting}, batch {b}, {args.gen_tokens} new tokens',
                      f'{g["jax"]["tokens_per_s"]:,.0f} tok/s',
                      g.get('torch', {}).get('tokens_per_s'), g.get('speedup'),
                      f'first call (compile) {g["jax"]["first_call_s"]:.1f}s, '
-                     f'RSS {g["jax"]["peak_rss_mb"]:.0f} MB'))
+                     f'RSS {g["jax"]["peak_rss_mb"]:.0f} MB{bound}'))
 
     env = result['env']
     print(f'JAX {env["jax"]} on {env["backend"]} ({env["device"]}, {env["cpu_count"]} cores)'

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from gpt_jax import bench
@@ -29,6 +30,8 @@ def test_bench_script_prints_table_and_json():
   assert train['speedup'] == pytest.approx(train['torch']['ms_per_step'] / train['jax']['ms_per_step'])
   assert 0 < train['jax']['mfu'] < 1 and train['jax']['compile_s'] > 0
   gen = result['generate']
+  assert gen.pop('weight_stream_gbs') > 0
+  assert gen.pop('batch1_ceiling_tok_s') > gen['batch_1']['jax']['tokens_per_s'] / 100
   assert set(gen) == {'batch_1', 'batch_4'} and 'torch' in gen['batch_1'] and 'torch' not in gen['batch_4']
   assert gen['batch_1']['speedup'] == pytest.approx(
       gen['batch_1']['jax']['tokens_per_s'] / gen['batch_1']['torch']['tokens_per_s'])
@@ -38,6 +41,12 @@ def test_bench_script_prints_table_and_json():
 def test_unknown_setting_is_named():
   with pytest.raises(ValueError, match='unknown setting'):
     bench.setting('huge')
+
+
+def test_weight_bytes_counts_every_parameter():
+  cfg, _ = bench.setting('tiny')
+  from gpt_jax.model import count_params, init_params
+  assert bench.weight_bytes(cfg) == 4 * count_params(init_params(cfg, jax.random.PRNGKey(0)))
 
 
 def test_peak_rss_is_read_and_reset():
