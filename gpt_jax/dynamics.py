@@ -104,6 +104,16 @@ def _rel_param_diff(a: Any, b: Any) -> float:
   return num / math.sqrt(sum(float(np.sum(x ** 2)) for x in la))
 
 
+def nudge_one_ulp(params: Any, seed: int = 0) -> Any:
+  """The float32 parameters with every element moved by one ulp, up or down at random."""
+  rng = np.random.default_rng(seed)
+
+  def nudge(p):
+    a = np.asarray(p, np.float32)
+    return np.nextafter(a, np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(np.float32))
+  return jax.tree_util.tree_map(nudge, params)
+
+
 def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, seeds: int = 3,
                    eval_interval: int = 0, print_fn: Callable[[str], None] = print,
                    check_init: bool = True) -> dict:
@@ -184,6 +194,18 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
     print_fn(f'jax  seed {j}: final loss {run.train[-1]["loss"]:.4f}, val {run.val[steps]:.4f} '
              f'({_tokens_per_s(run, tokens_per_step):,.0f} tok/s)')
 
+  # The float32 sensitivity of this very run: JAX again, from weights one ulp away from the same
+  # initial weights (same batches, same masks). Rounding-level differences in the weights alone then
+  # move the loss by this much; the steps where it peaks are where any two float32 implementations
+  # drift apart most. (With dropout, the seed spread plays this part.)
+  nudged_losses = None
+  if n_seeds == 1:
+    state = state0.replace(params=jax.tree_util.tree_map(jnp.asarray, nudge_one_ulp(params0, cfg_t.seed)))
+    nudged_losses = []
+    for s in range(steps):
+      state, metrics, _, _ = step_fn(state, train_data, state0.key)
+      nudged_losses.append(float(metrics['loss']))
+
   init = {'logits_max_abs_diff': None, 'grad_max_rel_diff': None}
   if check_init:
     init = torch_ref.compare_at_init(params0, model_cfg, *batches[0])
@@ -211,7 +233,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
     print_fn(f'torch seed {j}: final loss {run.train[-1]["loss"]:.4f}, val {run.val[steps]:.4f} '
              f'({_tokens_per_s(run, tokens_per_step):,.0f} tok/s)')
 
-  summary = summarize(runs, drift, steps, tokens_per_step)
+  summary = summarize(runs, drift, steps, tokens_per_step, nudged_losses)
   summary.update(
       init=init, init_logits_max_abs_diff=init['logits_max_abs_diff'],
       init_grad_max_rel_diff=init['grad_max_rel_diff'],
@@ -226,7 +248,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
   write_jsonl(os.path.join(out_dir, 'dynamics.jsonl'), runs, drift)
   with open(os.path.join(out_dir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
-  plot(runs, drift, summary, os.path.join(out_dir, 'dynamics.png'))
+  plot(runs, drift, summary, os.path.join(out_dir, 'dynamics.png'), nudged_losses)
   print_fn(format_table(runs, eval_steps, steps))
   print_fn(format_summary(summary))
   return summary
@@ -307,8 +329,12 @@ def seed_spread_verdict(jax_losses: np.ndarray, torch_losses: np.ndarray) -> dic
 
 
 def summarize(runs: dict[str, list[Run]], drift: dict[int, float], steps: int,
-              tokens_per_step: int) -> dict:
-  """The headline numbers. With several seeds, differences are between the mean curves."""
+              tokens_per_step: int, nudged_losses: Optional[list[float]] = None) -> dict:
+  """The headline numbers. With several seeds, differences are between the mean curves.
+
+  `nudged_losses`: JAX's losses from weights one ulp away (run_comparison), for the float32
+  sensitivity of the run.
+  """
   lj, lt = _curve(runs['jax'], 'loss'), _curve(runs['torch'], 'loss')
   diff = np.abs(lj.mean(0) - lt.mean(0))
   eval_steps = sorted(runs['jax'][0].val)
@@ -336,6 +362,12 @@ def summarize(runs: dict[str, list[Run]], drift: dict[int, float], steps: int,
       'torch_tokens_per_s': (tokens_per_step * timed['torch'][0] / timed['torch'][1]
                              if timed['torch'][0] else None),
   }
+  if nudged_losses is not None:
+    nd = np.abs(np.asarray(nudged_losses) - lj[0])
+    summary['float32_sensitivity'] = {
+        'what': 'max |loss diff| between JAX runs whose initial weights are one ulp apart',
+        'max_abs_loss_diff': float(nd.max()), 'step': int(nd.argmax()) + 1,
+        'max_abs_loss_diff_first_100': float(nd[:100].max())}
   if len(runs['jax']) > 1:
     summary['loss_diff_of'] = 'mean curves over seeds (dropout masks differ between the sides)'
     summary['dropout_verdict'] = seed_spread_verdict(lj, lt)
@@ -372,7 +404,8 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, path: str) -> None:
+def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, path: str,
+         nudged_losses: Optional[list[float]] = None) -> None:
   """Curves of both sides overlaid (bands = min..max over seeds) and their differences (log)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
@@ -409,6 +442,9 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
   with np.errstate(divide='ignore', invalid='ignore'):
     ax.plot(x, positive(np.abs(mean('jax', 'loss') - mean('torch', 'loss'))), color='k', lw=1,
             label='|loss diff|')
+    if nudged_losses is not None:
+      ax.plot(x, positive(np.abs(np.asarray(nudged_losses) - mean('jax', 'loss'))), color='gray',
+              lw=1, alpha=0.8, label='|loss diff|, JAX vs JAX from weights 1 ulp apart')
     for key, color in (('grad_norm', 'tab:red'), ('param_norm', 'tab:green'),
                        ('update_ratio', 'tab:purple')):
       a, b = mean('jax', key), mean('torch', key)
@@ -486,6 +522,10 @@ def format_summary(summary: dict) -> str:
       f'tokens/s: jax {summary["jax_tokens_per_s"] or float("nan"):,.0f}, torch '
       f'{summary["torch_tokens_per_s"] or float("nan"):,.0f}',
   ]
+  if 'float32_sensitivity' in summary:
+    f = summary['float32_sensitivity']
+    lines.append(f'float32 sensitivity: JAX vs JAX from weights 1 ulp apart: max |loss diff| '
+                 f'{f["max_abs_loss_diff"]:.2e} (step {f["step"]})')
   if 'dropout_verdict' in summary:
     lines.append('dropout, train loss: ' + summary['dropout_verdict']['text'])
     lines.append('dropout, val loss:   ' + summary['dropout_verdict_val']['text'])

@@ -113,6 +113,8 @@ def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
   assert s['max_rel_diff']['lr'] == 0.0  # The very same schedule values on both sides.
   assert s['max_abs_val_loss_diff'] <= 1e-4
   assert s['jax_tokens_per_s'] > 0 and s['torch_tokens_per_s'] > 0
+  sens = s['float32_sensitivity']  # JAX vs JAX from weights one ulp apart: tiny, but not zero.
+  assert 0 < sens['max_abs_loss_diff'] <= dynamics.LOSS_TOL and 1 <= sens['step'] <= 20
   assert json.loads((out / 'summary.json').read_text())['steps'] == 20
   recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
   train = [r for r in recs if r['kind'] == 'train']
@@ -135,6 +137,15 @@ def test_dropout_runs_several_seeds_and_gives_a_verdict(tiny_config, tmp_path):
   assert {(r['side'], r['seed']) for r in recs if r['kind'] == 'train'} == {
       (side, j) for side in ('jax', 'torch') for j in (0, 1)}
   assert (out / 'dynamics.png').exists()
+
+
+def test_nudge_one_ulp_moves_every_element_by_one_ulp():
+  params = {'a': np.linspace(-1, 1, 101, dtype=np.float32), 'b': {'c': np.ones((3, 4), np.float32)}}
+  nudged = dynamics.nudge_one_ulp(params, seed=1)
+  for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(nudged)):
+    p, q = np.asarray(p), np.asarray(q)
+    assert q.dtype == np.float32 and np.all(p != q)
+    assert np.all((q == np.nextafter(p, np.inf)) | (q == np.nextafter(p, -np.inf)))
 
 
 def test_seed_spread_verdict():
