@@ -32,7 +32,8 @@ class ModelConfig:
   dropout: float = 0.2
   bias: bool = False            # Biases in Linear and LayerNorm (GPT-2: True; nanoGPT char: False).
   gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
-  attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention).
+  attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention) for
+                                # full forwards; KV-cache decoding always uses model.cached_attention.
   dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
 
