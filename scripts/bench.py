@@ -80,7 +80,7 @@ def main() -> None:
         rows.append((f'generate {args.gen_setting}, batch {b}, {args.gen_tokens} new tokens',
                      f'{g["jax"]["tokens_per_s"]:,.0f} tok/s',
                      g.get('torch', {}).get('tokens_per_s'), g.get('speedup'),
-                     f'first call (compile) {g["jax"]["first_call_s"]:.1f}s, '
+                     f'first call (compile + run) {g["jax"]["first_call_s"]:.1f}s, '
                      f'RSS {g["jax"]["peak_rss_mb"]:.0f} MB{bound}'))
 
     env = result['env']
