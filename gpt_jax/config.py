@@ -33,7 +33,7 @@ class ModelConfig:
   bias: bool = False            # Biases in Linear and LayerNorm (GPT-2: True; nanoGPT char: False).
   gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
   attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention) for
-                                # full forwards; KV-cache decoding always uses model.cached_attention.
+                                # full forwards and prefills; decode steps use model.cached_attention.
   dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
 

@@ -216,35 +216,33 @@ class CausalSelfAttention(nn.Module):
     q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # Each (B, H, T, D).
 
     use_dropout = not deterministic and cfg.dropout > 0.0
-    if cache is not None:
-      # Generation: attend over the cache's past (nothing when pos is the static 0 of a prefill) and
-      # this chunk, then write the chunk's keys/values at [pos, pos + T) -- after the reads (_after).
-      if isinstance(pos, int) and pos == 0:
-        y = (block_causal_attention(q, k, v) if T > QUERY_BLOCK else
-             causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool))))
-      else:
-        y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
-      write = lambda c, new: jax.lax.dynamic_update_slice(c, _after(new, y).astype(c.dtype),
-                                                            (0, 0, pos, 0))
-      cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
-      y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
+    prefill = cache is not None and isinstance(pos, int) and pos == 0  # Nothing cached to read yet.
+    if cache is not None and not prefill:
+      # Generation: the new tokens attend over the cache's past and, causally, over each other.
+      y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
     elif cfg.attention == 'xla' and not use_dropout:
       # jax.nn.dot_product_attention picks cuDNN flash attention on NVIDIA GPUs; it has no
       # attention-probability dropout, so training with dropout > 0 stays on the manual path.
-      # It takes (B, T, H, D).
-      q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None)
-    elif cache is None and T > QUERY_BLOCK and not self.is_mutable_collection('intermediates'):
+      # It takes and returns (B, T, H, D).
+      q_, k_, v_ = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+      y = jax.nn.dot_product_attention(q_, k_, v_, is_causal=True, implementation=None)
+      y = y.transpose(0, 2, 1, 3)  # (B, H, T, D)
+    elif T > QUERY_BLOCK and not self.is_mutable_collection('intermediates'):
       # Training / full forward of a long sequence: skip the fully masked blocks.
       y = block_causal_attention(q, k, v, QUERY_BLOCK, cfg.dropout,
                                  self.make_rng('dropout') if use_dropout else None)
-      y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
     else:
       y = causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)), cfg.dropout,
                            self.make_rng('dropout') if use_dropout else None,
                            # Recorded only when 'intermediates' is mutable (instruments); else a no-op.
                            probs_hook=lambda p: self.sow('intermediates', 'attn_probs', p))
-      y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
+    if cache is not None:
+      # Write this chunk's keys/values at [pos, pos + T), made to depend on the attention output
+      # (_after) so that XLA sees every read of the cache come first and updates it in place.
+      write = lambda c, new: jax.lax.dynamic_update_slice(c, _after(new, y).astype(c.dtype),
+                                                            (0, 0, pos, 0))
+      cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+    y = y.transpose(0, 2, 1, 3)  # (B, T, H, D)
     y = y.reshape(B, T, C)
     y = Linear(C, cfg.bias, std=resid_std, dtype=dtype, name='c_proj')(y)
     y = Dropout(cfg.dropout)(y, deterministic=deterministic)  # Residual dropout.
