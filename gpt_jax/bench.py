@@ -26,7 +26,7 @@ import numpy as np
 from gpt_jax import optim
 from gpt_jax import sample as sample_lib
 from gpt_jax import train as train_lib
-from gpt_jax.config import ModelConfig
+from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.model import GPT, init_params
 
 SETTINGS = {
@@ -225,8 +225,7 @@ def weight_stream_gbs(cfg: ModelConfig, repeats: int = 20) -> float:
 
 def weight_bytes(cfg: ModelConfig) -> int:
   """float32 bytes of the model's parameters, all of which one generated token reads."""
-  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-  return sum(math.prod(p.shape) * 4 for p in jax.tree_util.tree_leaves(params))
+  return 4 * num_params(cfg)
 
 
 def matmul_peak_tflops() -> float:
