@@ -11,6 +11,11 @@ at evals the validation loss on the same eval batches. It writes
   summary.json     max |loss difference|, first step over the tolerance, tokens/s of each side, ...
   dynamics.png     the curves overlaid, plus the differences on a log scale
 
+With dropout 0 two more runs say how much of the difference is plain float32 rounding: JAX again
+from weights one ulp away (`float32_sensitivity`: how far rounding-level perturbations carry in this
+very run), and PyTorch in float64 on the same weights and batches (`float64_reference`: how far
+each float32 side is from exact arithmetic).
+
 With dropout > 0 the two sides draw different masks by nature, so each side is run with several
 dropout seeds (same init, same batches) and the verdict says whether each side's mean curve lies
 within the other's seed spread.
@@ -116,12 +121,13 @@ def nudge_one_ulp(params: Any, seed: int = 0) -> Any:
 
 def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, seeds: int = 3,
                    eval_interval: int = 0, print_fn: Callable[[str], None] = print,
-                   check_init: bool = True) -> dict:
+                   check_init: bool = True, float64_reference: bool = True) -> dict:
   """Trains both sides for `steps` updates; writes dynamics.jsonl, summary.json, dynamics.png.
 
   `seeds` only matters with dropout > 0 (without dropout every seed would give the same run).
   `eval_interval` 0 means config.train.eval_interval. `check_init` also compares logits and
-  gradients at initialisation on the first batch (torch_ref.compare_at_init). Returns the summary.
+  gradients at initialisation on the first batch (torch_ref.compare_at_init). `float64_reference`
+  (dropout 0 only) also trains PyTorch in float64 on the same batches. Returns the summary.
   """
   t_start = time.time()
   torch = torch_ref.require_torch()
@@ -233,7 +239,14 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
     print_fn(f'torch seed {j}: final loss {run.train[-1]["loss"]:.4f}, val {run.val[steps]:.4f} '
              f'({_tokens_per_s(run, tokens_per_step):,.0f} tok/s)')
 
-  summary = summarize(runs, drift, steps, tokens_per_step, nudged_losses)
+  # The float64 reference: PyTorch in double precision from the same float32 weights, on the same
+  # batches with the same learning rates. Each float32 side's distance to it is its own rounding.
+  f64_losses = None
+  if float64_reference and n_seeds == 1:
+    trainer = torch_ref.TorchTrainer(model_cfg, cfg_t, params0, seed=cfg_t.seed, float64=True)
+    f64_losses = [trainer.step(*batches[s], lrs[s])[0]['loss'] for s in range(steps)]
+
+  summary = summarize(runs, drift, steps, tokens_per_step, nudged_losses, f64_losses)
   summary.update(
       init=init, init_logits_max_abs_diff=init['logits_max_abs_diff'],
       init_grad_max_rel_diff=init['grad_max_rel_diff'],
@@ -248,7 +261,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
   write_jsonl(os.path.join(out_dir, 'dynamics.jsonl'), runs, drift)
   with open(os.path.join(out_dir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
-  plot(runs, drift, summary, os.path.join(out_dir, 'dynamics.png'), nudged_losses)
+  plot(runs, drift, summary, os.path.join(out_dir, 'dynamics.png'), nudged_losses, f64_losses)
   print_fn(format_table(runs, eval_steps, steps))
   print_fn(format_summary(summary))
   return summary
@@ -329,11 +342,13 @@ def seed_spread_verdict(jax_losses: np.ndarray, torch_losses: np.ndarray) -> dic
 
 
 def summarize(runs: dict[str, list[Run]], drift: dict[int, float], steps: int,
-              tokens_per_step: int, nudged_losses: Optional[list[float]] = None) -> dict:
+              tokens_per_step: int, nudged_losses: Optional[list[float]] = None,
+              f64_losses: Optional[list[float]] = None) -> dict:
   """The headline numbers. With several seeds, differences are between the mean curves.
 
   `nudged_losses`: JAX's losses from weights one ulp away (run_comparison), for the float32
-  sensitivity of the run.
+  sensitivity of the run. `f64_losses`: PyTorch's losses in float64, the reference both float32
+  sides are measured against.
   """
   lj, lt = _curve(runs['jax'], 'loss'), _curve(runs['torch'], 'loss')
   diff = np.abs(lj.mean(0) - lt.mean(0))
@@ -368,6 +383,15 @@ def summarize(runs: dict[str, list[Run]], drift: dict[int, float], steps: int,
         'what': 'max |loss diff| between JAX runs whose initial weights are one ulp apart',
         'max_abs_loss_diff': float(nd.max()), 'step': int(nd.argmax()) + 1,
         'max_abs_loss_diff_first_100': float(nd[:100].max())}
+  if f64_losses is not None:
+    ref = np.asarray(f64_losses, np.float64)
+    f64 = {'what': 'max |loss diff| of each float32 side from PyTorch in float64 (same weights, '
+                   'same batches)'}
+    for side, curve in (('jax', lj[0]), ('torch', lt[0])):
+      d = np.abs(curve - ref)
+      f64[side] = {'max_abs_loss_diff': float(d.max()), 'step': int(d.argmax()) + 1,
+                   'mean_abs_loss_diff': float(d.mean())}
+    summary['float64_reference'] = f64
   if len(runs['jax']) > 1:
     summary['loss_diff_of'] = 'mean curves over seeds (dropout masks differ between the sides)'
     summary['dropout_verdict'] = seed_spread_verdict(lj, lt)
@@ -405,7 +429,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, path: str,
-         nudged_losses: Optional[list[float]] = None) -> None:
+         nudged_losses: Optional[list[float]] = None, f64_losses: Optional[list[float]] = None,
+         ) -> None:
   """Curves of both sides overlaid (bands = min..max over seeds) and their differences (log)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
@@ -445,6 +470,10 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
     if nudged_losses is not None:
       ax.plot(x, positive(np.abs(np.asarray(nudged_losses) - mean('jax', 'loss'))), color='gray',
               lw=1, alpha=0.8, label='|loss diff|, JAX vs JAX from weights 1 ulp apart')
+    if f64_losses is not None:
+      for side in SIDES:
+        ax.plot(x, positive(np.abs(mean(side, 'loss') - np.asarray(f64_losses))), styles[side],
+                color=colors[side], lw=0.8, alpha=0.9, label=f'|loss diff|, {side} vs float64')
     for key, color in (('grad_norm', 'tab:red'), ('param_norm', 'tab:green'),
                        ('update_ratio', 'tab:purple')):
       a, b = mean('jax', key), mean('torch', key)
@@ -526,6 +555,11 @@ def format_summary(summary: dict) -> str:
     f = summary['float32_sensitivity']
     lines.append(f'float32 sensitivity: JAX vs JAX from weights 1 ulp apart: max |loss diff| '
                  f'{f["max_abs_loss_diff"]:.2e} (step {f["step"]})')
+  if 'float64_reference' in summary:
+    f = summary['float64_reference']
+    lines.append(f'float64 reference (PyTorch in float64, same weights and batches): max |loss diff| '
+                 f'JAX {f["jax"]["max_abs_loss_diff"]:.2e} (step {f["jax"]["step"]}), PyTorch '
+                 f'{f["torch"]["max_abs_loss_diff"]:.2e} (step {f["torch"]["step"]})')
   if 'dropout_verdict' in summary:
     lines.append('dropout, train loss: ' + summary['dropout_verdict']['text'])
     lines.append('dropout, val loss:   ' + summary['dropout_verdict_val']['text'])

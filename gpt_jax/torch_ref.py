@@ -280,10 +280,15 @@ def _norm(tensors: Iterable[Any]) -> float:
 class TorchTrainer:
   """Owns a torch GPT and its AdamW; `step` does one update and returns the same metrics as JAX."""
 
-  def __init__(self, model_cfg: ModelConfig, train_cfg: Any, params: Any, seed: int = 0):
+  def __init__(self, model_cfg: ModelConfig, train_cfg: Any, params: Any, seed: int = 0,
+               float64: bool = False):
+    """`float64`: train in double precision (from the same float32 weights), as a stand-in for
+    exact arithmetic that both float32 sides can be measured against."""
     self.torch = require_torch()
     self.torch.manual_seed(seed)  # Only dropout masks draw from it; weights come from `params`.
     self.model = jax_to_torch(params, build_model(model_cfg))
+    if float64:
+      self.model.double()  # Before the optimizer exists, so its state is created in float64 too.
     self.optimizer = make_optimizer(self.model, train_cfg)
     self.grad_clip = float(train_cfg.grad_clip)
     self.grad_accum_steps = int(train_cfg.grad_accum_steps)

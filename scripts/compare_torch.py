@@ -29,6 +29,9 @@ _OUT_DIR = flags.DEFINE_string('out_dir', 'out/compare_torch', 'Where the three 
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Dropout seeds per side (used only when model.dropout > 0).')
 _EVAL_INTERVAL = flags.DEFINE_integer('eval_interval', 0,
                                       'Steps between val-loss evals (0 = config.train.eval_interval).')
+_F64 = flags.DEFINE_boolean('float64_reference', True,
+                            'With dropout 0, also train PyTorch in float64 as the exact-arithmetic '
+                            'reference (costs one more, slower, PyTorch run).')
 _THREADS = flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads (the JAX side uses all cores).')
 
 
@@ -40,7 +43,7 @@ def main(argv):
     from gpt_jax import dynamics, torch_ref  # Imported after flag parsing so --help is instant.
     torch_ref.require_torch().set_num_threads(_THREADS.value)
     dynamics.run_comparison(_CONFIG.value, _STEPS.value, _OUT_DIR.value, seeds=_SEEDS.value,
-                            eval_interval=_EVAL_INTERVAL.value)
+                            eval_interval=_EVAL_INTERVAL.value, float64_reference=_F64.value)
 
   cli.run_main(run)
 
