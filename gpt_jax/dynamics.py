@@ -6,8 +6,9 @@ identical learning rates, and records per step and per side: loss, learning rate
 gradient norm (before clipping), parameter norm and update-to-parameter ratio ||dtheta|| / ||theta||;
 at evals the validation loss on the same eval batches. It writes
 
-  dynamics.jsonl   one object per step per side (kind 'train'), per eval per side (kind 'eval'), and
-                   per eval the distance between the two sides' parameters (side 'both')
+  dynamics.jsonl   one object per step per side (kind 'train'), per eval per side (kind 'eval'), per
+                   eval the distance between the two sides' parameters (side 'both'), and per step
+                   the loss of each rounding reference below (kind 'reference')
   summary.json     max |loss difference|, first step over the tolerance, tokens/s of each side, ...
   dynamics.png     the curves overlaid, plus the differences on a log scale
 
@@ -258,7 +259,8 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
       versions={'jax': jax.__version__, 'torch': torch.__version__, 'optax': optax.__version__},
       torch_threads=torch.get_num_threads(), wall_seconds=round(time.time() - t_start, 2),
       out_dir=os.path.abspath(out_dir))
-  write_jsonl(os.path.join(out_dir, 'dynamics.jsonl'), runs, drift)
+  write_jsonl(os.path.join(out_dir, 'dynamics.jsonl'), runs, drift,
+              {'jax_1ulp': nudged_losses, 'torch_float64': f64_losses})
   with open(os.path.join(out_dir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
   plot(runs, drift, summary, os.path.join(out_dir, 'dynamics.png'), nudged_losses, f64_losses)
@@ -408,7 +410,9 @@ def summarize(runs: dict[str, list[Run]], drift: dict[int, float], steps: int,
 # ---------------------------------------------------------------------------------------------------
 # Output.
 
-def write_jsonl(path: str, runs: dict[str, list[Run]], drift: dict[int, float]) -> None:
+def write_jsonl(path: str, runs: dict[str, list[Run]], drift: dict[int, float],
+                references: Optional[dict[str, Optional[list[float]]]] = None) -> None:
+  """`references`: name -> per-step losses (e.g. 'torch_float64'); None entries are skipped."""
   with open(path, 'w', encoding='utf-8') as f:
     for side in SIDES:
       for r in runs[side]:
@@ -421,6 +425,9 @@ def write_jsonl(path: str, runs: dict[str, list[Run]], drift: dict[int, float]) 
     for s, d in sorted(drift.items()):
       f.write(json.dumps({'kind': 'eval', 'step': s, 'side': 'both', 'seed': 0,
                           'param_rel_diff': d}) + '\n')
+    for name, losses in (references or {}).items():
+      for i, loss in enumerate(losses or []):
+        f.write(json.dumps({'kind': 'reference', 'step': i + 1, 'side': name, 'loss': loss}) + '\n')
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -440,7 +447,7 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
   styles = {'jax': '-', 'torch': '--'}
   n = len(runs['jax'][0].train)
   x = np.arange(1, n + 1)
-  fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+  fig, axes = plt.subplots(2, 4, figsize=(21, 9))
 
   def overlay(ax, key, title, log=False):
     for side in SIDES:
@@ -461,40 +468,48 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
     ax.plot(ev, vals, 'o' if side == 'jax' else 'x', color=colors[side], ms=7, label=f'{side} val')
   ax.legend()
 
-  ax = axes[0, 1]
   mean = lambda side, key: _curve(runs[side], key).mean(0)  # noqa: E731
   positive = lambda a: np.where(a > 0, a, np.nan)  # noqa: E731  (exact ties: gaps, not log(0) spikes)
+  ev = sorted(runs['jax'][0].val)
+  vj = np.array([[r.val[s] for s in ev] for r in runs['jax']]).mean(0)
+  vt = np.array([[r.val[s] for s in ev] for r in runs['torch']]).mean(0)
+
+  ax = axes[0, 1]  # The loss differences, next to what float32 rounding alone produces.
   with np.errstate(divide='ignore', invalid='ignore'):
     ax.plot(x, positive(np.abs(mean('jax', 'loss') - mean('torch', 'loss'))), color='k', lw=1,
-            label='|loss diff|')
+            label='JAX vs PyTorch')
     if nudged_losses is not None:
       ax.plot(x, positive(np.abs(np.asarray(nudged_losses) - mean('jax', 'loss'))), color='gray',
-              lw=1, alpha=0.8, label='|loss diff|, JAX vs JAX from weights 1 ulp apart')
+              lw=1, alpha=0.8, label='JAX vs JAX from weights 1 ulp apart')
     if f64_losses is not None:
       for side in SIDES:
         ax.plot(x, positive(np.abs(mean(side, 'loss') - np.asarray(f64_losses))), styles[side],
-                color=colors[side], lw=0.8, alpha=0.9, label=f'|loss diff|, {side} vs float64')
+                color=colors[side], lw=0.8, alpha=0.9, label=f'{side} vs PyTorch float64')
+  ax.plot(ev, positive(np.abs(vj - vt)), 'ks', ms=5, label='val loss, JAX vs PyTorch')
+  ax.axhline(summary['tol'], color='gray', ls=':', lw=1, label=f'tol {summary["tol"]:g}')
+  ax.set_yscale('log')
+  ax.set_title('|loss difference|, log scale; gaps = exactly equal')
+  ax.set_xlabel('step')
+  ax.legend(fontsize=7)
+
+  ax = axes[0, 2]  # The other metrics, relative, and the distance between the parameters.
+  with np.errstate(divide='ignore', invalid='ignore'):
     for key, color in (('grad_norm', 'tab:red'), ('param_norm', 'tab:green'),
                        ('update_ratio', 'tab:purple')):
       a, b = mean('jax', key), mean('torch', key)
       ax.plot(x, positive(np.abs(a - b) / np.abs(a)), color=color, lw=0.8, alpha=0.8,
-              label=f'rel. {key.replace("_", " ")} diff')
-  ev = sorted(runs['jax'][0].val)
-  vj = np.array([[r.val[s] for s in ev] for r in runs['jax']]).mean(0)
-  vt = np.array([[r.val[s] for s in ev] for r in runs['torch']]).mean(0)
-  ax.plot(ev, positive(np.abs(vj - vt)), 'ks', ms=5, label='|val loss diff|')
+              label=key.replace('_', ' '))
   if drift:
     ds = sorted(drift)
     ax.plot(ds, positive(np.array([drift[s] for s in ds])), 'D-', color='tab:brown', ms=4, lw=1,
             label='||theta_jax - theta_torch|| / ||theta||')
-  ax.axhline(summary['tol'], color='gray', ls=':', lw=1, label=f'tol {summary["tol"]:g}')
   ax.set_yscale('log')
-  ax.set_title('differences (mean curves), log scale; gaps = exactly equal')
+  ax.set_title('relative differences, JAX vs PyTorch, log scale')
   ax.set_xlabel('step')
   ax.legend(fontsize=7)
 
-  overlay(axes[0, 2], 'lr', 'learning rate (same schedule function)')
-  axes[0, 2].legend()
+  overlay(axes[0, 3], 'lr', 'learning rate (same schedule function)')
+  axes[0, 3].legend()
 
   ax = axes[1, 0]
   overlay(ax, 'grad_norm', 'grad norm before clipping: global (thick), per layer (thin)', log=True)
@@ -508,8 +523,20 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
 
   overlay(axes[1, 1], 'update_ratio', 'update / parameter ratio ||dtheta|| / ||theta||', log=True)
   axes[1, 1].legend()
-  overlay(axes[1, 2], 'param_norm', 'parameter norm')
-  axes[1, 2].legend()
+
+  ax = axes[1, 2]
+  ax.set_title('update / parameter ratio per layer')
+  with np.errstate(divide='ignore', invalid='ignore'):
+    for gi, g in enumerate(groups):
+      for side in SIDES:
+        c = np.array([[m['update_ratio_layers'][g] for m in r.train] for r in runs[side]]).mean(0)
+        ax.plot(x, positive(c), styles[side], color=cmap(gi), lw=0.7, label=g if side == 'jax' else None)
+  ax.set_yscale('log')
+  ax.set_xlabel('step')
+  ax.legend(fontsize=7, ncol=2)
+
+  overlay(axes[1, 3], 'param_norm', 'parameter norm')
+  axes[1, 3].legend()
   fig.suptitle(f'JAX vs PyTorch, float32, {summary["steps"]} steps, {len(runs["jax"])} seed(s)/side: '
                f'max |loss diff| {summary["max_abs_loss_diff"]:.2e}')
   fig.tight_layout()

@@ -88,10 +88,11 @@ def bias_correction(decay: float, count: jax.Array) -> jax.Array:
   The textbook form `1 - decay**count` (optax's) cancels catastrophically in float32: 0.99 is stored
   as 0.99000001 and the power is rounded again, so for beta2 = 0.99 the correction is off by up to
   1.8e-6 relative in the first 100 steps (2e-5 for 0.999), and nearly always in the same direction.
-  Every parameter's early steps then come out slightly too long, a bias that no other float32 AdamW
-  has (PyTorch's computes this scalar in double precision); over 100 steps of the `tiny` preset it
-  moves the loss by ~9e-5 (README, "JAX vs PyTorch"). Written as -expm1(count * log1p(-(1 - decay)))
-  with 1 - decay formed in double precision before the cast, it is within 2e-7 of exact.
+  Every parameter's early steps then come out slightly too short, a bias PyTorch's AdamW does not
+  have (it computes this scalar in double precision): on the `tiny` preset it put the JAX run 9.3e-5
+  in loss from a float64 run by step 89, against 1.1e-5 with this form (README, "JAX vs PyTorch").
+  Written as -expm1(count * log1p(-(1 - decay))), with 1 - decay formed in double precision before
+  the cast, it is within 3e-7 of exact.
   """
   one_minus = jnp.float32(1.0 - decay)  # 0.01, not 1 - float32(0.99)
   return -jnp.expm1(count.astype(jnp.float32) * jnp.log1p(-one_minus))
