@@ -469,6 +469,8 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
   ax.legend()
 
   mean = lambda side, key: _curve(runs[side], key).mean(0)  # noqa: E731
+  layer_mean = lambda side, key, g: np.array(  # noqa: E731  (one layer group's curve, mean over seeds)
+      [[m[key][g] for m in r.train] for r in runs[side]]).mean(0)
   positive = lambda a: np.where(a > 0, a, np.nan)  # noqa: E731  (exact ties: gaps, not log(0) spikes)
   ev = sorted(runs['jax'][0].val)
   vj = np.array([[r.val[s] for s in ev] for r in runs['jax']]).mean(0)
@@ -517,8 +519,8 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
   cmap = plt.get_cmap('viridis', max(len(groups), 2))
   for gi, g in enumerate(groups):
     for side in SIDES:
-      c = np.array([[m['grad_norm_layers'][g] for m in r.train] for r in runs[side]]).mean(0)
-      ax.plot(x, c, styles[side], color=cmap(gi), lw=0.6, label=g if side == 'jax' else None)
+      ax.plot(x, layer_mean(side, 'grad_norm_layers', g), styles[side], color=cmap(gi), lw=0.6,
+              label=g if side == 'jax' else None)
   ax.legend(fontsize=7, ncol=2)
 
   overlay(axes[1, 1], 'update_ratio', 'update / parameter ratio ||dtheta|| / ||theta||', log=True)
@@ -529,8 +531,8 @@ def plot(runs: dict[str, list[Run]], drift: dict[int, float], summary: dict, pat
   with np.errstate(divide='ignore', invalid='ignore'):
     for gi, g in enumerate(groups):
       for side in SIDES:
-        c = np.array([[m['update_ratio_layers'][g] for m in r.train] for r in runs[side]]).mean(0)
-        ax.plot(x, positive(c), styles[side], color=cmap(gi), lw=0.7, label=g if side == 'jax' else None)
+        ax.plot(x, positive(layer_mean(side, 'update_ratio_layers', g)), styles[side], color=cmap(gi),
+                lw=0.7, label=g if side == 'jax' else None)
   ax.set_yscale('log')
   ax.set_xlabel('step')
   ax.legend(fontsize=7, ncol=2)
