@@ -5,8 +5,9 @@ Two implementations of the same maths, chosen by `train.optimizer`:
   'scratch'  a hand-written AdamW: pure functions over pytrees, with the update written out below.
 Both decay only >= 2-D tensors (matmul weights and the embedding tables), never biases or
 LayerNorm scales, as in GPT-2 / nanoGPT. Both compute Adam's bias correction 1 - b^t accurately
-(`bias_correction`); that is the one piece the optax chain does not take from `optax.adamw`. tests/test_optim.py checks that 200 training steps with
-either give the same parameters (bit for bit, in practice).
+(`bias_correction`); that is the one piece the optax chain does not take from `optax.adamw`.
+tests/test_optim.py checks that 200 training steps with either give the same parameters (bit for
+bit, in practice), and both against stock `optax.adamw`.
 
 The scratch optimizer is exposed as an `optax.GradientTransformation(init, update)` so Flax's
 `TrainState.apply_gradients` uses it unchanged; its state is a `ScratchAdamWState` NamedTuple of
