@@ -200,9 +200,9 @@ def weight_stream_gbs(cfg: ModelConfig, repeats: int = 20) -> float:
   """GB/s at which XLA streams float32 weight matrices through batch-1 matrix-vector products.
 
   Batch-1 generation must read every weight once per token, so parameter bytes / this rate is
-  the floor of its time per token (`generation_ceiling_tok_s`). Measured on matrix pairs
-  (C, 4C) and (4C, C) of the model's width with as many bytes as the model's weights, chained
-  through tanh so that nothing can be hoisted out of the timed loop.
+  the floor of its time per token (`batch1_ceiling_tok_s` in scripts/bench.py). Measured on
+  matrix pairs (C, 4C) and (4C, C) of the model's width with as many bytes as the model's weights,
+  chained through tanh so that nothing can be hoisted out of the timed loop.
   """
   C = cfg.n_embd
   n_pairs = max(1, round(weight_bytes(cfg) / (8 * C * C * 4)))
