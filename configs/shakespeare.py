@@ -32,13 +32,13 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      text_path='',            # A local text file; '' = the cached copy, else download it.
+      text_path='',            # A local text file or folder; '' = the copy shipped with gpt_jax (by sha256).
       url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
       sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
       cache_dir='~/.cache/gpt_jax',
       data_dir='data/shakespeare_char',  # Where train.bin / val.bin / meta.json are written.
       tokenizer='char',        # 'char', 'gpt2' (GPT-2's BPE) or 'bpe' (trained on the train split).
-      gpt2_dir='',             # tokenizer='gpt2': folder with encoder.json + vocab.bpe; '' = cache/download.
+      gpt2_dir='',             # tokenizer='gpt2': folder with encoder.json + vocab.bpe; '' = shipped copy.
       bpe_vocab_size=0,        # tokenizer='bpe': vocabulary size to train (e.g. 1024).
       val_fraction=0.1,
       shards_dir='',           # '' = the in-memory splits above; else train from token shards here

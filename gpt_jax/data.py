@@ -1,7 +1,9 @@
 """Data: find the text, tokenize it once into token files, and draw batches on the device.
 
-Source. `data.text_path` is a text file or a folder of text files; empty means the cached copy of
-`data.url`, else a download kept only if its SHA-256 matches. A folder contributes every `*.txt` file
+Source. `data.text_path` is a text file or a folder of text files. Empty means the copy shipped
+inside the package (`gpt_jax/assets/`, listed in its SHA256SUMS) when `data.sha256` names it, so a
+fresh clone or `pip install` trains offline; else the cached copy of `data.url`; else a download kept
+only if its SHA-256 matches. A folder contributes every `*.txt` file
 below it (recursively, hidden files and folders skipped) in sorted order of their relative paths,
 joined by `FILE_SEPARATOR` (one blank line); `source_sha256` is then the SHA-256 of those files'
 bytes joined by the same separator, so it covers all of them, in order (for a single file it is just
@@ -10,8 +12,9 @@ the file's SHA-256).
 Tokenizers (`data.tokenizer`):
   char  the sorted set of characters of the whole text (65 for TinyShakespeare).
   gpt2  GPT-2's byte-level BPE (50,257 ids) from `data.gpt2_dir` (a folder with encoder.json and
-        vocab.bpe); empty means the cached copy in `cache_dir/gpt2`, else a download from OpenAI's
-        canonical URLs, kept only if its SHA-256 matches.
+        vocab.bpe); empty means the shipped copy (`gpt_jax/assets/gpt2/`), else the cached copy in
+        `cache_dir/gpt2`, else a download from OpenAI's canonical URLs, kept only if its SHA-256
+        matches.
   bpe   a compact byte-level BPE of `data.bpe_vocab_size` ids trained by `bpe.train_bpe` on the
         *training split only*, so no statistics of the validation text leak into the tokenizer.
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import tempfile
 import time
@@ -67,6 +71,10 @@ GPT2_FILES = {
     'encoder.json': '3883827140ce17ad540fb21b7fd97c35f50e6ffc1435b0af34e465012286275b',
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
 }
+
+# Files shipped inside the package (TinyShakespeare; GPT-2's encoder.json and vocab.bpe), found by
+# their SHA-256 through the SHA256SUMS file beside them; gpt_jax/assets/README.md gives their sources.
+ASSETS_DIR = pathlib.Path(__file__).resolve().parent / 'assets'
 
 _TEXT_HINT = '--config.data.text_path=/path/to/input.txt'
 _GPT2_HINT = '--config.data.gpt2_dir=DIR (a folder holding encoder.json and vocab.bpe)'
@@ -122,8 +130,37 @@ def download(url: str, dest: str, sha256: str, timeout: float = 30.0, how_to_pas
       os.remove(tmp)
 
 
+def shipped_files() -> dict[str, pathlib.Path]:
+  """SHA-256 -> path of every file shipped in gpt_jax/assets (from its SHA256SUMS)."""
+  sums = ASSETS_DIR / 'SHA256SUMS'
+  if not sums.is_file():
+    return {}
+  out = {}
+  for line in sums.read_text(encoding='utf-8').splitlines():
+    if line.strip():
+      digest, name = line.split(maxsplit=1)
+      out[digest] = ASSETS_DIR / name.lstrip('*')
+  return out
+
+
+def shipped_copy(sha256: str) -> str | None:
+  """The shipped file with this SHA-256, verified; None if none is shipped or the copy is damaged."""
+  path = shipped_files().get(sha256)
+  if path is None or not path.is_file():
+    return None
+  if sha256_file(str(path)) != sha256:  # A damaged install: say so once, then use the cache.
+    print(f'note: the shipped copy {path} does not match its SHA-256 (reinstall gpt_jax to mend it); '
+          'using the cache or a download instead')
+    return None
+  return str(path)
+
+
 def fetch(url: str, sha256: str, cached: str, how_to_pass: str = _TEXT_HINT) -> str:
-  """The cached copy of `url` if it is there and its SHA-256 matches, else a verified download."""
+  """The shipped copy if one has this SHA-256, else the cached copy of `url` if its SHA-256 matches,
+  else a verified download."""
+  shipped = shipped_copy(sha256) if sha256 else None
+  if shipped:
+    return shipped
   if os.path.isfile(cached) and (not sha256 or sha256_file(cached) == sha256):
     return cached
   print(f'downloading {url} -> {cached}')
@@ -132,13 +169,13 @@ def fetch(url: str, sha256: str, cached: str, how_to_pass: str = _TEXT_HINT) -> 
 
 
 def find_text(data_cfg: ml_collections.ConfigDict) -> str:
-  """Returns the source: the configured file or folder, else the cached copy, else a download."""
+  """The source: the configured file or folder, else the shipped copy, else the cache, else a download."""
   if data_cfg.text_path:
     path = os.path.expanduser(data_cfg.text_path)
     if not (os.path.isfile(path) or os.path.isdir(path)):
       raise UserError(f'data.text_path {path!r} does not exist; pass an existing text file or '
-                      'folder of .txt files, or leave data.text_path empty to use the '
-                      'cached/downloaded copy.')
+                      'folder of .txt files, or leave data.text_path empty to use '
+                      'TinyShakespeare (shipped with gpt_jax).')
     return path
   cached = os.path.join(os.path.expanduser(data_cfg.cache_dir),
                         os.path.basename(data_cfg.url.rstrip('/')) or 'input.txt')
@@ -146,7 +183,7 @@ def find_text(data_cfg: ml_collections.ConfigDict) -> str:
 
 
 def find_gpt2_files(data_cfg: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(encoder.json, vocab.bpe): from data.gpt2_dir, else the cache, else a verified download."""
+  """(encoder.json, vocab.bpe): data.gpt2_dir, else the shipped copies, else the cache, else a download."""
   gpt2_dir = data_cfg.get('gpt2_dir', '')
   if gpt2_dir:
     gpt2_dir = os.path.expanduser(gpt2_dir)
@@ -155,7 +192,7 @@ def find_gpt2_files(data_cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     if missing:
       raise UserError(f'data.gpt2_dir {gpt2_dir!r} has no {os.path.basename(missing[0])}; point it '
                       f'at a folder holding GPT-2\'s encoder.json and vocab.bpe (from {GPT2_URL}), '
-                      'or leave it empty to use the cached/downloaded copy.')
+                      'or leave it empty to use the copy shipped with gpt_jax.')
     return paths  # type: ignore[return-value]
   cache = os.path.join(os.path.expanduser(data_cfg.cache_dir), 'gpt2')
   return tuple(fetch(GPT2_URL + name, sha, os.path.join(cache, name), _GPT2_HINT)  # type: ignore

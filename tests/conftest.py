@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data beside the checkout, small synthetic text, tiny configs."""
+"""Shared fixtures: the data shipped in gpt_jax/assets, small synthetic text, tiny configs."""
 
 import os
 import pathlib
@@ -8,22 +8,22 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / 'shared' / 'data'
 sys.path.insert(0, str(REPO))
 
 from configs import shakespeare  # noqa: E402
+from gpt_jax import data as data_lib  # noqa: E402
 
 
-def shared_file(*parts: str) -> pathlib.Path:
-  path = SHARED_DATA.joinpath(*parts)
-  if not path.exists():
-    pytest.skip(f'{path} not found (tests that need the real data read ../shared/data)')
+def shipped_file(*parts: str) -> pathlib.Path:
+  """A data file shipped in gpt_jax/assets (TinyShakespeare, GPT-2's BPE files): always there."""
+  path = data_lib.ASSETS_DIR.joinpath(*parts)
+  assert path.is_file(), f'{path} is missing: the package ships it (see gpt_jax/assets/README.md)'
   return path
 
 
 @pytest.fixture
 def shakespeare_path() -> pathlib.Path:
-  return shared_file('tinyshakespeare.txt')
+  return shipped_file('tinyshakespeare.txt')
 
 
 def make_synthetic_text(n_chars: int = 30_000, seed: int = 0) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,59 @@ def test_missing_text_path_says_what_to_do(tmp_path):
     data_lib.prepare(cfg)
 
 
-def test_offline_download_says_how_to_pass_a_file(tmp_path):
+@pytest.fixture
+def no_shipped_data(tmp_path, monkeypatch):
+  """As if the package shipped no data: exercises the cache and download paths."""
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', tmp_path / 'no_assets')
+
+
+def test_shipped_files_match_their_checksums_and_the_configs():
+  shipped = data_lib.shipped_files()
+  assert shipped[SHAKESPEARE_SHA].name == 'tinyshakespeare.txt'
+  assert shakespeare.get_config().data.sha256 == SHAKESPEARE_SHA
+  for digest, path in shipped.items():
+    assert data_lib.sha256_file(str(path)) == digest, path
+  for name, digest in data_lib.GPT2_FILES.items():
+    assert shipped[digest].name == name
+
+
+def test_lookup_order_text_path_then_shipped_then_cache(tmp_path, synthetic_text_path, monkeypatch,
+                                                       capsys):
+  cfg = _data_cfg(tmp_path, synthetic_text_path)
+  assert data_lib.find_text(cfg) == str(synthetic_text_path)  # An explicit file wins.
+  cfg.text_path = ''
+  cfg.url = 'http://127.0.0.1:9/input.txt'  # Nothing listens there: any download attempt fails.
+  shipped = data_lib.find_text(cfg)
+  assert shipped == str(data_lib.ASSETS_DIR / 'tinyshakespeare.txt')
+  assert not (tmp_path / 'cache').exists()  # Nothing downloaded or cached.
+  # A damaged shipped copy is never used: it is reported and the cache answers instead.
+  assets = tmp_path / 'assets'
+  assets.mkdir()
+  (assets / 'SHA256SUMS').write_text(f'{SHAKESPEARE_SHA}  tinyshakespeare.txt\n')
+  (assets / 'tinyshakespeare.txt').write_text('damaged')
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', assets)
+  with pytest.raises(UserError, match='could not download'):
+    data_lib.find_text(cfg)
+  assert 'does not match its SHA-256' in capsys.readouterr().out
+  assert not any((tmp_path / 'cache').glob('*'))  # No partial download left behind.
+  (tmp_path / 'cache' / 'input.txt').write_bytes(open(shipped, 'rb').read())
+  assert data_lib.find_text(cfg) == str(tmp_path / 'cache' / 'input.txt')
+  # Another text (another sha256) never picks up the shipped TinyShakespeare.
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', pathlib.Path(shipped).parent)
+  cfg.sha256 = data_lib.sha256_file(str(synthetic_text_path))
+  with pytest.raises(UserError, match='could not download'):
+    data_lib.find_text(cfg)
+
+
+def test_gpt2_files_come_from_the_shipped_copy(tmp_path):
+  cfg = _data_cfg(tmp_path, '')
+  encoder, vocab = data_lib.find_gpt2_files(cfg)
+  assert pathlib.Path(encoder).parent == data_lib.ASSETS_DIR / 'gpt2'
+  assert data_lib.sha256_file(vocab) == data_lib.GPT2_FILES['vocab.bpe']
+  assert not (tmp_path / 'cache').exists()
+
+
+def test_offline_download_says_how_to_pass_a_file(tmp_path, no_shipped_data):
   cfg = _data_cfg(tmp_path, '')
   cfg.url = 'http://127.0.0.1:9/input.txt'  # Nothing listens on the discard port.
   with pytest.raises(UserError, match='text_path'):
@@ -90,7 +143,7 @@ def test_offline_download_says_how_to_pass_a_file(tmp_path):
   assert not any((tmp_path / 'cache').glob('*'))  # No partial file left behind.
 
 
-def test_download_verifies_checksum_and_caches(tmp_path, shakespeare_path):
+def test_download_verifies_checksum_and_caches(tmp_path, shakespeare_path, no_shipped_data):
   cfg = _data_cfg(tmp_path, '')
   cfg.url = shakespeare_path.as_uri()  # A file:// URL exercises the real download code offline.
   assert data_lib.find_text(cfg) == str(tmp_path / 'cache' / 'tinyshakespeare.txt')
@@ -99,7 +152,7 @@ def test_download_verifies_checksum_and_caches(tmp_path, shakespeare_path):
   assert data_lib.find_text(cfg).endswith('tinyshakespeare.txt')
 
 
-def test_download_with_wrong_checksum_is_not_kept(tmp_path, synthetic_text_path):
+def test_download_with_wrong_checksum_is_not_kept(tmp_path, synthetic_text_path, no_shipped_data):
   cfg = _data_cfg(tmp_path, '')
   cfg.url = synthetic_text_path.as_uri()
   with pytest.raises(UserError, match='SHA-256'):

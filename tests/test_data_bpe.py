@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare, shakespeare_bpe, shakespeare_bpe_compact
-from conftest import make_synthetic_text, shared_file
+from conftest import make_synthetic_text, shipped_file
 from gpt_jax import bpe
 from gpt_jax import data as data_lib
 from gpt_jax.errors import UserError
@@ -26,7 +26,7 @@ def _data_cfg(tmp_path, text_path, tokenizer='char', **fields):
 
 @pytest.fixture
 def gpt2_dir():
-  return shared_file('gpt2', 'encoder.json').parent
+  return shipped_file('gpt2', 'encoder.json').parent
 
 
 @pytest.fixture
@@ -52,6 +52,7 @@ def test_gpt2_tinyshakespeare_token_counts_match_nanogpt(tmp_path, shakespeare_p
 
 
 def test_gpt2_files_come_from_the_cache_or_a_verified_download(tmp_path, gpt2_dir, monkeypatch):
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', tmp_path / 'no_assets')  # As if nothing were shipped.
   cfg = _data_cfg(tmp_path, '', 'gpt2')
   monkeypatch.setattr(data_lib, 'GPT2_URL', gpt2_dir.as_uri() + '/')  # file:// exercises download.
   paths = data_lib.find_gpt2_files(cfg)
@@ -63,6 +64,7 @@ def test_gpt2_files_come_from_the_cache_or_a_verified_download(tmp_path, gpt2_di
 
 
 def test_gpt2_download_with_wrong_checksum_is_not_kept(tmp_path, gpt2_dir, monkeypatch):
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', tmp_path / 'no_assets')
   monkeypatch.setattr(data_lib, 'GPT2_URL', gpt2_dir.as_uri() + '/')
   monkeypatch.setitem(data_lib.GPT2_FILES, 'encoder.json', '0' * 64)
   with pytest.raises(UserError, match='SHA-256.*gpt2_dir'):
@@ -71,6 +73,7 @@ def test_gpt2_download_with_wrong_checksum_is_not_kept(tmp_path, gpt2_dir, monke
 
 
 def test_gpt2_offline_and_bad_gpt2_dir_say_what_to_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(data_lib, 'ASSETS_DIR', tmp_path / 'no_assets')
   monkeypatch.setattr(data_lib, 'GPT2_URL', 'http://127.0.0.1:9/')
   with pytest.raises(UserError, match='offline.*gpt2_dir'):
     data_lib.find_gpt2_files(_data_cfg(tmp_path, '', 'gpt2'))
