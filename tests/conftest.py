@@ -12,6 +12,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import shakespeare  # noqa: E402
 from gpt_jax import data as data_lib  # noqa: E402
+from skip_policy import pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 
 
 def shipped_file(*parts: str) -> pathlib.Path:

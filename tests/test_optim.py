@@ -209,15 +209,32 @@ def test_clip_by_global_norm():
 
 
 def test_clipping_caps_the_scratch_update_like_optax():
-  """A huge gradient gives the same first Adam-normalised step with both optimizers."""
-  for opt in ('optax', 'scratch'):
-    state = _state(opt, warmup_steps=0)
-    grads = jax.tree_util.tree_map(lambda p: 1e6 * jnp.ones_like(p), state.params)
-    state = _apply(state, grads)
-    if opt == 'optax':
-      want = state.params
-    else:
-      assert _max_rel_diff(state.params, want) < 1e-6
+  """Both optimizers clip alike, over steps whose gradient norms swing far above and below the cap.
+
+  One step can't show it (Adam's first step is about sign(g), clipped or not), so this runs several
+  with scales from 1e-3 to 1e4 times the clip threshold. Adam's moments then depend on the *clipped*
+  magnitudes, so an optimizer that skipped clipping lands somewhere else (checked: with no clipping
+  the same steps end measurably apart).
+  """
+  scales = [1e4, 1e-3, 30.0, 1e-2, 3e3, 0.5, 1e2, 1e-3]
+  template = jax.tree_util.tree_map(jnp.ones_like, _init_params())
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  direction = jax.tree_util.tree_unflatten(
+      treedef, [jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  unit = optax.tree.norm(direction)
+
+  def run(optimizer, **overrides):
+    state = _state(optimizer, warmup_steps=0, **overrides)
+    for i, scale in enumerate(scales):
+      g = jax.tree_util.tree_map(lambda d: d * (scale * 0.8 / unit) * (1 + 0.1 * i), direction)
+      state = _apply(state, g)
+    return jax.tree_util.tree_map(jnp.subtract, state.params, _init_params())  # The total update.
+
+  want = run('optax')
+  assert _max_rel_diff(run('scratch'), want) < 1e-5
+  unclipped = run('optax', grad_clip=0.0)
+  assert _max_rel_diff(unclipped, want) > 1e-3  # The test can tell clipping from no clipping.
 
 
 def test_unknown_optimizer_is_a_user_error():

@@ -110,7 +110,6 @@ def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
   s = dynamics.run_comparison(tiny_config, 20, str(out), eval_interval=10, print_fn=lambda _: None)
   assert s['max_abs_loss_diff'] <= dynamics.LOSS_TOL and s['first_step_over_tol'] is None, s
   assert s['init_logits_max_abs_diff'] <= 1e-5 and s['init_grad_max_rel_diff'] <= 1e-5
-  assert s['max_rel_diff']['lr'] == 0.0  # The very same schedule values on both sides.
   assert s['max_abs_val_loss_diff'] <= 1e-4
   assert s['jax_tokens_per_s'] > 0 and s['torch_tokens_per_s'] > 0
   sens = s['float32_sensitivity']  # JAX vs JAX from weights one ulp apart (over 20 steps the float32
@@ -145,20 +144,32 @@ def test_tiny_preset_on_tinyshakespeare_meets_the_acceptance_figures(tiny_config
   print(dynamics.format_summary(s))
   assert s['init_logits_max_abs_diff'] <= 1e-5 and s['init_grad_max_rel_diff'] <= 1e-5
   assert s['first_100_within_tol'] and s['max_abs_loss_diff_first_100'] <= 1e-4, s
+  # The tolerance that matters is the run's own: how far float32 rounding carries in it. `sens` is
+  # JAX against JAX from weights one ulp apart; f64 is each side's distance from PyTorch in float64.
+  # A real bias on one side (the old float32 bias correction: JAX 9.3e-5 from float64, PyTorch 1.7e-5,
+  # sens 3.3e-5) fails both checks; rounding alone passes them.
+  sens = s['float32_sensitivity']['max_abs_loss_diff']
   f64 = s['float64_reference']
-  assert f64['jax']['max_abs_loss_diff'] <= 1e-4 and f64['torch']['max_abs_loss_diff'] <= 1e-4
+  assert sens > 0 and f64['torch']['max_abs_loss_diff'] > 0  # Rounding is there to be measured.
+  assert f64['jax']['max_abs_loss_diff'] <= f64['torch']['max_abs_loss_diff'] + sens, (f64, sens)
+  assert s['max_abs_loss_diff'] <= 2 * max(sens, f64['torch']['max_abs_loss_diff']), (s, sens)
 
 
-def test_dropout_runs_several_seeds_and_gives_a_verdict(tiny_config, tmp_path):
+@pytest.mark.slow
+def test_dropout_curves_lie_within_each_others_seed_spread(tiny_config, tmp_path):
+  """With dropout the sides draw different masks, so only the seed-to-seed spread can judge them:
+  over 3 seeds x 30 steps both mean curves must lie within each other's spread."""
   tiny_config.model.update(dropout=0.1, n_layer=1)
   out = tmp_path / 'cmp'
-  s = dynamics.run_comparison(tiny_config, 4, str(out), seeds=2, eval_interval=2,
+  s = dynamics.run_comparison(tiny_config, 30, str(out), seeds=3, eval_interval=15,
                               print_fn=lambda _: None, check_init=False)
-  assert s['seeds'] == 2 and isinstance(s['dropout_verdict']['within_spread'], bool)
-  assert 'dropout_verdict' in json.loads((out / 'summary.json').read_text())
+  verdict = s['dropout_verdict']
+  assert s['seeds'] == 3 and verdict['seed_std'] > 0  # Dropout really made the seeds differ.
+  assert verdict['within_spread'], verdict['text']
+  assert json.loads((out / 'summary.json').read_text())['dropout_verdict'] == verdict
   recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
   assert {(r['side'], r['seed']) for r in recs if r['kind'] == 'train'} == {
-      (side, j) for side in ('jax', 'torch') for j in (0, 1)}
+      (side, j) for side in ('jax', 'torch') for j in (0, 1, 2)}
   assert (out / 'dynamics.png').exists()
 
 

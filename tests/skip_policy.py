@@ -1,0 +1,30 @@
+"""The suite's skip policy: with requirements-dev.txt installed nothing skips, except GPU-only tests.
+
+A quiet skip can hide a broken implementation behind a green run (a missing data file once skipped
+every tiktoken equality check). So any skip, from `pytest.skip` or `importorskip`, fails the session,
+unless the test is marked `@pytest.mark.gpu` (needs an accelerator) and its reason says why.
+conftest.py installs these hooks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_unexpected: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+  if report.skipped and 'gpu' not in report.keywords and not hasattr(report, 'wasxfail'):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    _unexpected.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+  if _unexpected:
+    reporter = session.config.pluginmanager.get_plugin('terminalreporter')
+    lines = ['', f'{len(_unexpected)} test(s) skipped; only @pytest.mark.gpu tests may skip '
+             '(install requirements-dev.txt):', *(f'  {u}' for u in _unexpected)]
+    if reporter is not None:
+      for line in lines:
+        reporter.write_line(line, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
