@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import data as data_lib
 from gpt_jax import optim
 from gpt_jax import train as train_lib
@@ -110,6 +111,21 @@ def test_full_run_learns_logs_and_checkpoints(tiny_config):
   assert steps_logged and all(r['tokens_per_s'] > 0 and r['mfu'] > 0 for r in steps_logged)
   assert summary['final_step'] == 60
   assert summary['best_val_loss'] == min(r['val_loss'] for r in evals)
+  # Checkpoints ('best' mode): one at every eval after step 0 that improved the val loss, each
+  # holding that step's state and metadata; the best one is the lowest.
+  improved = [r['step'] for i, r in enumerate(evals)
+              if r['step'] > 0 and r['val_loss'] < min(e['val_loss'] for e in evals[:i])]
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == improved and improved[-1] == 60
+  best = min(evals, key=lambda r: r['val_loss'])
+  assert ckpt.best_step() == best['step'] and ckpt.meta(best['step'])['val_loss'] == best['val_loss']
+  meta = ckpt.meta(60)
+  assert meta['step'] == 60 and meta['model']['n_embd'] == tiny_config.model.n_embd
+  assert meta['tokenizer'] == data_lib.Dataset(tiny_config.data.data_dir).tokenizer.to_dict()
+  model_cfg = train_lib.model_config_from(tiny_config, summary_vocab(tiny_config))
+  abstract = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, tiny_config.train))
+  assert int(ckpt.restore_state(60, abstract).step) == 60
+  ckpt.close()
 
 
 def summary_vocab(config):
@@ -126,7 +142,13 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, dropout):
   tiny_config.train.max_steps = 20  # Stop half-way (after the checkpoint at step 20) ...
   _run(tiny_config, str(tmp_path / 'resumed'))
   tiny_config.train.update(max_steps=40, resume=True)  # ... then continue to 40.
-  resumed = _step_losses(_run(tiny_config, str(tmp_path / 'resumed')))
+  records = _run(tiny_config, str(tmp_path / 'resumed'))
+  resumed = _step_losses(records)
+  # It restarted at the saved step 20: the resume event, then step 21 is the first step it logged.
+  events = [r for r in records if r.get('event') == 'resume']
+  assert [e['step'] for e in events] == [20]
+  after = records[records.index(events[0]) + 1:]
+  assert [r['step'] for r in after if r['step'] in _step_losses(after)][0] == 21
   assert sorted(resumed) == sorted(straight)
   for s in straight:
     assert resumed[s] == straight[s], f'step {s}: {resumed[s]} != {straight[s]}'
@@ -165,13 +187,14 @@ def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_
   tiny_config.checkpoint.save = 'always'
   train_lib.train_and_evaluate(tiny_config)
   ckpt_dir = tmp_path / 'out' / 'checkpoints'
-  before = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
+  # Keyed by path relative to the directory: every step holds files of the same base names.
+  before = {str(p.relative_to(ckpt_dir)): p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
   # Continue with an absurd learning rate: the loss becomes NaN/Inf.
   tiny_config.train.update(resume=True, max_steps=40, learning_rate=1e6, min_learning_rate=1e6)
   with pytest.raises(UserError, match='diverged.*step 20.*untouched'):
     train_lib.train_and_evaluate(tiny_config)
-  after = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
-  assert after == before
+  after = {str(p.relative_to(ckpt_dir)): p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
+  assert after == before and any(k.startswith('20/') for k in before)
 
 
 @pytest.mark.parametrize('key,value,match', [
