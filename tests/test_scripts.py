@@ -12,27 +12,38 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, cwd=None, timeout=300):
+def run(script, *args, cwd=None, timeout=300, offline=False):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
+  if offline:  # Any download would go through a proxy on a port where nothing listens.
+    env.update({k: 'http://127.0.0.1:9' for k in ('http_proxy', 'https_proxy', 'HTTP_PROXY',
+                                                    'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY')})
   return subprocess.run([sys.executable, str(REPO / 'scripts' / script), *args], cwd=cwd or REPO,
                         capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def tiny_flags(tmp_path, text_path, *extra):
+  """The tiny preset; text_path None means no data flag at all (the shipped TinyShakespeare)."""
   return ['--config', str(REPO / 'configs' / 'shakespeare.py') + ':tiny',
-          f'--config.out_dir={tmp_path / "out"}', f'--config.data.text_path={text_path}',
-          f'--config.data.data_dir={tmp_path / "data"}', '--config.train.peak_flops=1e12', *extra]
+          f'--config.out_dir={tmp_path / "out"}',
+          *([f'--config.data.text_path={text_path}'] if text_path else []),
+          f'--config.data.data_dir={tmp_path / "data"}', f'--config.data.cache_dir={tmp_path / "cache"}',
+          '--config.train.peak_flops=1e12', *extra]
 
 
-def test_train_then_resume_then_sample_end_to_end(tmp_path, shakespeare_path):
-  r = run('train.py', *tiny_flags(tmp_path, shakespeare_path, '--config.train.max_steps=30'))
+def test_train_then_resume_then_sample_end_to_end(tmp_path):
+  """A new user's first commands on an offline machine: no data flags, nothing downloaded."""
+  r = run('train.py', *tiny_flags(tmp_path, None, '--config.train.max_steps=30'), offline=True)
   assert r.returncode == 0, r.stderr
   assert 'on cpu' in r.stdout and 'parameters' in r.stdout  # Backend, devices, model size.
   assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'expect about' in r.stdout
-  r = run('train.py', *tiny_flags(tmp_path, shakespeare_path, '--config.train.max_steps=50',
-                                  '--config.train.resume=True'))
+  assert not (tmp_path / 'cache').exists() and 'downloading' not in r.stdout
+  meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
+  assert meta['vocab_size'] == 65 and meta['train_tokens'] == 1_003_854  # TinyShakespeare.
+  latest = max(int(p.name) for p in (tmp_path / 'out' / 'checkpoints').iterdir() if p.name.isdigit())
+  r = run('train.py', *tiny_flags(tmp_path, None, '--config.train.max_steps=50',
+                                  '--config.train.resume=True'), offline=True)
   assert r.returncode == 0, r.stderr
-  assert re.search(r'resumed from step (25|30) ', r.stdout)  # The latest (best-so-far) checkpoint.
+  assert f'resumed from step {latest} ' in r.stdout  # The latest checkpoint, exactly.
   metrics = [json.loads(l) for l in (tmp_path / 'out' / 'metrics.jsonl').read_text().splitlines()]
   assert metrics[-1]['step'] == 50 and 'val_loss' in metrics[-1]
   assert json.loads((tmp_path / 'out' / 'config.json').read_text())['train']['max_steps'] == 50
@@ -96,3 +107,8 @@ def test_sample_bad_input_gets_one_clear_message(tmp_path, synthetic_text_path):
   assert r.returncode == 1 and "'€'" in r.stderr and 'Traceback' not in r.stderr
   r = run('sample.py', f'--ckpt_dir={tmp_path / "out"}', '--prompt_file=/no/such/prompt.txt')
   assert r.returncode == 1 and 'prompt_file' in r.stderr and 'Traceback' not in r.stderr
+  # Flag-level checks (absl, before anything loads); the values' own checks are in test_refusals.py.
+  for args, message in [([], '--ckpt_dir'), ([f'--ckpt_dir={tmp_path}', 'extra'], 'unexpected arguments'),
+                        ([f'--ckpt_dir={tmp_path}', '--num_samples=abc'], 'num_samples')]:
+    r = run('sample.py', *args)
+    assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
