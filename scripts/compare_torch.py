@@ -5,7 +5,7 @@ and keys) and identical learning rates. Writes OUT_DIR/dynamics.jsonl, summary.j
 
   python scripts/compare_torch.py --config configs/shakespeare.py:tiny --steps 100 --out_dir /tmp/cmp
   python scripts/compare_torch.py --config configs/shakespeare.py:cpu --steps 500 --eval_interval 100 \
-      --out_dir /tmp/compare_cpu --config.data.text_path=../shared/data/tinyshakespeare.txt
+      --out_dir /tmp/compare_cpu
   # dropout > 0: several dropout seeds per side, and a verdict on the seed spread
   python scripts/compare_torch.py --config configs/shakespeare.py:tiny --config.model.dropout=0.1 \
       --seeds 3 --steps 200 --out_dir /tmp/cmp_dropout

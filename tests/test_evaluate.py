@@ -154,12 +154,12 @@ def test_evaluate_script(bpe_run, tmp_path):
   out = tmp_path / 'e.json'
   r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'evaluate.py'), f'--ckpt_dir={bpe_run}',
                       f'--output={out}', '--batch_size=3'],
-                     capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                     capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
   assert r.returncode == 0, r.stderr
   assert 'bits/character' in r.stdout and 'perplexity' in r.stdout
   assert json.loads(out.read_text())['batch_size'] == 3
   r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'evaluate.py'),
                       f'--ckpt_dir={tmp_path / "nothing"}'],
-                     capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                     capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
   assert r.returncode == 1 and 'error: no checkpoint directory' in r.stderr
   assert 'Traceback' not in r.stderr

@@ -286,7 +286,7 @@ def test_convert_without_tokenizer_files_needs_them(reference, tmp_path):
 def _script(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        env=env, timeout=300)
+                        env=env, timeout=900)
 
 
 def test_scripts_convert_then_sample(bpe_hf_dir, tmp_path):

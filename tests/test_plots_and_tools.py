@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-def run(script, *args, timeout=300):
+def run(script, *args, timeout=900):
   return subprocess.run([sys.executable, str(REPO / 'scripts' / script), *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout,
                         env=dict(os.environ, PYTHONUNBUFFERED='1'))

@@ -12,7 +12,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, cwd=None, timeout=300, offline=False):
+def run(script, *args, cwd=None, timeout=900, offline=False):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   if offline:  # Any download would go through a proxy on a port where nothing listens.
     env.update({k: 'http://127.0.0.1:9' for k in ('http_proxy', 'https_proxy', 'HTTP_PROXY',

@@ -195,7 +195,7 @@ def test_existing_output_is_not_overwritten_silently(corpus, dataset):
 def test_prepare_shards_script(corpus, tmp_path):
   out = tmp_path / 'script_shards'
   run = lambda *a: subprocess.run([sys.executable, str(REPO / 'scripts' / 'prepare_shards.py'), *a],
-                                  capture_output=True, text=True, timeout=120)
+                                  capture_output=True, text=True, timeout=600)
   r = run(f'--source={corpus}', f'--out_dir={out}', '--shard_tokens=25000')
   assert r.returncode == 0, r.stderr
   assert 'wrote 3 shard(s)' in r.stdout
@@ -348,7 +348,7 @@ def test_prepare_data_script_writes_shards_and_train_reports_errors(corpus, tmp_
   out = tmp_path / 'script_shards'
   run = lambda script, *a: subprocess.run(
       [sys.executable, str(REPO / 'scripts' / script), *a], capture_output=True, text=True,
-      timeout=120, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+      timeout=600, env=dict(os.environ, PYTHONUNBUFFERED='1'))
   args = [f'--config.data.text_path={corpus}', f'--config.data.shards_dir={out}',
           '--config.data.shard_tokens=20000']
   r = run('prepare_data.py', *args)
@@ -399,7 +399,7 @@ def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
   env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONUNBUFFERED='1')
   r = subprocess.run([sys.executable, __file__, str(spec_path)], capture_output=True,
-                     text=True, env=env, timeout=300)
+                     text=True, env=env, timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   got = json.loads([l for l in r.stdout.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
   d_train, d_val = max_delta(got['train'], ref['train']), max_delta(got['val'], ref['val'])
