@@ -13,6 +13,7 @@ from gpt_jax import bench
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_script_prints_table_and_json():
   pytest.importorskip('torch')
   r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'bench.py'), '--settings=tiny',

@@ -120,6 +120,7 @@ def test_char_model_bits_per_char_is_loss_over_ln2(char_run):
   assert again['total_nats'] == pytest.approx(r['total_nats'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bpe_model_uses_the_checkpoint_tokenizer_and_saved_data(bpe_run, char_run, tmp_path):
   r = evaluate_lib.evaluate_checkpoint(str(bpe_run), output='', verbose=False)
   assert r['tokenizer'] == 'bpe' and r['vocab_size'] == 320 and r['model_vocab_size'] == 320

@@ -58,6 +58,7 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.abs(a - b) / np.maximum(np.abs(a), np.abs(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gelu_approximate', [False, True])
 def test_gradients_match_central_differences(float64_model, gelu_approximate):
   cfg = dataclasses.replace(CFG, gelu_approximate=gelu_approximate)

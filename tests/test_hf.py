@@ -76,6 +76,7 @@ def reference(tmp_path_factory):
   return model, root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['safetensors', 'bin'])
 def test_imported_logits_equal_hf(reference, variant):
   hf_model, root = reference
@@ -289,6 +290,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
                         env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_scripts_convert_then_sample(bpe_hf_dir, tmp_path):
   hf_dir, _ = bpe_hf_dir
   out = tmp_path / 'run'
@@ -304,6 +306,7 @@ def test_scripts_convert_then_sample(bpe_hf_dir, tmp_path):
   assert 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_training_can_start_from_hf_weights(tmp_path, tiny_config):
   """`init_from` (nanoGPT's finetune): the run's step-0 eval scores the imported weights."""
   from gpt_jax import data as data_lib

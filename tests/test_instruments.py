@@ -65,6 +65,7 @@ def one_step():
   return state, new_state, jax.device_get(metrics), x, y, plain
 
 
+@pytest.mark.slow
 def test_per_layer_norms_equal_direct_computation(one_step):
   state, new_state, m, x, y, _ = one_step
   grads = jax.jit(lambda p: jax.grad(train_lib.loss_fn)(p, GPT(CFG), x, y, None))(state.params)
@@ -186,6 +187,7 @@ def _original_train_step(state, train_data, *, model, batch_size, grad_accum_ste
   return state.apply_gradients(grads=grads), metrics
 
 
+@pytest.mark.slow
 def test_instruments_off_is_the_original_train_step():
   """With dynamics off (the default) train_step traces to the very same program as before the hook,
   and gives bit-identical states."""

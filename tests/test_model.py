@@ -38,6 +38,7 @@ def test_parameter_names_follow_gpt2():
   assert not any('lm_head' in n for n in flat)  # The head is tied to wte.
 
 
+@pytest.mark.slow
 def test_causality_through_gradients():
   """d logits[t] / d (input vector at position s) is exactly zero for every s > t.
 
@@ -75,6 +76,7 @@ def test_changing_a_later_token_never_changes_earlier_logits():
     ModelConfig(vocab_size=65, block_size=64, n_layer=3, n_head=3, n_embd=48, bias=True),
     ModelConfig(vocab_size=101, block_size=32, n_layer=1, n_head=1, n_embd=16, bias=False),
 ])
+@pytest.mark.slow
 def test_parameter_count_matches_formula(cfg):
   assert model_lib.count_params(_params(cfg)) == num_params(cfg)
 
@@ -121,6 +123,7 @@ def test_layernorm_matches_flax(use_bias):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_attention_matches_jax_dot_product_attention():
   B, T, H, D = 2, 10, 3, 8
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(7), 3)
@@ -141,6 +144,7 @@ def test_attention_matches_jax_dot_product_attention():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('T, block', [(16, 4), (13, 5), (8, 8)])
 def test_block_causal_attention_equals_causal_attention(T, block):
   B, H, D = 2, 3, 8
@@ -155,6 +159,7 @@ def test_block_causal_attention_equals_causal_attention(T, block):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_uses_blocked_attention_for_long_sequences(monkeypatch):
   """The model's block-skipping path gives the logits and gradients of the plain path."""
   params = _params()
@@ -241,6 +246,7 @@ def test_dropout_is_off_by_default_and_on_with_a_key():
   assert not np.allclose(d1, m.apply({'params': params}, idx))
 
 
+@pytest.mark.slow
 def test_kv_cache_prefill_and_steps_match_full_forward():
   params = _params()
   m = GPT(CFG)
@@ -254,6 +260,7 @@ def test_kv_cache_prefill_and_steps_match_full_forward():
     np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kv_cache_chunks_at_traced_positions_match_full_forward():
   """Chunks of several tokens at non-zero (traced) positions see the cache and each other causally."""
   params = _params()

@@ -84,6 +84,7 @@ def _max_rel_diff(a, b) -> float:
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+@pytest.mark.slow
 def test_scratch_adamw_matches_optax_over_200_steps():
   """Same start, same batches: the two optimizers must give the same parameters.
 
@@ -106,6 +107,7 @@ def test_scratch_adamw_matches_optax_over_200_steps():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scratch_state_round_trips_through_orbax(tmp_path):
   state, _ = _run(_state('scratch'), 5)
   assert isinstance(state.opt_state, optim.ScratchAdamWState)
@@ -256,6 +258,7 @@ def test_bias_correction_is_accurate_in_float32(decay):
     assert np.abs(textbook / exact - 1).max() > 5e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['optax', 'scratch'])
 def test_adamw_is_optax_adamw_up_to_the_bias_correction(optimizer):
   """Fed the same gradients, both optimizers give optax.adamw's updates to within the error of its

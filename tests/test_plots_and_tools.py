@@ -65,6 +65,7 @@ def _png(path):
 
 # --- the training loop's records --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_logs_dynamics_records(tiny_run):
   recs = _records(tiny_run)
   dyn = [r for r in recs if 'dynamics' in r]
@@ -153,6 +154,7 @@ def test_dynamics_matrix_orders_layers(tiny_run):
     ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
     ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True),
 ], ids=['cpu', 'gpt2'])
+@pytest.mark.slow
 def test_shape_flow_totals_match_the_models_counts(cfg):
   rows = shapes.shape_flow(cfg, batch_size=2)
   n_params, n_flops = shapes.totals(rows)
@@ -179,6 +181,7 @@ def test_inspect_model_script():
 
 # --- attention and token traces ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_attention_script_writes_a_grid(tiny_run, tmp_path):
   out = tmp_path / 'att.png'
   r = run('attention.py', f'--ckpt_dir={tiny_run}', '--text=ROMEO:\nthe king', f'--out={out}')
@@ -196,6 +199,7 @@ def test_attention_maps_are_causal_distributions(tiny_run):
   assert np.all(np.triu(probs, 1) == 0)
 
 
+@pytest.mark.slow
 def test_trace_script_and_values(tiny_run):
   r = run('trace.py', f'--ckpt_dir={tiny_run}', '--text=ROMEO:\nthe king', '--top_k=3')
   assert r.returncode == 0, r.stderr

@@ -30,6 +30,7 @@ def trained(tiny_config):
   return tiny_config, before
 
 
+@pytest.mark.slow
 def test_resume_with_another_tokenizer(trained, tmp_path):
   config, before = trained
   text = pathlib.Path(config.data.text_path).read_text(encoding='utf-8')
@@ -42,6 +43,7 @@ def test_resume_with_another_tokenizer(trained, tmp_path):
   assert _files(config.out_dir) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_parameters_only_checkpoint(tiny_config):
   ds = data_lib.load(tiny_config.data, verbose=False)
   model_cfg = train_lib.model_config_from(tiny_config, ds.tokenizer.vocab_size)
@@ -56,6 +58,7 @@ def test_resume_of_a_parameters_only_checkpoint(tiny_config):
   assert _files(tiny_config.out_dir) == before
 
 
+@pytest.mark.slow
 def test_restoring_a_checkpoint_whose_shapes_do_not_fit(trained):
   config, before = trained
   config.model.n_embd = 48  # The arrays on disk are 32 wide.
@@ -78,6 +81,7 @@ def test_vocab_size_smaller_than_the_data(tiny_config):
       tiny_config.out_dir)
 
 
+@pytest.mark.slow
 def test_nan_before_any_checkpoint(tiny_config):
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=1, learning_rate=1e6,
                            min_learning_rate=1e6, grad_clip=0.0)
@@ -98,6 +102,7 @@ SAMPLE_CHECKS = [
 ]
 
 
+@pytest.mark.slow
 def test_every_sample_argument_check(trained):
   """Each check of scripts/sample.py's arguments (the script passes them straight through)."""
   config, before = trained

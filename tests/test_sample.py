@@ -30,6 +30,7 @@ def _prompt(batch, length, seed=1):
     (20, 12, 0),   # Prompt longer than the window, automatic shift.
     (16, 5, 16),   # Window exactly full at the start, largest shift.
 ])
+@pytest.mark.slow
 def test_cached_greedy_equals_full_recomputation(params, prompt_len, new, shift):
   prompt = _prompt(2, prompt_len)
   cached = sample_lib.generate(params, CFG, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
@@ -39,6 +40,7 @@ def test_cached_greedy_equals_full_recomputation(params, prompt_len, new, shift)
   np.testing.assert_array_equal(np.asarray(cached[:, :prompt_len]), prompt)
 
 
+@pytest.mark.slow
 def test_shift_one_is_nanogpt_crop_to_block_size(params):
   """nanoGPT: idx_cond = idx[:, -block_size:]; logits[:, -1] -> next token."""
   prompt = _prompt(1, 4)
@@ -52,6 +54,7 @@ def test_shift_one_is_nanogpt_crop_to_block_size(params):
   np.testing.assert_array_equal(np.asarray(cached), tokens)
 
 
+@pytest.mark.slow
 def test_top_k_one_is_greedy(params):
   prompt = _prompt(3, 4)
   greedy = sample_lib.generate(params, CFG, prompt, 12, jax.random.PRNGKey(0), temperature=0.0)
@@ -69,12 +72,14 @@ def test_sampling_is_seeded_and_rows_differ(params):
   assert len({tuple(r) for r in np.asarray(a).tolist()}) > 1  # Independent samples per row.
 
 
+@pytest.mark.slow
 def test_vocab_limit_masks_padded_rows(params):
   out = sample_lib.generate(params, CFG, np.zeros((8, 1), np.int32), 40, jax.random.PRNGKey(3),
                             temperature=2.0, vocab_limit=5)
   assert int(np.asarray(out[:, 1:]).max()) < 5
 
 
+@pytest.mark.slow
 def test_top_k_restricts_choices(params):
   prompt = _prompt(1, 3)
   logits = model_lib.GPT(CFG).apply({'params': params}, jnp.asarray(prompt))[:, -1]

@@ -30,6 +30,7 @@ def tiny_flags(tmp_path, text_path, *extra):
           '--config.train.peak_flops=1e12', *extra]
 
 
+@pytest.mark.slow
 def test_train_then_resume_then_sample_end_to_end(tmp_path):
   """A new user's first commands on an offline machine: no data flags, nothing downloaded."""
   r = run('train.py', *tiny_flags(tmp_path, None, '--config.train.max_steps=30'), offline=True)
@@ -98,6 +99,7 @@ def test_bad_config_file_or_preset(config_arg, message):
   assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_bad_input_gets_one_clear_message(tmp_path, synthetic_text_path):
   r = run('sample.py', f'--ckpt_dir={tmp_path / "missing"}')
   assert r.returncode == 1 and 'no checkpoint directory' in r.stderr and 'Traceback' not in r.stderr

@@ -200,6 +200,7 @@ def test_batch_must_split_over_the_devices():
     sharding_lib.check_batch_divisible(6, jax.sharding.AbstractMesh((2, 2), ('data', 'fsdp')))
 
 
+@pytest.mark.slow
 def test_one_device_mesh_is_the_plain_path():
   """Mesh 1 x 1: bit-identical to the code without any sharding."""
   model_cfg, train_cfg = _model_and_train_cfg()

@@ -240,6 +240,7 @@ def test_splits_are_the_in_memory_splits(corpus, tmp_path):
   assert indexes['train']['settings'] == data_lib.tokenizer_settings(cfg.data)
 
 
+@pytest.mark.slow
 def test_host_fed_step_is_the_device_drawn_step():
   """train_step_on_batch fed the very rows train_step draws itself makes train_step's update, with
   accumulation (2 micro-batches) and dropout (the same dropout keys)."""
@@ -264,6 +265,7 @@ def test_host_fed_step_is_the_device_drawn_step():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
   from gpt_jax import checkpoint as checkpoint_lib
   from gpt_jax import tokenizer as tokenizer_lib

@@ -3,6 +3,8 @@
 import pathlib
 import textwrap
 
+import pytest
+
 TESTS = pathlib.Path(__file__).resolve().parent
 
 SKIPPING = textwrap.dedent('''
@@ -29,6 +31,7 @@ def _run(pytester, monkeypatch, body):
   return pytester.runpytest_subprocess('-q', '-p', 'no:cacheprovider')
 
 
+@pytest.mark.slow
 def test_a_quiet_skip_fails_the_session(pytester, monkeypatch):
   result = _run(pytester, monkeypatch, SKIPPING)
   assert result.ret == 1
@@ -36,6 +39,7 @@ def test_a_quiet_skip_fails_the_session(pytester, monkeypatch):
                                '*test_needs_a_missing_module*no_such_module_anywhere*'])
 
 
+@pytest.mark.slow
 def test_gpu_only_skips_are_allowed(pytester, monkeypatch):
   result = _run(pytester, monkeypatch,
                 SKIPPING.replace("pytest.importorskip('no_such_module_anywhere')", 'pass'))

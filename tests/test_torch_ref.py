@@ -85,6 +85,7 @@ def test_optimizer_groups_follow_nanogpt():
   assert n == sum(p.numel() for p in model.parameters())  # The tied weight counted once.
 
 
+@pytest.mark.slow
 def test_jax_step_is_train_step(tiny_config):
   """The comparison's JAX step is the production train_step (same batches, masks and update)."""
   c = tiny_config
@@ -105,6 +106,7 @@ def test_jax_step_is_train_step(tiny_config):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
   out = tmp_path / 'cmp'
   s = dynamics.run_comparison(tiny_config, 20, str(out), eval_interval=10, print_fn=lambda _: None)
@@ -131,6 +133,7 @@ def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
   assert os.path.getsize(out / 'dynamics.png') > 10_000
 
 
+@pytest.mark.slow
 def test_tiny_preset_on_tinyshakespeare_meets_the_acceptance_figures(tiny_config, shakespeare_path,
                                                                       tmp_path):
   """The acceptance run: the `tiny` preset on the real text, dropout 0, 100 steps, |dloss| <= 1e-4.

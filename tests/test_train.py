@@ -56,6 +56,7 @@ def test_overfits_one_batch():
   assert first > 2.5 and float(m['loss']) < 0.05
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   model_cfg, train_cfg = _setup()
   data = jnp.asarray(np.random.RandomState(1).randint(0, 20, 5000), jnp.uint16)
@@ -71,6 +72,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_step_is_deterministic_and_keys_change_with_step():
   model_cfg, train_cfg = _setup(cfg_overrides={'dropout': 0.1})
   data = jnp.asarray(np.random.RandomState(2).randint(0, 20, 5000), jnp.uint16)
@@ -95,6 +97,7 @@ def test_lr_reported_follows_schedule():
   np.testing.assert_allclose(lrs, [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_run_learns_logs_and_checkpoints(tiny_config):
   tiny_config.train.max_steps = 60
   tiny_config.train.eval_interval = 30
@@ -132,6 +135,7 @@ def summary_vocab(config):
   return data_lib.Dataset(config.data.data_dir).meta['vocab_size']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, dropout):
   tiny_config.model.dropout = dropout
@@ -160,6 +164,7 @@ def _run(config, out_dir):
   return _read_metrics(out_dir)
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tiny_config):
   tiny_config.train.max_steps = 10
   train_lib.train_and_evaluate(tiny_config)
@@ -173,6 +178,7 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_config):
     train_lib.train_and_evaluate(tiny_config)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_names_the_mismatch(tiny_config):
   tiny_config.train.max_steps = 10
   train_lib.train_and_evaluate(tiny_config)
@@ -182,6 +188,7 @@ def test_resume_with_a_different_model_names_the_mismatch(tiny_config):
     train_lib.train_and_evaluate(tiny_config)
 
 
+@pytest.mark.slow
 def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_path):
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=1)
   tiny_config.checkpoint.save = 'always'
@@ -214,6 +221,7 @@ def test_flops_per_token_matches_nanogpt_formula():
   assert train_lib.flops_per_token(cfg) == 6 * n + 12 * 6 * 384 * 256
 
 
+@pytest.mark.slow
 def test_remat_computes_the_same_steps():
   """Rematerialisation only changes what is stored for the backward pass, not what is computed."""
   data = jnp.asarray(np.random.RandomState(3).randint(0, 20, 3000), jnp.uint16)
@@ -231,6 +239,7 @@ def test_remat_computes_the_same_steps():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_mixed_precision_keeps_float32_state_and_tracks_float32(dtype):
   """Compute in 16 bits; parameters, optimizer state, gradients and the loss stay float32."""
