@@ -65,8 +65,11 @@ class Checkpointer:
   """A thin layer over `ocp.CheckpointManager` with gpt_jax's items, metadata and messages."""
 
   def __init__(self, directory: str, ckpt_cfg: Optional[ml_collections.ConfigDict] = None,
-               read_only: bool = False):
+               read_only: bool = False, set_aside_damaged: bool = False):
+    """`set_aside_damaged`: a step whose metrics JSON Orbax cannot read on opening is moved to
+    `damaged_checkpoints/` instead of refused (train.resume_from_last_good)."""
     self.directory = os.path.abspath(os.path.expanduser(directory))
+    self._set_aside = set_aside_damaged
     if read_only:
       if not os.path.isdir(self.directory):
         raise UserError(f'no checkpoint directory at {self.directory}; pass the out_dir of a '
@@ -98,7 +101,14 @@ class Checkpointer:
         except FileNotFoundError:
           pass
         except ValueError as bad:
-          raise DamagedCheckpoint(step, self.directory, f'metrics/metrics: {_first_line(bad)}') from None
+          if self._set_aside:
+            print(f'moved damaged checkpoint {step} to {self._move_steps([step])}')
+            return self._open()
+          raise DamagedCheckpoint(
+              step, self.directory, f'metrics/metrics: {_first_line(bad)}',
+              'move it out of the folder to use the others; a resume with '
+              f'--config.train.resume_from_last_good=True moves it to {self._damaged_dir()} itself'
+          ) from None
       raise e
 
   # --- queries ---------------------------------------------------------------------------------
@@ -247,10 +257,15 @@ class Checkpointer:
     return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
 
   def move_aside(self, steps: list[int]) -> str:
-    """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/` (process 0)."""
+    """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/`."""
+    self.manager.close()
+    dest = self._move_steps(steps)
+    self.manager = self._open()
+    return dest
+
+  def _move_steps(self, steps: list[int]) -> str:
     from gpt_jax import distributed
     dest = self._damaged_dir()
-    self.manager.close()
     if distributed.is_main():
       os.makedirs(dest, exist_ok=True)
       for step in steps:
@@ -259,7 +274,6 @@ class Checkpointer:
           target += time.strftime('.%Y%m%d-%H%M%S')
         shutil.move(os.path.join(self.directory, str(step)), target)
     distributed.barrier('gpt_jax: damaged checkpoints moved')
-    self.manager = self._open()
     return dest
 
 

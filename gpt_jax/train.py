@@ -264,8 +264,9 @@ def peak_flops(configured: float) -> tuple[float, str]:
 class MetricsLog:
   """Appends one JSON object per line to out_dir/metrics.jsonl (path None: writes nothing)."""
 
-  def __init__(self, path: Optional[str]):
+  def __init__(self, path: Optional[str], before_error: Callable[[], None] = lambda: None):
     self.path = path  # None on every process but 0, so that one process writes the file.
+    self.before_error = before_error  # E.g. report a failed background checkpoint save, the cause.
 
   def write(self, record: dict) -> None:
     if self.path is None:
@@ -274,6 +275,7 @@ class MetricsLog:
       with open(self.path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record, ensure_ascii=False) + '\n')
     except OSError as e:  # A full disk: say so, rather than a traceback.
+      self.before_error()
       raise UserError(f'could not write {self.path} ({e.strerror}); training stopped. Free some space '
                       '(or fix the permissions), then continue from the last checkpoint with '
                       '--config.train.resume=True.') from None
@@ -338,7 +340,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, out_dir: str,
        f'{num_params(model_cfg) / 1e6:.2f}M parameters '
        f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c,
+                                    set_aside_damaged=cfg_t.resume and cfg_t.resume_from_last_good)
   # Shapes and target shardings only: a resumed run never materialises a fresh state it would drop.
   abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, cfg_t))
   state_sh = sharding_lib.state_shardings(abstract_state, mesh)
@@ -390,7 +393,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, out_dir: str,
   if main:
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=1))
-  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None)
+  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None, before_error=ckpt.wait)
   if main and cfg_t.get('tensorboard', False):  # Mirror every record as TensorBoard scalars too.
     log = instruments.TensorBoardLog(log, os.path.join(out_dir, 'tensorboard'))
   start_step = int(state.step)
