@@ -346,3 +346,22 @@ def test_sample_script_names_the_damaged_step_in_one_line(tiny_config):
   assert len(errors) == 1 and re.search(r'checkpoint 20 in .* is damaged \(.+\); pick another with '
                                         r'--step \(available: \[10\]\)', errors[0]), r.stderr
   assert 'Traceback' not in r.stderr
+
+
+def test_orbax_errors_come_one_line_each_and_closed_loop_noise_is_dropped():
+  """What a full disk prints besides gpt_jax's own line (scripts only: gpt_jax/cli.py)."""
+  import logging
+  import types
+  from gpt_jax import cli
+  keep = cli._DropOrbaxChatter()
+  rec = logging.LogRecord('absl', logging.ERROR, '/x/orbax/checkpoint/future.py', 1, 'failed: %s\nmore',
+                          ('ENOSPC',), (ValueError, ValueError('v'), None))
+  assert keep.filter(rec) and rec.getMessage() == 'failed: ENOSPC' and rec.exc_info is None
+  assert not keep.filter(logging.LogRecord('absl', logging.WARNING, '/x/orbax/a.py', 1, 'w', (), None))
+  ours = logging.LogRecord('absl', logging.ERROR, '/x/gpt_jax/a.py', 1, 'a\nb', (), None)
+  assert keep.filter(ours) and ours.getMessage() == 'a\nb'
+  seen = []
+  hook = cli._without_closed_loop_noise(seen.append)
+  for text in ('Event loop is closed', 'something else'):
+    hook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(text)))
+  assert [str(u.exc_value) for u in seen] == ['something else']
