@@ -25,11 +25,12 @@ import threading
 from typing import Optional
 
 from gpt_jax import distributed
-from gpt_jax.errors import Stopped  # noqa: F401  (raised by the loop; the scripts exit with its status)
+from gpt_jax.errors import Stopped  # Raised by the loop; the scripts exit with its status.
 
 EX_TEMPFAIL = Stopped.exit_status  # 75: stopped by a signal after saving a resumable checkpoint.
-# Multi-process runs: steps between agreements on stopping. The CPU loop already waits for every 8th
-# step (train.CPU_MAX_STEPS_IN_FLIGHT); a GPU's queue drains once per 8 steps for a few microseconds.
+# Multi-process runs: steps between agreements on stopping. Each agreement waits for the steps queued
+# before it; the CPU loop waits for every 8th step anyway (train.CPU_MAX_STEPS_IN_FLIGHT), and on a
+# GPU one drained queue per 8 steps costs at most one step's dispatch time.
 SYNC_EVERY = 8
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
