@@ -55,6 +55,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
       resume=False,
+      resume_from_last_good=False,  # resume=True and the newest checkpoint is damaged: continue from
+                               # the newest readable one (the damaged are moved aside, never deleted).
       peak_flops=0.0,          # For the MFU estimate; 0 = look up the device or measure a matmul.
       dynamics_interval=0,     # Every N steps log per-layer training dynamics (0 = off); see plot.py.
       tensorboard=False,       # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).

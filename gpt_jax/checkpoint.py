@@ -8,14 +8,24 @@ Each checkpoint step directory holds four items, written by one `CheckpointManag
              so a checkpoint directory is all that sampling or evaluation need.
 
 Retention: the newest `keep_last` checkpoints plus the one with the lowest val loss.
-Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
-save never replaces a good checkpoint.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete, so an
+interrupted or failed save (a full disk) is never listed as a step, and old steps are removed only after
+the new one is complete. The writer (training, which holds the run lock of gpt_jax/runlock.py) removes
+such leftovers when it opens the directory. A failed save stops the run with `CheckpointWriteError`.
+
+A damaged checkpoint (a truncated array file, garbled JSON) raises `DamagedCheckpoint` naming the step;
+nothing here ever deletes it. `resume_state` can continue from the newest readable step instead, after
+moving the damaged ones to `damaged_checkpoints/` beside the checkpoints folder.
 """
 
 from __future__ import annotations
 
+import errno as errno_lib
+import json
 import os
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +38,20 @@ from gpt_jax.errors import UserError
 
 FORMAT = 'gpt_jax'
 FORMAT_VERSION = 1
+DAMAGED_DIR = 'damaged_checkpoints'  # Beside `checkpoints/`: where damaged steps are moved on request.
+
+
+class DamagedCheckpoint(UserError):
+  """Checkpoint `step` exists but cannot be read: its files are truncated, missing or garbled."""
+
+  def __init__(self, step: int, directory: str, reason: str, advice: str = ''):
+    super().__init__(f'checkpoint {step} in {directory} is damaged ({reason})'
+                     + (f'; {advice}' if advice else ''))
+    self.step, self.reason = step, reason
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
 
 
 def checkpoint_dir(path: str) -> str:
@@ -41,8 +65,11 @@ class Checkpointer:
   """A thin layer over `ocp.CheckpointManager` with gpt_jax's items, metadata and messages."""
 
   def __init__(self, directory: str, ckpt_cfg: Optional[ml_collections.ConfigDict] = None,
-               read_only: bool = False):
+               read_only: bool = False, set_aside_damaged: bool = False):
+    """`set_aside_damaged`: a step whose metrics JSON Orbax cannot read on opening is moved to
+    `damaged_checkpoints/` instead of refused (train.resume_from_last_good)."""
     self.directory = os.path.abspath(os.path.expanduser(directory))
+    self._set_aside = set_aside_damaged
     if read_only:
       if not os.path.isdir(self.directory):
         raise UserError(f'no checkpoint directory at {self.directory}; pass the out_dir of a '
@@ -58,8 +85,31 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           preservation_policy=policy, best_fn=_val_loss, best_mode='min',
           enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else True,
-          create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+          create=True, cleanup_tmp_directories=True)  # Leftovers of a failed save: see the top.
+    self._options = options
+    self._pending: Optional[int] = None  # A step saved in the background, not yet known complete.
+    self.manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    try:
+      return ocp.CheckpointManager(self.directory, options=self._options)
+    except Exception as e:  # Orbax reads every step's metrics JSON on opening.
+      for step in _step_dirs(self.directory):
+        try:
+          with open(os.path.join(self.directory, str(step), 'metrics', 'metrics'), 'rb') as f:
+            json.loads(f.read())
+        except FileNotFoundError:
+          pass
+        except ValueError as bad:
+          if self._set_aside:
+            print(f'moved damaged checkpoint {step} to {self._move_steps([step])}')
+            return self._open()
+          raise DamagedCheckpoint(
+              step, self.directory, f'metrics/metrics: {_first_line(bad)}',
+              'move it out of the folder to use the others; a resume with '
+              f'--config.train.resume_from_last_good=True moves it to {self._damaged_dir()} itself'
+          ) from None
+      raise e
 
   # --- queries ---------------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -79,6 +129,8 @@ class Checkpointer:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
+      if _is_damage(e):
+        raise DamagedCheckpoint(step, self.directory, f'meta: {_reason(e)}') from None
       raise UserError(f'checkpoint {step} in {self.directory} has no readable gpt_jax metadata ({e}); '
                       'is it a checkpoint written by gpt_jax?') from None
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
@@ -90,12 +142,17 @@ class Checkpointer:
     """Saves the train state (params, opt_state, step, key) and metadata as checkpoint `step`."""
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
                 val_loss=float(val_loss))
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        progress=ocp.args.StandardSave({'step': state.step, 'key': state.key}),
-        meta=ocp.args.JsonSave(meta),
-    ), metrics={'val_loss': float(val_loss)}, force=True)
+    self.wait()  # A failure of the previous (background) save is reported as that step's.
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          opt_state=ocp.args.StandardSave(state.opt_state),
+          progress=ocp.args.StandardSave({'step': state.step, 'key': state.key}),
+          meta=ocp.args.JsonSave(meta),
+      ), metrics={'val_loss': float(val_loss)}, force=True)
+    except Exception as e:
+      raise self._write_error(step, e) from None
+    self._pending = step
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """An inference-only checkpoint (e.g. converted GPT-2 weights): no optimizer state, not resumable.
@@ -120,7 +177,9 @@ class Checkpointer:
           opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
           progress=ocp.args.StandardRestore({'step': abstract_state.step, 'key': abstract_state.key}),
       ))
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:
+      if _is_damage(e):
+        raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
       raise UserError(f'checkpoint {step} in {self.directory} does not fit the configured model and '
                       f'optimizer: {_first_line(e)}') from None
     return abstract_state.replace(params=r.params, opt_state=r.opt_state,
@@ -132,16 +191,90 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params))).params
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:
+      if _is_damage(e):
+        raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
       raise UserError(f'checkpoint {step} in {self.directory}: cannot restore parameters '
                       f'({_first_line(e)})') from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for a background save to be complete on disk; raises CheckpointWriteError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._pending, e) from None
+    self._pending = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  def _write_error(self, step: Optional[int], e: Exception) -> CheckpointWriteError:
+    reason, advice = _os_reason(e)
+    good = [s for s in _step_dirs(self.directory) if s != step]  # Renamed into place: complete.
+    return CheckpointWriteError(
+        f'could not write checkpoint {step} to {self.directory} ({reason}); training stopped. '
+        + (f'The earlier checkpoints ({", ".join(map(str, good))}) are intact: {advice}, then continue '
+           'with --config.train.resume=True.' if good else f'No checkpoint was written: {advice}, then '
+           'start the run again.'))
+
+  # --- damaged checkpoints ---------------------------------------------------------------------
+  def resume_state(self, abstract_state: Any, check_meta: Callable[[int, dict], None],
+                   skip_damaged: bool) -> tuple[int, Any, dict]:
+    """(step, state, meta) of the newest checkpoint that restores completely.
+
+    A damaged newest checkpoint is a DamagedCheckpoint naming it and the newest good one, unless
+    `skip_damaged`: then the damaged steps are moved to `damaged_checkpoints/` (never deleted) and the
+    run continues from the good one. `check_meta(step, meta)` raises for a checkpoint of another run.
+    Every process must call this (restores are collective); they agree on each step's verdict.
+    """
+    from gpt_jax import distributed
+    damaged: list[DamagedCheckpoint] = []
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        meta = self.meta(step)
+        check_meta(step, meta)
+        state, error = self.restore_state(step, abstract_state), None
+      except DamagedCheckpoint as e:
+        error = e
+      if distributed.any_process(error is not None):  # Damage seen by any process counts for all.
+        damaged.append(error or DamagedCheckpoint(step, self.directory, 'unreadable on another process'))
+        continue
+      if damaged and not skip_damaged:
+        raise DamagedCheckpoint(damaged[0].step, self.directory, damaged[0].reason, (
+            f'the newest good checkpoint is step {step}: continue from it with '
+            f'--config.train.resume=True --config.train.resume_from_last_good=True, which moves '
+            f'{_plural(damaged)} to {self._damaged_dir()} (nothing is deleted)'))
+      if damaged:
+        moved = self.move_aside([d.step for d in damaged])
+        print(f'moved damaged {_plural(damaged)} to {moved}; continuing from checkpoint {step}')
+      return step, state, meta
+    raise DamagedCheckpoint(damaged[0].step, self.directory, damaged[0].reason,
+                            'no other checkpoint is readable either (nothing was deleted); start a new '
+                            'run with another --config.out_dir')
+
+  def _damaged_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+
+  def move_aside(self, steps: list[int]) -> str:
+    """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/`."""
+    self.manager.close()
+    dest = self._move_steps(steps)
+    self.manager = self._open()
+    return dest
+
+  def _move_steps(self, steps: list[int]) -> str:
+    from gpt_jax import distributed
+    dest = self._damaged_dir()
+    if distributed.is_main():
+      os.makedirs(dest, exist_ok=True)
+      for step in steps:
+        target = os.path.join(dest, str(step))
+        if os.path.exists(target):  # Damaged twice at the same step: keep both.
+          target += time.strftime('.%Y%m%d-%H%M%S')
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    distributed.barrier('gpt_jax: damaged checkpoints moved')
+    return dest
 
 
 def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
@@ -172,10 +305,15 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
     step = ckpt.best_step()
   elif step not in steps:
     raise UserError(f'no checkpoint for step {step} in {ckpt.directory}; available: {steps}')
-  meta = ckpt.meta(step)
-  model_cfg = ModelConfig.from_dict(meta['model'])
-  abstract = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0)))
-  params = ckpt.restore_params(step, abstract)
+  try:
+    meta = ckpt.meta(step)
+    model_cfg = ModelConfig.from_dict(meta['model'])
+    abstract = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0)))
+    params = ckpt.restore_params(step, abstract)
+  except DamagedCheckpoint as e:
+    others = [s for s in steps if s != step]
+    raise DamagedCheckpoint(step, ckpt.directory, e.reason, (
+        f'pick another with --step (available: {others})' if others else '')) from None
   ckpt.close()
   return model_cfg, params, meta
 
@@ -192,6 +330,58 @@ def _placed(abstract: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
       if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None else a, abstract)
+
+
+def _step_dirs(directory: str) -> list[int]:
+  """The complete (renamed into place) step folders on disk, oldest first."""
+  try:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  except FileNotFoundError:
+    return []
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _is_damage(e: Exception) -> bool:
+  """Unreadable files, as opposed to a well-formed checkpoint of another shape (a user's mismatch).
+
+  Orbax reports a shape or tree mismatch as ValueError/KeyError/TypeError; garbled JSON surfaces as a
+  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError.
+  """
+  if any(isinstance(c, (json.JSONDecodeError, UnicodeDecodeError)) for c in _chain(e)):
+    return True
+  return not isinstance(e, (ValueError, KeyError, TypeError))
+
+
+def _reason(e: BaseException) -> str:
+  """The innermost cause's first line: TensorStore's own words beat Orbax's wrapper."""
+  return _first_line(_chain(e)[-1])
+
+
+def _os_reason(e: BaseException) -> tuple[str, str]:
+  """(what failed, what to do) for a failed write; TensorStore reports errno only inside its text."""
+  text = ' '.join(str(c) for c in _chain(e))
+  codes = {getattr(c, 'errno', None) for c in _chain(e)}
+  if errno_lib.ENOSPC in codes or 'No space left' in text or "os_error_code='28'" in text:
+    return 'no space left on device', 'free some space'
+  if errno_lib.EDQUOT in codes or 'quota exceeded' in text.lower():
+    return 'disk quota exceeded', 'free some space'
+  if codes & {errno_lib.EACCES, errno_lib.EPERM} or 'Permission denied' in text:
+    return 'permission denied', 'make the directory writable'
+  if errno_lib.EROFS in codes or 'Read-only file system' in text:
+    return 'read-only file system', 'make the directory writable'
+  return _reason(e), 'fix the cause'
+
+
+def _plural(damaged: list) -> str:
+  steps = ', '.join(str(d.step) for d in damaged)
+  return f'checkpoint {steps}' if len(damaged) == 1 else f'checkpoints {steps}'
 
 
 def _val_loss(metrics: Any) -> float:

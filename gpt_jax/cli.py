@@ -14,10 +14,20 @@ from gpt_jax.errors import exit_on_user_error
 
 
 class _DropOrbaxChatter(logging.Filter):
-  """Orbax logs every file it writes (and read-only notices) through absl; keep only its errors."""
+  """Orbax logs every file it writes (and read-only notices) through absl; keep only its errors.
+
+  Those come one line each, without their tracebacks: a failed write (a full disk) is logged by every
+  writer thread, and the error itself reaches gpt_jax, which reports it in one line of its own.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or 'orbax' not in record.pathname
+    if 'orbax' not in record.pathname:
+      return True
+    if record.levelno < logging.ERROR:
+      return False
+    first = (record.getMessage().strip().splitlines() or [''])[0]
+    record.msg, record.args, record.exc_info, record.exc_text = first[:300], (), None, None
+    return True
 
 
 def quiet_library_logs() -> None:
@@ -26,6 +36,17 @@ def quiet_library_logs() -> None:
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _DropOrbaxChatter) for f in handler.filters):
     handler.addFilter(_DropOrbaxChatter())
+  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def _without_closed_loop_noise(hook: Callable) -> Callable:
+  """After a failed checkpoint write, TensorStore's I/O threads still call back into Orbax's finished
+  asyncio loop, and report each failed call ('Event loop is closed') with a traceback. Drop just those."""
+  def unraisablehook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed':
+      return
+    hook(unraisable)
+  return unraisablehook
 
 
 def _innermost_message(e: BaseException) -> str:

@@ -102,6 +102,19 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_count() -> int:
+  """How many processes run this program (1 unless `initialize` connected several)."""
+  return jax.process_count()
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any of them: a collective, so all must call it."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-process) array on this host, for printing or decoding."""
   if x.is_fully_addressable or x.is_fully_replicated:

@@ -30,11 +30,13 @@ from gpt_jax import data as data_lib
 from gpt_jax import distributed
 from gpt_jax import instruments
 from gpt_jax import optim
+from gpt_jax import preemption
+from gpt_jax import runlock
 from gpt_jax import sample as sample_lib
 from gpt_jax import sharding as sharding_lib
 from gpt_jax import shards as shards_lib
 from gpt_jax.config import ModelConfig, num_params
-from gpt_jax.errors import UserError
+from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
 
 EVAL_KEY_SALT = 0x5EED  # Eval batches come from their own key stream, fixed for the whole run.
@@ -262,14 +264,21 @@ def peak_flops(configured: float) -> tuple[float, str]:
 class MetricsLog:
   """Appends one JSON object per line to out_dir/metrics.jsonl (path None: writes nothing)."""
 
-  def __init__(self, path: Optional[str]):
+  def __init__(self, path: Optional[str], before_error: Callable[[], None] = lambda: None):
     self.path = path  # None on every process but 0, so that one process writes the file.
+    self.before_error = before_error  # E.g. report a failed background checkpoint save, the cause.
 
   def write(self, record: dict) -> None:
     if self.path is None:
       return
-    with open(self.path, 'a', encoding='utf-8') as f:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    try:
+      with open(self.path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    except OSError as e:  # A full disk: say so, rather than a traceback.
+      self.before_error()
+      raise UserError(f'could not write {self.path} ({e.strerror}); training stopped. Free some space '
+                      '(or fix the permissions), then continue from the last checkpoint with '
+                      '--config.train.resume=True.') from None
 
 
 def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
@@ -282,13 +291,23 @@ def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Check
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
-  """Runs training as configured; returns a summary (final step, losses, wall time, best val loss)."""
+  """Runs training as configured; returns a summary (final step, losses, wall time, best val loss).
+
+  The run holds its out_dir's lock throughout (gpt_jax/runlock.py). SIGTERM or SIGINT stops it after
+  the step in flight with a checkpoint of that step, raising `Stopped` (gpt_jax/preemption.py).
+  """
   t_start = time.time()
-  cfg_t, cfg_c, cfg_s = config.train, config.checkpoint, config.sample
   _validate(config)
   out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
   os.makedirs(out_dir, exist_ok=True)
   distributed.initialize(config.get('distributed'))  # Multi-process runs: before any JAX call.
+  with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
+    return _train_and_evaluate(config, out_dir, stop, t_start)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, out_dir: str,
+                        stop: preemption.StopRequest, t_start: float) -> dict:
+  cfg_t, cfg_c, cfg_s = config.train, config.checkpoint, config.sample
   main = distributed.is_main()  # Only process 0 prints and writes text files; all compute.
   say0 = print if main else (lambda *args, **kwargs: None)
 
@@ -321,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
        f'{num_params(model_cfg) / 1e6:.2f}M parameters '
        f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c,
+                                    set_aside_damaged=cfg_t.resume and cfg_t.resume_from_last_good)
   # Shapes and target shardings only: a resumed run never materialises a fresh state it would drop.
   abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, cfg_t))
   state_sh = sharding_lib.state_shardings(abstract_state, mesh)
@@ -331,20 +351,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     if latest is None:
       raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
                       'run without --config.train.resume=True to start a new run.')
-    meta = ckpt.meta(latest)
-    if meta.get('inference_only'):
-      raise UserError(f'checkpoint {latest} in {ckpt.directory} holds parameters only (e.g. converted '
-                      'GPT-2 weights) and cannot be resumed; fine-tune from it with a fresh '
-                      '--config.out_dir instead.')
-    checkpoint_lib.check_model_matches(meta, model_cfg, ckpt.directory)
-    if meta.get('tokenizer') != tok.to_dict():
-      raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
-                      f'the data in {data_where}; point data.* at the original data.')
+
+    def check_meta(step: int, meta: dict) -> None:
+      if meta.get('inference_only'):
+        raise UserError(f'checkpoint {step} in {ckpt.directory} holds parameters only (e.g. converted '
+                        'GPT-2 weights) and cannot be resumed; fine-tune from it with a fresh '
+                        '--config.out_dir instead.')
+      checkpoint_lib.check_model_matches(meta, model_cfg, ckpt.directory)
+      if meta.get('tokenizer') != tok.to_dict():
+        raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
+                        f'the data in {data_where}; point data.* at the original data.')
+
     # Target shardings in the abstract state: Orbax reads each device's slice straight into place,
-    # whatever the mesh (or number of devices/hosts) the checkpoint was written with.
-    state = ckpt.restore_state(latest, sharding_lib.abstract_with_shardings(abstract_state, state_sh))
-    best_step = ckpt.best_step()
-    best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
+    # whatever the mesh (or number of devices/hosts) the checkpoint was written with. A damaged
+    # newest checkpoint is refused, naming the newest good one (train.resume_from_last_good).
+    latest, state, resumed_meta = ckpt.resume_state(
+        sharding_lib.abstract_with_shardings(abstract_state, state_sh), check_meta,
+        cfg_t.resume_from_last_good)
+    if 'best_val_loss' in resumed_meta:  # The run's best so far, including evals that saved nothing.
+      best_val = resumed_meta['best_val_loss']
+    else:  # Written before checkpoints recorded it.
+      best_step = ckpt.best_step()
+      best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
     say0(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
   elif latest is not None:
     raise UserError(f'{ckpt.directory} already holds checkpoints (latest step {latest}). Resume it with '
@@ -365,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   if main:
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=1))
-  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None)
+  log = MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None, before_error=ckpt.wait)
   if main and cfg_t.get('tensorboard', False):  # Mirror every record as TensorBoard scalars too.
     log = instruments.TensorBoardLog(log, os.path.join(out_dir, 'tensorboard'))
   start_step = int(state.step)
@@ -462,6 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   try:
     while True:
       resumed_here = step == start_step > 0  # Already evaluated before the checkpoint was saved.
+      evaluated = None  # This step's val loss, once evaluated.
       if (step % cfg_t.eval_interval == 0 or step == cfg_t.max_steps) and not resumed_here:
         rec = evaluate(step)
         _check_finite(rec['val_loss'], 'the validation loss', step, ckpt)
@@ -472,13 +501,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         log.write(rec)
         improved = rec['val_loss'] < best_val
         best_val = min(best_val, rec['val_loss'])
+        evaluated = rec['val_loss']
         if step > start_step and (improved or cfg_c.save == 'always'):
-          ckpt.save(step, state, meta, rec['val_loss'])
+          ckpt.save(step, state, dict(meta, best_val_loss=best_val), rec['val_loss'])
           say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
         summary.update(final_train_loss=rec['train_loss'], final_val_loss=rec['val_loss'])
         t_window, steps_in_window = time.perf_counter(), 0  # Don't count evals in step timing.
       if step >= cfg_t.max_steps:
         break
+      if stop.should_stop(step, after_eval=evaluated is not None):
+        break  # A signal: checkpoint this very step below.
 
       use_dyn = dyn_every > 0 and (step + 1) % dyn_every == 0
       state, metrics = (dyn_fn if use_dyn else step_fn)(state, *step_args(step))
@@ -509,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         t_window, steps_in_window = time.perf_counter(), 0
       if use_dyn:
         log.write(instruments.record(step, metrics, model_cfg, time.time() - t_start))
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # A second Ctrl-C: at once, without a checkpoint of this step.
     ckpt.close()
     bar.close()
     latest = ckpt.latest_step()
@@ -518,12 +550,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         else 'No checkpoint was written yet.')) from None
   finally:
     bar.close()
+  if step < cfg_t.max_steps:  # Left on a signal: save this step (unless its eval just did), finalise.
+    if step > start_step and step not in ckpt.steps():
+      ckpt.save(step, state, dict(meta, best_val_loss=best_val),
+                math.inf if evaluated is None else evaluated)  # Unevaluated: never the 'best'.
+    ckpt.close()
+    why = stop.signal_name or 'a signal to another process'
+    log.write({'event': 'stopped', 'step': step, 'signal': why})
+    latest = ckpt.latest_step()
+    raise Stopped(f'{why}: stopped at step {step}; ' + (
+        f'checkpoint {latest} is saved in {ckpt.directory}. Resume with: '
+        f'{preemption.resume_command()}' if latest is not None else
+        'no checkpoint was written yet: start the run again with the same command.'), step, why)
   ckpt.close()
   if ckpt.latest_step() is None:
     # "best" mode only writes when val loss improves on an earlier eval; a run that never evaluated
     # twice would otherwise end with nothing to sample from.
     ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), cfg_c)
-    ckpt.save(step, state, meta, summary.get('final_val_loss', math.inf))
+    ckpt.save(step, state, dict(meta, best_val_loss=best_val), summary.get('final_val_loss', math.inf))
     ckpt.close()
   summary.update(final_step=step, best_val_loss=best_val, wall_seconds=round(time.time() - t_start, 2),
                  out_dir=out_dir)

@@ -42,6 +42,16 @@ def worker(spec: dict, process_id: int) -> dict:
                            process_id=0)
   # Process 1 finds JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in its environment.
   from gpt_jax import train
+  if spec.get('preempt'):  # test_a_signal_to_one_process_stops_both_at_the_same_step
+    cfg.train.update(max_steps=spec['max_steps'], eval_interval=20, resume=spec['resume'])
+    cfg.sample.eval_tokens = 0
+    from gpt_jax.errors import Stopped
+    try:
+      return {'final_step': train.train_and_evaluate(cfg)['final_step']}
+    except Stopped as e:
+      print(RESULT + json.dumps({'stopped_at': e.step, 'signal': e.signal_name, 'message': str(e)}),
+            flush=True)
+      sys.exit(e.exit_status)
   train.train_and_evaluate(cfg)
 
   import jax
@@ -163,6 +173,85 @@ def test_two_processes_match_one_device(tmp_path):
       BATCH['step'], BATCH['batch_size'], BATCH['block_size'], process_index=0, process_count=1)[0]
   expected = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
   assert results[0]['batch_sha256'] == results[1]['batch_sha256'] == expected
+
+
+def _spawn(spec: dict, root: str) -> list:
+  """Starts the two processes on `spec` (written to root/spec.json); stdout is a pipe, stderr a file."""
+  spec_path = os.path.join(root, 'spec.json')
+  with open(spec_path, 'w') as f:
+    json.dump(spec, f)
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
+  base.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+              PYTHONUNBUFFERED='1')
+  envs = [base, dict(base, JAX_COORDINATOR_ADDRESS=f'localhost:{spec["port"]}',
+                     JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')]
+  return [subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=open(os.path.join(root, f'err{i}'), 'w+'))
+          for i, env in enumerate(envs)]
+
+
+def _finish(procs: list, root: str) -> list:
+  outs = []
+  try:
+    for i, p in enumerate(procs):
+      out, _ = p.communicate(timeout=300)
+      with open(os.path.join(root, f'err{i}')) as f:
+        outs.append((p.returncode, out, f.read()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outs
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: both leave at one agreed step, save it together and exit 75; resumed
+  with two processes, the run logs every step once and ends with the 1-device run's losses."""
+  import signal
+  from gpt_jax import train
+  steps = 40
+  ref_cfg = _config(str(tmp_path / 'ref'))
+  ref_cfg.mesh.update(data=-1, fsdp=1)
+  ref_cfg.train.update(max_steps=steps, eval_interval=20)
+  ref_cfg.sample.eval_tokens = 0
+  train.train_and_evaluate(ref_cfg)  # One process, one device, uninterrupted.
+  ref = run_losses(ref_cfg.out_dir)
+
+  root = str(tmp_path / 'multi')
+  _config(root)  # Writes the input text now, not racing in two processes.
+  spec = {'root': root, 'port': _free_port(), 'preempt': True, 'max_steps': steps, 'resume': False}
+  procs = _spawn(spec, root)
+  try:
+    for line in procs[0].stdout:  # Process 0 prints; process 1 alone gets the signal.
+      if line.startswith('step 3: loss'):
+        procs[1].send_signal(signal.SIGTERM)
+        break
+  finally:
+    outs = _finish(procs, root)
+  results = []
+  for rc, out, err in outs:
+    assert rc == 75, out[-3000:] + err[-3000:]
+    results.append(json.loads([l for l in out.splitlines() if l.startswith(RESULT)][-1][len(RESULT):]))
+  stop = results[0]['stopped_at']
+  assert 3 <= stop < steps and results[1]['stopped_at'] == stop
+  from gpt_jax import preemption
+  assert stop % preemption.SYNC_EVERY == 0 or stop == 20  # Where the processes compare flags.
+  assert results[1]['signal'] == 'SIGTERM' and results[0]['signal'] == 'a signal to another process'
+  assert f'stopped at step {stop}; checkpoint {stop} is saved' in results[0]['message']
+  assert str(stop) in os.listdir(os.path.join(root, 'out', 'checkpoints'))
+
+  spec.update(port=_free_port(), resume=True)
+  outs = _finish(_spawn(spec, root), root)
+  for rc, out, err in outs:
+    assert rc == 0, out[-3000:] + err[-3000:]
+  assert f'resumed from step {stop} ' in outs[0][1]
+  with open(os.path.join(root, 'out', 'metrics.jsonl')) as f:
+    logged = [json.loads(l)['step'] for l in f if 'ms_per_step' in l]
+  assert logged == list(range(1, steps + 1))  # Each step once: none re-run, none skipped.
+  got = run_losses(os.path.join(root, 'out'))
+  assert max(abs(got['train'][k] - ref['train'][k]) for k in ref['train']) < 1e-5
+  assert max(abs(got['val'][k] - ref['val'][k]) for k in ref['val']) < 1e-5
 
 
 if __name__ == '__main__':

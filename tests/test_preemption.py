@@ -1,0 +1,367 @@
+"""Preemption safety: signals stop a run at a checkpoint that resumes exactly; one writer per run
+directory; a full disk; damaged checkpoints. Signals and locks are tested on real subprocesses of
+scripts/train.py; the multi-process agreement is in tests/test_multihost.py."""
+
+import errno
+import json
+import os
+import pathlib
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import preemption
+from gpt_jax import runlock
+from gpt_jax import sample as sample_lib
+from gpt_jax import train as train_lib
+from gpt_jax.errors import Stopped, UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / 'scripts' / 'train.py')
+# Steps slow enough (8 micro-batches) for a signal to land inside one, evals long enough (1000 batches
+# per split) for one to land inside an eval; 'best' mode, where the stop checkpoint is an extra one.
+RUN = ['--config.train.max_steps=30', '--config.train.eval_interval=10', '--config.train.log_interval=1',
+       '--config.train.grad_accum_steps=8', '--config.train.eval_iters=1000',
+       '--config.checkpoint.save=best', '--config.sample.eval_tokens=0']
+
+
+def _flags(root, text_path, *extra):
+  return ['--config', str(REPO / 'configs' / 'shakespeare.py') + ':tiny',
+          f'--config.out_dir={root / "out"}', f'--config.data.text_path={text_path}',
+          f'--config.data.data_dir={root / "data"}', '--config.train.peak_flops=1e12', *extra]
+
+
+class Run:
+  """scripts/train.py in a subprocess; stdout is read as it comes, so a test can act on a line."""
+
+  def __init__(self, args, cmd=None):
+    self.err = tempfile.TemporaryFile('w+')  # A file, not a pipe nobody reads while it runs.
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    self.proc = subprocess.Popen(cmd or [sys.executable, TRAIN, *args], stdout=subprocess.PIPE,
+                                 stderr=self.err, text=True, env=env, cwd=REPO)
+    self.lines, self._queue = [], queue.Queue()
+    self._pump = threading.Thread(target=self._read, daemon=True)
+    self._pump.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+      self._queue.put(line)
+    self._queue.put(None)
+
+  def wait_for(self, pattern, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+      line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+      if line is None:
+        raise AssertionError(f'exited before {pattern!r}:\n' + ''.join(self.lines) + self.stderr())
+      if re.search(pattern, line):
+        return line
+
+  def finish(self, timeout=300):
+    rc = self.proc.wait(timeout)
+    self._pump.join(timeout)
+    return rc, ''.join(self.lines), self.stderr()
+
+  def stderr(self):
+    self.err.seek(0)
+    return self.err.read()
+
+
+def _metrics(out_dir):
+  with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def _check_same_run(straight_dir, resumed_dir):
+  """Interrupted + resumed == uninterrupted: every train step and eval once, bit for bit; same best."""
+  a, b = _metrics(straight_dir), _metrics(resumed_dir)
+  steps = lambda recs: [(r['step'], r['train_loss']) for r in recs if 'ms_per_step' in r]
+  evals = lambda recs: [(r['step'], r['train_loss'], r['val_loss']) for r in recs if 'val_loss' in r]
+  assert steps(b) == steps(a)  # Nothing re-run, nothing skipped, identical losses.
+  assert evals(b) == evals(a)
+  _, pa, ma = checkpoint_lib.load_for_inference(straight_dir)
+  _, pb, mb = checkpoint_lib.load_for_inference(resumed_dir)
+  assert mb['step'] == ma['step'] and mb['val_loss'] == ma['val_loss']
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """The uninterrupted run both signal tests must reproduce."""
+  root = tmp_path_factory.mktemp('straight')
+  from conftest import make_synthetic_text
+  text = root / 'input.txt'
+  text.write_text(make_synthetic_text(), encoding='utf-8')
+  rc, out, err = Run(_flags(root, text, *RUN)).finish()
+  assert rc == 0, out + err
+  return root / 'out', text
+
+
+def _interrupt_and_resume(tmp_path, text, sig, marker):
+  run = Run(_flags(tmp_path, text, *RUN))
+  run.wait_for(marker)
+  run.proc.send_signal(sig)
+  rc, out, err = run.finish()
+  assert rc == preemption.EX_TEMPFAIL == 75, out + err
+  stop = [l for l in err.splitlines() if 'stopped at step' in l]
+  assert len(stop) == 1 and 'Traceback' not in err, err
+  m = re.match(rf'{sig.name}: stopped at step (\d+); checkpoint (\d+) is saved in (\S+)\. '
+               r'Resume with: (.*)$', stop[0])
+  assert m, stop[0]
+  step = int(m.group(1))
+  assert m.group(2) == str(step) and m.group(3) == str(tmp_path / 'out' / 'checkpoints')
+  assert str(step) in os.listdir(tmp_path / 'out' / 'checkpoints')  # Finalised before the exit.
+  assert _metrics(tmp_path / 'out')[-1] == {'event': 'stopped', 'step': step, 'signal': sig.name}
+  cmd = shlex.split(m.group(4))
+  assert cmd[-1] == '--config.train.resume=True' and cmd[1] == TRAIN
+  rc, out, err = Run(None, cmd=[sys.executable, *cmd[1:]]).finish()  # The command, as printed.
+  assert rc == 0, out + err
+  assert f'resumed from step {step} ' in out
+  return step
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, straight):
+  straight_dir, text = straight
+  step = _interrupt_and_resume(tmp_path, text, signal.SIGINT, r'^step 5: loss')
+  assert 5 <= step < 30 and step % 10  # Between evals: a checkpoint 'best' mode would not write.
+  _check_same_run(straight_dir, tmp_path / 'out')
+
+
+@pytest.mark.slow
+def test_sigterm_mid_eval_finishes_the_eval_then_resume_equals_an_uninterrupted_run(tmp_path,
+                                                                                     straight):
+  straight_dir, text = straight
+  # The eval at step 10 starts right after step 10's log line and takes seconds.
+  step = _interrupt_and_resume(tmp_path, text, signal.SIGTERM, r'^step 10: loss')
+  assert step == 10
+  evals = [r for r in _metrics(straight_dir) if 'val_loss' in r]
+  assert evals[1]['step'] == 10 and evals[1]['eval_seconds'] > 0.5  # Long enough to be hit.
+  _check_same_run(straight_dir, tmp_path / 'out')
+
+
+def test_stop_request_flags_signals_and_restores_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.StopRequest() as stop:
+    assert not stop.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # Python runs the handler between bytecodes of the main thread.
+    assert stop.requested and stop.signal_name == 'SIGTERM' and stop.should_stop(3)
+    os.kill(os.getpid(), signal.SIGTERM)  # A repeated SIGTERM changes nothing ...
+    time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):  # ... a second Ctrl-C stops at once.
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_command_replaces_the_resume_flag():
+  cmd = preemption.resume_command(['scripts/train.py', '--config', 'c.py:cpu',
+                                   '--config.train.resume=False', '--config.out_dir=a b'])
+  assert cmd == "python scripts/train.py --config c.py:cpu '--config.out_dir=a b' " \
+                '--config.train.resume=True'
+  assert 'resume=True' in preemption.resume_command(['pytest'])
+
+
+# --- one writer per run directory ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_second_run_is_refused_and_a_kill_9_leaves_no_stale_lock(tmp_path, synthetic_text_path):
+  args = _flags(tmp_path, synthetic_text_path, '--config.train.max_steps=100000',
+                '--config.train.eval_interval=5', '--config.train.eval_iters=2',
+                '--config.checkpoint.save=always', '--config.sample.eval_tokens=0')
+  first = Run(args)
+  try:
+    first.wait_for(r'saved checkpoint 5 ')
+    rc, out, err = Run(args + ['--config.train.resume=True']).finish()
+    assert rc == 1 and first.proc.poll() is None
+    assert f'is in use by another training run (pid {first.proc.pid} on host ' in err, err
+    assert 'model:' not in out and 'Traceback' not in err  # Refused before loading anything.
+  finally:
+    first.proc.kill()  # SIGKILL: no chance to unlock or to finish a save.
+    first.finish()
+  assert f'"pid": {first.proc.pid}' in (tmp_path / 'out' / runlock.LOCK_NAME).read_text()
+  latest = max(int(n) for n in os.listdir(tmp_path / 'out' / 'checkpoints') if n.isdigit())
+  rc, out, err = Run(args + ['--config.train.resume=True',
+                             f'--config.train.max_steps={latest + 3}']).finish()
+  assert rc == 0, out + err
+  assert f'resumed from step {latest} ' in out
+  assert not [n for n in os.listdir(tmp_path / 'out' / 'checkpoints') if 'tmp' in n]
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path):
+  fd = runlock.acquire(str(tmp_path))
+  try:
+    with pytest.raises(UserError, match=rf'in use by another training run \(pid {os.getpid()} on'):
+      runlock.acquire(str(tmp_path))  # A second open file description conflicts, even in-process.
+  finally:
+    os.close(fd)
+  os.close(runlock.acquire(str(tmp_path)))  # Free again once closed.
+
+
+# --- a failing save ----------------------------------------------------------------------------------
+
+def _small_run(config, steps=40):
+  config.train.update(max_steps=steps, eval_interval=10, log_interval=5)
+  config.checkpoint.update(save='always', keep_last=3)
+  config.sample.eval_tokens = 0
+  return config
+
+
+def _mount_tmpfs(path, size):
+  path.mkdir()
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                     capture_output=True, text=True)
+  return r.returncode == 0
+
+
+def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config, tmp_path,
+                                                                    monkeypatch):
+  """A real full filesystem where this machine lets the test mount one (root: a 1 MB tmpfs holds one
+  or two checkpoints of the tiny model); else ENOSPC injected at the second Orbax save."""
+  disk = tmp_path / 'disk'
+  mounted = _mount_tmpfs(disk, '1m')
+  if not mounted:
+    import orbax.checkpoint as ocp
+    real_save, calls = ocp.CheckpointManager.save, []
+
+    def failing_save(self, step, *args, **kwargs):
+      calls.append(step)
+      if len(calls) == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', failing_save)
+  try:
+    config = _small_run(tiny_config)
+    config.out_dir = str(disk / 'out')
+    with pytest.raises(UserError) as e:
+      train_lib.train_and_evaluate(config)
+    m = re.fullmatch(r'could not write checkpoint (\d+) to (\S+) \(no space left on device\); training '
+                     r'stopped\. The earlier checkpoints \(([\d, ]+)\) are intact: free some space, then '
+                     r'continue with --config\.train\.resume=True\.', str(e.value))
+    assert m, str(e.value)
+    failed, good = int(m.group(1)), [int(s) for s in m.group(3).split(', ')]
+    assert failed > max(good) and failed % 10 == 0
+    ckpt_dir = disk / 'out' / 'checkpoints'
+    # The half-written step is no step: a fresh reader lists only the complete ones.
+    assert checkpoint_lib.Checkpointer(str(ckpt_dir), read_only=True).steps() == good
+    if mounted:
+      assert f'{failed}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)  # Orbax's unfinished folder.
+      subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)  # Space freed.
+    else:
+      monkeypatch.undo()
+    config.train.resume = True
+    summary = train_lib.train_and_evaluate(config)
+    assert summary['start_step'] == max(good) and summary['final_step'] == 40
+    steps = os.listdir(ckpt_dir)
+    assert '40' in steps and not [n for n in steps if 'tmp' in n]  # Leftovers cleaned up.
+  finally:
+    if mounted:
+      subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_permission_denied_on_save_is_one_clear_message(tiny_config, monkeypatch):
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 20:
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f'/x/{step}')
+    return real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  config = _small_run(tiny_config, steps=20)
+  with pytest.raises(UserError, match=r'checkpoint 20 .*\(permission denied\).*checkpoints \(10\) are '
+                                      r'intact: make the directory writable'):
+    train_lib.train_and_evaluate(config)
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------------
+
+def _truncate_largest_array(step_dir):
+  files = [p for p in (step_dir / 'params').rglob('*') if p.is_file() and '/d/' in str(p)]
+  big = max(files, key=lambda p: p.stat().st_size)
+  os.truncate(big, big.stat().st_size // 2)
+
+
+def _garble_meta(step_dir):
+  (step_dir / 'meta' / 'metadata').write_text('{"model": {"n_layer": 2,', encoding='utf-8')
+
+
+def _garble_metrics(step_dir):
+  (step_dir / 'metrics' / 'metrics').write_text('{"val_lo', encoding='utf-8')
+
+
+@pytest.mark.parametrize('damage', [_truncate_largest_array, _garble_meta, _garble_metrics])
+def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_good(tiny_config,
+                                                                                   damage):
+  config = _small_run(tiny_config, steps=20)
+  train_lib.train_and_evaluate(config)
+  ckpt_dir = pathlib.Path(config.out_dir) / 'checkpoints'
+  assert checkpoint_lib.Checkpointer(str(ckpt_dir), read_only=True).best_step() == 20
+  damage(ckpt_dir / '20')
+  files = {p: p.read_bytes() for p in (ckpt_dir / '20').rglob('*') if p.is_file()}
+
+  with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\)'):
+    sample_lib.sample_from_checkpoint(config.out_dir, max_new_tokens=2, verbose=False)
+  config.train.update(resume=True, max_steps=30)
+  with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\); .*resume_from_last_good'
+                     r'=True') as e:
+    train_lib.train_and_evaluate(config)
+  assert '\n' not in str(e.value)
+  if damage is not _garble_metrics:  # Orbax cannot even list the steps past a garbled metrics file.
+    assert 'the newest good checkpoint is step 10' in str(e.value)
+  assert {p: p.read_bytes() for p in (ckpt_dir / '20').rglob('*') if p.is_file()} == files
+
+  config.train.resume_from_last_good = True
+  summary = train_lib.train_and_evaluate(config)
+  assert summary['start_step'] == 10 and summary['final_step'] == 30
+  moved = pathlib.Path(config.out_dir) / checkpoint_lib.DAMAGED_DIR / '20'
+  assert {moved / p.relative_to(ckpt_dir / '20') for p in files} == {
+      p for p in moved.rglob('*') if p.is_file()}  # Moved whole, not deleted.
+  assert sorted(os.listdir(ckpt_dir)) == ['10', '20', '30']  # 20 written anew by the resumed run.
+
+
+def test_sample_script_names_the_damaged_step_in_one_line(tiny_config):
+  config = _small_run(tiny_config, steps=20)
+  train_lib.train_and_evaluate(config)
+  _truncate_largest_array(pathlib.Path(config.out_dir) / 'checkpoints' / '20')
+  r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'sample.py'),
+                      f'--ckpt_dir={config.out_dir}', '--max_new_tokens=2'],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and re.search(r'checkpoint 20 in .* is damaged \(.+\); pick another with '
+                                        r'--step \(available: \[10\]\)', errors[0]), r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_orbax_errors_come_one_line_each_and_closed_loop_noise_is_dropped():
+  """What a full disk prints besides gpt_jax's own line (scripts only: gpt_jax/cli.py)."""
+  import logging
+  import types
+  from gpt_jax import cli
+  keep = cli._DropOrbaxChatter()
+  rec = logging.LogRecord('absl', logging.ERROR, '/x/orbax/checkpoint/future.py', 1, 'failed: %s\nmore',
+                          ('ENOSPC',), (ValueError, ValueError('v'), None))
+  assert keep.filter(rec) and rec.getMessage() == 'failed: ENOSPC' and rec.exc_info is None
+  assert not keep.filter(logging.LogRecord('absl', logging.WARNING, '/x/orbax/a.py', 1, 'w', (), None))
+  ours = logging.LogRecord('absl', logging.ERROR, '/x/gpt_jax/a.py', 1, 'a\nb', (), None)
+  assert keep.filter(ours) and ours.getMessage() == 'a\nb'
+  seen = []
+  hook = cli._without_closed_loop_noise(seen.append)
+  for text in ('Event loop is closed', 'something else'):
+    hook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(text)))
+  assert [str(u.exc_value) for u in seen] == ['something else']
