@@ -228,6 +228,7 @@ def _mount_tmpfs(path, size):
   return r.returncode == 0
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config, tmp_path,
                                                                     monkeypatch):
   """A real full filesystem where this machine lets the test mount one (root: a 1 MB tmpfs holds one
@@ -273,6 +274,7 @@ def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config,
       subprocess.run(['umount', str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_permission_denied_on_save_is_one_clear_message(tiny_config, monkeypatch):
   import orbax.checkpoint as ocp
   real_save = ocp.CheckpointManager.save
@@ -304,6 +306,7 @@ def _garble_metrics(step_dir):
   (step_dir / 'metrics' / 'metrics').write_text('{"val_lo', encoding='utf-8')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', [_truncate_largest_array, _garble_meta, _garble_metrics])
 def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_good(tiny_config,
                                                                                    damage):
@@ -334,6 +337,7 @@ def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_goo
   assert sorted(os.listdir(ckpt_dir)) == ['10', '20', '30']  # 20 written anew by the resumed run.
 
 
+@pytest.mark.slow
 def test_sample_script_names_the_damaged_step_in_one_line(tiny_config):
   config = _small_run(tiny_config, steps=20)
   train_lib.train_and_evaluate(config)
