@@ -58,7 +58,15 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, lr_decay_steps=5000,
       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
       grad_accum_steps=1,
-      optimizer='optax',       # 'optax' (the production chain) or 'scratch' (hand-written AdamW).
+      optimizer='optax',       # 'optax' (the production chain), 'scratch' (hand-written AdamW) or
+                               # 'muon' (Muon on the block matrices, this AdamW on the rest).
+      lr_schedule='cosine',    # 'cosine' (nanoGPT) or 'wsd' (warmup, constant, 1-sqrt cooldown):
+                               # a constant peak until the cooldown, so one run serves many lengths.
+      cooldown_fraction=0.2,   # wsd: cooldown over this last part of lr_decay_steps (Hagele et al.).
+      muon_learning_rate=0.02,  # muon: peak lr of the block matrices (Muon's reference default),
+                               # following the same schedule as learning_rate.
+      muon_momentum=0.95,      # muon: Nesterov momentum of the matrices before orthogonalisation.
+      muon_weight_decay=0.0,   # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
       resume=False,
