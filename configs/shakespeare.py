@@ -29,6 +29,13 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       attention='manual',      # 'manual' (hand-written) or 'xla' (jax.nn.dot_product_attention).
       dtype='float32',         # compute dtype: 'float32', 'bfloat16' (GPU/TPU), 'float16'.
       remat=False,             # recompute blocks in the backward pass: less memory, ~1/3 more compute.
+      # Speedrun levers (issue 14), off = GPT-2. Each one changes the model away from GPT-2 (and so
+      # from Hugging Face export) except zero_init_proj, which only changes the starting point.
+      position='learned',      # 'rotary': RoPE on q, k instead of the wpe table (relative positions).
+      rope_base=10000.0,       # rotary: base of the rotation frequencies (RoFormer/Llama's value).
+      qk_norm=False,           # RMS-normalise q, k per head: bounded attention logits, higher stable lr.
+      activation='gelu',       # 'relu2': relu(x)^2 in the MLP (Primer), cheaper and faster to train.
+      zero_init_proj=False,    # attn/mlp c_proj start at 0: every block starts as the identity.
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -51,7 +58,15 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, lr_decay_steps=5000,
       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
       grad_accum_steps=1,
-      optimizer='optax',       # 'optax' (the production chain) or 'scratch' (hand-written AdamW).
+      optimizer='optax',       # 'optax' (the production chain), 'scratch' (hand-written AdamW) or
+                               # 'muon' (Muon on the block matrices, this AdamW on the rest).
+      lr_schedule='cosine',    # 'cosine' (nanoGPT) or 'wsd' (warmup, constant, 1-sqrt cooldown):
+                               # a constant peak until the cooldown, so one run serves many lengths.
+      cooldown_fraction=0.2,   # wsd: cooldown over this last part of lr_decay_steps (Hagele et al.).
+      muon_learning_rate=0.02,  # muon: peak lr of the block matrices (Muon's reference default),
+                               # following the same schedule as learning_rate.
+      muon_momentum=0.95,      # muon: Nesterov momentum of the matrices before orthogonalisation.
+      muon_weight_decay=0.0,   # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
       resume=False,

@@ -280,10 +280,12 @@ class Checkpointer:
 def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
   """Raises a UserError naming every field where a checkpoint's model differs from `model_cfg`."""
   saved = ModelConfig.from_dict(meta['model'])
-  # Dropout, compute dtype/backend and remat do not change the parameters: they may differ on resume.
+  # Dropout, compute dtype/backend and remat do not change the parameters, nor zero_init_proj once
+  # they exist: they may differ on resume. (A saved config from before a field existed reads as that
+  # field's default, which is the behaviour the checkpoint was trained with.)
   def shape_only(c: ModelConfig) -> dict:
     d = c.to_dict()
-    for k in ('dropout', 'attention', 'dtype', 'remat'):
+    for k in ('dropout', 'attention', 'dtype', 'remat', 'zero_init_proj'):
       d.pop(k)
     return d
   a, b = shape_only(saved), shape_only(model_cfg)

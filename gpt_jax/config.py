@@ -19,6 +19,8 @@ from gpt_jax.errors import UserError
 
 ATTENTION_BACKENDS = ('manual', 'xla')
 DTYPES = ('float32', 'bfloat16', 'float16')
+POSITIONS = ('learned', 'rotary')
+ACTIVATIONS = ('gelu', 'relu2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,13 @@ class ModelConfig:
                                 # full forwards and prefills; decode steps use model.cached_attention.
   dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
+  # Speedrun options (issue 14), all off by default: the defaults are GPT-2 / nanoGPT exactly, and a
+  # saved config without these fields (an older checkpoint) means exactly that model.
+  position: str = 'learned'     # 'learned' (GPT-2's table `wpe`) or 'rotary' (RoPE on q, k; no wpe).
+  rope_base: float = 10000.0    # position='rotary': the wavelength base of the rotary frequencies.
+  qk_norm: bool = False         # RMS-normalise q and k per head (learned scale) before q k^T.
+  activation: str = 'gelu'      # MLP nonlinearity: 'gelu' (GPT-2) or 'relu2' (ReLU squared).
+  zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj kernels start at zero (init only).
 
   def __post_init__(self):
     problems = []
@@ -50,6 +59,15 @@ class ModelConfig:
       problems.append(f'model.attention must be one of {ATTENTION_BACKENDS} (got {self.attention!r})')
     if self.dtype not in DTYPES:
       problems.append(f'model.dtype must be one of {DTYPES} (got {self.dtype!r})')
+    if self.position not in POSITIONS:
+      problems.append(f'model.position must be one of {POSITIONS} (got {self.position!r})')
+    elif self.position == 'rotary' and self.n_head >= 1 and (self.n_embd // self.n_head) % 2:
+      problems.append(f'model.position=\'rotary\' rotates pairs of head dimensions, so the head size '
+                      f'n_embd // n_head must be even (got {self.n_embd // self.n_head})')
+    if not self.rope_base > 0:
+      problems.append(f'model.rope_base must be > 0 (got {self.rope_base})')
+    if self.activation not in ACTIVATIONS:
+      problems.append(f'model.activation must be one of {ACTIVATIONS} (got {self.activation!r})')
     if problems:
       raise UserError('invalid model config: ' + '; '.join(problems))
 
@@ -69,6 +87,20 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def non_gpt2_options(self) -> list[str]:
+    """The options set that change the function away from GPT-2's (empty for a GPT-2 model).
+
+    zero_init_proj is not among them: it only changes the starting point, not the architecture.
+    """
+    out = []
+    if self.position != 'learned':
+      out.append(f'model.position={self.position!r}')
+    if self.qk_norm:
+      out.append('model.qk_norm=True')
+    if self.activation != 'gelu':
+      out.append(f'model.activation={self.activation!r}')
+    return out
+
   def diff(self, other: 'ModelConfig') -> list[str]:
     """Human-readable list of fields where `other` differs from `self`."""
     return [f'{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}'
@@ -79,15 +111,18 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   """Parameter count from the architecture alone (the model's own count must agree).
 
   Per block: two LayerNorms, c_attn (C x 3C), attn.c_proj (C x C), mlp.c_fc (C x 4C), mlp.c_proj
-  (4C x C) = 12 C^2 weights, plus 13 C biases when `bias`. The LM head is tied to `wte`, so it adds
-  nothing. Like nanoGPT, `non_embedding=True` leaves out the position table `wpe` (the token table is
-  kept because it is also the output layer).
+  (4C x C) = 12 C^2 weights, plus 13 C biases when `bias`, plus two head-size scales with `qk_norm`.
+  The LM head is tied to `wte`, so it adds nothing. Like nanoGPT, `non_embedding=True` leaves out the
+  position table `wpe` (the token table is kept because it is also the output layer); a rotary model
+  has no such table.
   """
   C, L = cfg.n_embd, cfg.n_layer
   ln = 2 * C if cfg.bias else C
-  per_block = 12 * C * C + 2 * ln + (9 * C if cfg.bias else 0)
-  n = cfg.vocab_size * C + cfg.block_size * C + L * per_block + ln
-  return n - cfg.block_size * C if non_embedding else n
+  qk = 2 * cfg.head_size if cfg.qk_norm else 0  # attn.q_norm and attn.k_norm scales.
+  per_block = 12 * C * C + 2 * ln + (9 * C if cfg.bias else 0) + qk
+  wpe = cfg.block_size * C if cfg.position == 'learned' else 0
+  n = cfg.vocab_size * C + wpe + L * per_block + ln
+  return n - wpe if non_embedding else n
 
 
 def load_config_file(path: str, preset: str = '') -> ml_collections.ConfigDict:

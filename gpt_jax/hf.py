@@ -16,7 +16,9 @@ Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (OpenAI's origin
 
 GPT-2 always has biases (in every Linear and LayerNorm) and LayerNorm epsilon 1e-5. `save_gpt2` of a
 `bias=False` model therefore writes zero biases, which compute the same function; importing that
-directory again gives a `bias=True` model whose biases are zero.
+directory again gives a `bias=True` model whose biases are zero. A model that uses an option GPT-2
+does not have (rotary positions, QK-norm, ReLU^2: `ModelConfig.non_gpt2_options`) has no GPT-2 form,
+and exporting it is refused.
 """
 
 from __future__ import annotations
@@ -104,8 +106,18 @@ def config_from_hf(hf: Mapping[str, Any], where: str = 'config.json') -> ModelCo
                      gelu_approximate=ACTIVATIONS[c['activation_function']])
 
 
+def check_gpt2(cfg: ModelConfig, what: str) -> None:
+  """UserError naming every option of `cfg` that GPT-2 (and so Hugging Face's GPT2LMHeadModel) lacks."""
+  options = cfg.non_gpt2_options()
+  if options:
+    raise UserError(f'{what}: the model uses {", ".join(options)}, which GPT-2 does not have, so it has '
+                    'no Hugging Face GPT-2 form. Only models trained with those options off (their '
+                    'defaults) can be exported.')
+
+
 def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
   """The config.json of `cfg` as a GPT2LMHeadModel (biases always on: see the module docstring)."""
+  check_gpt2(cfg, 'cannot write a GPT-2 config.json')
   eot = EOT_ID if cfg.vocab_size > EOT_ID else None  # A small vocabulary has no <|endoftext|> id.
   return {
       'architectures': ['GPT2LMHeadModel'],
@@ -243,6 +255,7 @@ def state_dict_from_params(params: Any, cfg: ModelConfig) -> dict[str, np.ndarra
 
   No `lm_head.weight`: it is tied to `transformer.wte.weight`, and Hugging Face restores the tie.
   """
+  check_gpt2(cfg, 'cannot convert to GPT-2 weights')
   flat = {tuple(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   full = _param_paths(dataclasses.replace(cfg, bias=True))
@@ -283,6 +296,7 @@ def save_gpt2(model: GPT, params: Any, path: str) -> None:
   names in `path` are replaced.
   """
   cfg = model.config
+  check_gpt2(cfg, 'cannot export to Hugging Face GPT-2')  # Before anything is written.
   path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(path, exist_ok=True)
   sd = state_dict_from_params(params, cfg)
@@ -301,8 +315,10 @@ def init_params_from(path: str, model_cfg: ModelConfig) -> Any:
   """Parameters for fine-tuning from a local HF GPT-2 directory, checked against `model_cfg`.
 
   Fields that shape the parameters or the function (vocab/block size, depth, width, heads, bias,
-  GELU form) must match; dropout, attention backend and compute dtype are free.
+  GELU form) must match, and the model must be a GPT-2 (no non-GPT-2 option); dropout, attention
+  backend and compute dtype are free.
   """
+  check_gpt2(model_cfg, f'init_from={path} holds GPT-2 weights')
   path = os.path.abspath(os.path.expanduser(path))
   hf_cfg = config_from_hf(read_hf_config(path), os.path.join(path, 'config.json'))
   diffs = [f'model.{k}: weights {getattr(hf_cfg, k)!r}, config {getattr(model_cfg, k)!r}'
@@ -379,6 +395,7 @@ def export_checkpoint(ckpt_dir: str, hf_dir: str, step: Optional[int] = None) ->
   """
   from gpt_jax import checkpoint as checkpoint_lib
   cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
+  check_gpt2(cfg, f'cannot export the checkpoint in {ckpt_dir} to Hugging Face GPT-2')
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   if os.path.isfile(os.path.join(hf_dir, 'model.safetensors')):
     raise UserError(f'{hf_dir} already holds a model.safetensors; pick an empty --hf_dir '

@@ -14,6 +14,15 @@ Things that differ from Flax's defaults on purpose (GPT-2 faithfulness):
   * LayerNorm epsilon is 1e-5 (Flax's is 1e-6);
   * GELU is exact (erf) by default as in nanoGPT, or the tanh form GPT-2 used (`gelu_approximate`);
     written out here (`jax.nn.gelu` defaults to tanh, and its exact form is slower on CPU).
+
+Options that leave GPT-2 (issue 14's speedrun levers; all off by default, see ModelConfig):
+  * position='rotary': no `wpe`; q and k of every head are rotated by their position (RoPE), so
+    attention scores depend only on the distance between query and key;
+  * qk_norm: q and k are RMS-normalised per head (`attn.q_norm`, `attn.k_norm`, each a learned
+    head-size scale) before the dot product;
+  * activation='relu2': the MLP uses relu(x)^2 instead of GELU;
+  * zero_init_proj: `attn.c_proj` and `mlp.c_proj` kernels start at zero, so every block starts as
+    the identity on the residual stream.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpt_jax.config import ModelConfig
 
@@ -49,18 +59,30 @@ class LayerNorm(nn.Module):
     return y.astype(x.dtype)
 
 
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale over the last axis, in float32; no centring, no bias."""
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(x.dtype)
+
+
 class Linear(nn.Module):
   """y = x @ kernel + bias, kernel of shape (in, out) like GPT-2's Conv1D weight."""
   features: int
   use_bias: bool = True
-  std: float = 0.02
+  std: float = 0.02         # Kernel init N(0, std^2); 0 = all zeros.
   dtype: Any = jnp.float32  # Compute dtype; the parameters themselves stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.normal(self.std), (n_in, self.features),
-                        jnp.float32)
+    init = nn.initializers.zeros if self.std == 0 else nn.initializers.normal(self.std)
+    kernel = self.param('kernel', init, (n_in, self.features), jnp.float32)
     # Multiply as one 2-D (B*T, in) @ (in, out) GEMM: the same maths as a (B, T, in) contraction, but
     # it hands XLA the canonical matmul for the forward *and* for the weight gradient, which on CPU is
     # several times faster than a contraction over two batch-like axes.
@@ -82,6 +104,27 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   if approximate:
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
   return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def relu2(x: jax.Array) -> jax.Array:
+  """ReLU squared, relu(x)^2 (Primer; modded-nanogpt's MLP): sparse like ReLU, smooth at 0."""
+  return jnp.square(jnp.maximum(x, 0))
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (RoPE, Su et al.) of x: (..., T, D) at `positions` (T,).
+
+  Dimension pairs (i, i + D/2) (the half-split layout of GPT-NeoX and Llama) are rotated by the
+  angle position * base^(-2i/D). A rotation by angle a*p of q and by a*s of k leaves
+  q . k dependent on p - s only, which is what makes attention scores relative. In float32.
+  """
+  D = x.shape[-1]
+  inv_freq = jnp.asarray(base ** (-np.arange(0, D, 2) / D), jnp.float32)  # (D/2,), in float64 first.
+  angle = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :D // 2], x32[..., D // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -209,11 +252,24 @@ class CausalSelfAttention(nn.Module):
     B, T, C = x.shape
     H, D = cfg.n_head, cfg.head_size
     dtype = jnp.dtype(cfg.dtype)
-    resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual projections by 1/sqrt(N).
+    # GPT-2: scale residual projections by 1/sqrt(N) (or start them at 0 with zero_init_proj).
+    resid_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
 
     qkv = Linear(3 * C, cfg.bias, dtype=dtype, name='c_attn')(x)  # (B, T, 3C)
     # One transpose puts q, k, v head-major: (B, T, 3, H, D) -> (3, B, H, T, D).
     q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # Each (B, H, T, D).
+    if cfg.qk_norm:
+      # RMSNorm over each head's D dimensions, with a learned (D,) scale shared by the heads. RMS, not
+      # LayerNorm: the point is to bound |q| and |k| (and so the logits) whatever the residual stream
+      # grows to; centring q would only remove one direction of the query space. The learned scale
+      # starts at 1 and lets attention sharpen again. The softmax scale stays 1/sqrt(D): unit-RMS q
+      # and k then give logits of unit variance at init, as GPT-2's init does.
+      q, k = RMSNorm(name='q_norm')(q), RMSNorm(name='k_norm')(k)
+    if cfg.position == 'rotary':
+      # Absolute positions pos .. pos + T - 1; the cache stores keys already rotated. Re-encoding a
+      # window from position 0 (gpt_jax/sample.py) changes no score, as only differences count.
+      positions = pos + jnp.arange(T)
+      q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
 
     use_dropout = not deterministic and cfg.dropout > 0.0
     prefill = cache is not None and isinstance(pos, int) and pos == 0  # Nothing cached to read yet.
@@ -250,7 +306,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-  """Position-wise feed-forward: Linear(C -> 4C), GELU, Linear(4C -> C), dropout."""
+  """Position-wise feed-forward: Linear(C -> 4C), GELU (or ReLU^2), Linear(4C -> C), dropout."""
   config: ModelConfig
 
   @nn.compact
@@ -258,9 +314,9 @@ class MLP(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     h = Linear(4 * cfg.n_embd, cfg.bias, dtype=dtype, name='c_fc')(x)  # (B, T, 4C)
-    h = gelu(h, approximate=cfg.gelu_approximate)
-    h = Linear(cfg.n_embd, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), dtype=dtype,
-               name='c_proj')(h)
+    h = relu2(h) if cfg.activation == 'relu2' else gelu(h, approximate=cfg.gelu_approximate)
+    resid_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
+    h = Linear(cfg.n_embd, cfg.bias, std=resid_std, dtype=dtype, name='c_proj')(h)
     return Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
@@ -288,7 +344,8 @@ class GPT(nn.Module):
     cfg = self.config
     init = nn.initializers.normal(0.02)
     self.wte = self.param('wte', init, (cfg.vocab_size, cfg.n_embd), jnp.float32)  # Tokens.
-    self.wpe = self.param('wpe', init, (cfg.block_size, cfg.n_embd), jnp.float32)  # Positions.
+    if cfg.position == 'learned':  # Rotary models encode positions inside attention instead.
+      self.wpe = self.param('wpe', init, (cfg.block_size, cfg.n_embd), jnp.float32)  # Positions.
     self.drop = Dropout(cfg.dropout)
     # remat: keep only each block's input for the backward pass and recompute the rest (activation
     # memory O(L) blocks' inputs instead of all their intermediates). `deterministic` is static.
@@ -303,7 +360,9 @@ class GPT(nn.Module):
     if T > cfg.block_size:
       raise ValueError(f'sequence length {T} exceeds block_size {cfg.block_size}')
     dtype = jnp.dtype(cfg.dtype)
-    x = jnp.take(self.wte, idx, axis=0) + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)  # (B, T, C)
+    x = jnp.take(self.wte, idx, axis=0)  # (B, T, C)
+    if cfg.position == 'learned':
+      x = x + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)
     x = self.drop(x.astype(dtype), deterministic=deterministic)
     self.sow('intermediates', 'embed', x)  # Residual stream entering h_0 (no-op unless mutable).
     new_cache = []

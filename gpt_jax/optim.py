@@ -9,6 +9,11 @@ LayerNorm scales, as in GPT-2 / nanoGPT. Both compute Adam's bias correction 1 -
 tests/test_optim.py checks that 200 training steps with either give the same parameters (bit for
 bit, in practice), and both against stock `optax.adamw`.
 
+A third choice, 'muon', is a speedrun option (issue 14): `optax.contrib.muon` (momentum, then
+Newton-Schulz orthogonalisation) for the four matrices of every block, and the 'optax' AdamW above
+for everything else (`make_muon_optimizer`). `train.lr_schedule` picks the schedule: nanoGPT's
+warmup + cosine ('cosine', the default) or warmup-stable-decay ('wsd').
+
 The scratch optimizer is exposed as an `optax.GradientTransformation(init, update)` so Flax's
 `TrainState.apply_gradients` uses it unchanged; its state is a `ScratchAdamWState` NamedTuple of
 arrays, which Orbax checkpoints like any other pytree.
@@ -25,11 +30,28 @@ import optax
 
 from gpt_jax.errors import UserError
 
-OPTIMIZERS = ('optax', 'scratch')
+OPTIMIZERS = ('optax', 'scratch', 'muon')
+LR_SCHEDULES = ('cosine', 'wsd')
 ADAM_EPS = 1e-8  # nanoGPT / PyTorch's AdamW default; not a config field.
+# The block matrices Muon updates, as (module, Linear) under each h_i; their kernels only.
+MUON_MATRICES = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))
 
 
-def lr_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+def lr_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> optax.Schedule:
+  """The learning rate of every step, by `train.lr_schedule`; `scale` multiplies all of it.
+
+  'cosine' (`cosine_schedule`) is nanoGPT's; 'wsd' (`wsd_schedule`) is warmup-stable-decay. Muon's
+  learning rate is the same schedule scaled by muon_learning_rate / learning_rate.
+  """
+  kind = train_cfg.lr_schedule
+  if kind == 'cosine':
+    return cosine_schedule(train_cfg, scale)
+  if kind == 'wsd':
+    return wsd_schedule(train_cfg, scale)
+  raise UserError(f'train.lr_schedule must be one of {LR_SCHEDULES} (got {kind!r})')
+
+
+def cosine_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> optax.Schedule:
   """Linear warmup 0 -> learning_rate over `warmup_steps`, cosine down to `min_learning_rate` at
   step `lr_decay_steps`, then flat.
 
@@ -42,11 +64,53 @@ def lr_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
-      peak_value=train_cfg.learning_rate,
+      peak_value=train_cfg.learning_rate * scale,
       warmup_steps=train_cfg.warmup_steps,
       decay_steps=max(train_cfg.lr_decay_steps, train_cfg.warmup_steps + 1),
-      end_value=train_cfg.min_learning_rate,
+      end_value=train_cfg.min_learning_rate * scale,
   )
+
+
+def wsd_boundaries(train_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(end of warmup, start of cooldown, end of cooldown) of the 'wsd' schedule, in steps.
+
+  The cooldown is the last `cooldown_fraction` of the `lr_decay_steps` the schedule spans (rounded,
+  at least one step), so it ends where the cosine would; UserError if it would overlap the warmup.
+  """
+  total, warmup, fraction = int(train_cfg.lr_decay_steps), int(train_cfg.warmup_steps), \
+      float(train_cfg.cooldown_fraction)
+  if not 0.0 < fraction <= 1.0:
+    raise UserError(f'train.cooldown_fraction must be in (0, 1] (got {fraction})')
+  start = total - max(1, round(fraction * total))
+  if start < warmup:
+    raise UserError(f'train.lr_schedule=wsd: the cooldown (the last {fraction:g} of lr_decay_steps='
+                    f'{total}, from step {start}) would start inside the warmup ({warmup} steps); '
+                    'lower train.cooldown_fraction or train.warmup_steps, or raise lr_decay_steps.')
+  return warmup, start, total
+
+
+def wsd_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> optax.Schedule:
+  """Warmup-stable-decay: linear warmup 0 -> learning_rate (as the cosine's), constant, then a
+  cooldown to `min_learning_rate` over the last `cooldown_fraction` of `lr_decay_steps`; flat after.
+
+  The cooldown is 1 - sqrt: lr = min + (peak - min) (1 - sqrt(s / n)) at step s of n. Hagele et al.
+  (2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations") found it
+  matches or beats cosine, where a linear cooldown falls slightly short: it leaves the stable phase
+  more steeply and spends more of the cooldown at low learning rates. The stable phase at the peak
+  makes the schedule not depend on the run length until the cooldown starts.
+  """
+  peak, end = train_cfg.learning_rate * scale, train_cfg.min_learning_rate * scale
+  warmup, start, total = wsd_boundaries(train_cfg)
+  n = total - start
+
+  def cooldown(s: Any) -> jax.Array:
+    frac = jnp.clip(jnp.asarray(s, jnp.float32) / n, 0.0, 1.0)
+    return end + (peak - end) * (1.0 - jnp.sqrt(frac))
+
+  schedules, boundaries = [optax.constant_schedule(peak), cooldown], [start]
+  if warmup > 0:
+    schedules, boundaries = [optax.linear_schedule(0.0, peak, warmup)] + schedules, [warmup, start]
+  return optax.join_schedules(schedules, boundaries)
 
 
 def decay_mask(params: Any) -> Any:
@@ -61,8 +125,11 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return make_optax_optimizer(train_cfg)
   if kind == 'scratch':
     return scratch_adamw(train_cfg)
+  if kind == 'muon':
+    return make_muon_optimizer(train_cfg)
   raise UserError(f'train.optimizer must be one of {OPTIMIZERS} (got {kind!r}): \'optax\' is the '
-                  "optax chain, 'scratch' the hand-written AdamW.")
+                  "optax chain, 'scratch' the hand-written AdamW, 'muon' Muon for the block "
+                  'matrices with that AdamW for the rest.')
 
 
 def make_optax_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -75,11 +142,57 @@ def make_optax_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.Gradient
   parts = []
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.chain(
+  parts.append(_adamw(train_cfg))
+  return optax.chain(*parts)
+
+
+def _adamw(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """optax.adamw's chain with the accurate bias correction (no clipping)."""
+  return optax.chain(
       scale_by_adam(train_cfg.beta1, train_cfg.beta2, ADAM_EPS),
       optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(lr_schedule(train_cfg)),
-  ))
+  )
+
+
+def muon_labels(params: Any) -> Any:
+  """'muon' for the kernels of every block's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj,
+  'adamw' for everything else (wte, wpe, LayerNorm and QK-norm scales, biases).
+
+  By name, not by shape: the embedding tables are 2-D too, but Muon's orthogonalised update suits
+  only matrices that act on the residual stream as linear maps (Jordan et al.); a lookup table's rows
+  are updated independently and stay with AdamW, as in modded-nanogpt.
+  """
+  def label(path: tuple, _: Any) -> str:
+    keys = tuple(getattr(k, 'key', k) for k in path)
+    block = len(keys) == 4 and str(keys[0]).startswith('h_') and keys[3] == 'kernel'
+    return 'muon' if block and keys[1:3] in MUON_MATRICES else 'adamw'
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_muon_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> Muon on the block matrices (`muon_labels`), AdamW elsewhere.
+
+  Muon is `optax.contrib.muon` (Nesterov momentum `muon_momentum`, five Newton-Schulz steps with
+  Keller Jordan's quintic coefficients, the update scaled by sqrt(max(1, fan_out / fan_in))), at
+  `muon_learning_rate` times the shape of the configured schedule. It sees only the block matrices,
+  so its own AdamW side (for non-2-D leaves) is left with nothing to do. The rest gets exactly the
+  'optax' chain's AdamW (its schedule, betas, weight decay on >= 2-D tensors, bias correction).
+
+  Weight decay on the Muon matrices is its own field, `muon_weight_decay` (decoupled, multiplied by
+  Muon's learning rate as in optax), 0 in the presets as in modded-nanogpt's speedrun records of
+  that scale: reusing `weight_decay` would apply it at Muon's learning rate, some 20x AdamW's with
+  the presets' values, a much stronger regulariser than the same number means for AdamW.
+  """
+  muon = optax.contrib.muon(
+      learning_rate=lr_schedule(train_cfg, train_cfg.muon_learning_rate / train_cfg.learning_rate),
+      beta=train_cfg.muon_momentum,
+      weight_decay=train_cfg.muon_weight_decay,
+  )
+  parts = []
+  if train_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+  parts.append(optax.partition({'muon': muon, 'adamw': _adamw(train_cfg)}, muon_labels))
   return optax.chain(*parts)
 
 

@@ -11,7 +11,9 @@ that the column adds up to it exactly:
     rule applies it to every non-embedding parameter, LayerNorm scales and biases included, which is a
     bookkeeping convention (they cost a few elementwise FLOPs, not a multiply-add each);
   * the token table `wte` is looked up (free) but is also the output layer (tied weights), so the LM
-    head row carries its 6 V C; the position table `wpe` is only looked up, so it costs nothing;
+    head row carries its 6 V C; the position table `wpe` is only looked up, so it costs nothing
+    (rotary models have none: their rotation of q and k is elementwise and not counted, like the
+    softmax; qk_norm's scales count as any LayerNorm's);
   * attention itself (q k^T and att @ v) has no parameters: 2 * 2 * T * C FLOPs per token forward,
     x3 for forward + backward = 12 T C per layer, with T = block_size (the full square is computed,
     the causal mask only zeroes half of it).
@@ -101,10 +103,11 @@ def shape_flow(cfg: ModelConfig, batch_size: int = 1) -> list[Row]:
       rows.append(Row('GPT', 'GPT', 0, call['inputs'], call['output']))
       rows.append(Row('wte', 'token embedding (lookup)', 1, f'({B},{T}) ids', emb,
                       params=_count(params['wte']), fwd_flops=0))
-      rows.append(Row('wpe', 'position embedding (lookup)', 1, f'({T},) positions', f'({T},{C})',
-                      params=_count(params['wpe']), fwd_flops=0))
+      if 'wpe' in params:  # A rotary model has no position table (positions rotate q, k instead).
+        rows.append(Row('wpe', 'position embedding (lookup)', 1, f'({T},) positions', f'({T},{C})',
+                        params=_count(params['wpe']), fwd_flops=0))
       continue
-    if kind in ('Linear', 'LayerNorm'):
+    if kind in ('Linear', 'LayerNorm', 'RMSNorm'):
       n = _count(params_at(path))
       rows.append(Row(name, kind, depth, call['inputs'], call['output'], params=n, fwd_flops=2 * n))
       if name.endswith('attn.c_attn'):  # The parameter-free attention core runs between the two.

@@ -149,6 +149,9 @@ def _modules() -> types.SimpleNamespace:
 
 def build_model(cfg: ModelConfig) -> Any:
   """A float32 PyTorch GPT with nanoGPT's initialisation (overwrite it with `jax_to_torch`)."""
+  if cfg.non_gpt2_options():
+    raise UserError(f'the PyTorch reference is nanoGPT\'s GPT-2, without '
+                    f'{", ".join(cfg.non_gpt2_options())}; compare a model with those options off.')
   if cfg.dtype != 'float32':
     raise UserError(f'the PyTorch reference runs in float32 only (model.dtype is {cfg.dtype!r}); '
                     "pass --config.model.dtype=float32.")
@@ -284,6 +287,8 @@ class TorchTrainer:
                float64: bool = False):
     """`float64`: train in double precision (from the same float32 weights), as a stand-in for
     exact arithmetic that both float32 sides can be measured against."""
+    if train_cfg.get('optimizer') == 'muon':
+      raise UserError('the PyTorch reference trains with AdamW only; compare with train.optimizer=optax.')
     self.torch = require_torch()
     self.torch.manual_seed(seed)  # Only dropout masks draw from it; weights come from `params`.
     self.model = jax_to_torch(params, build_model(model_cfg))

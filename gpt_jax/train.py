@@ -606,6 +606,15 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
   if t.get('optimizer', 'optax') not in optim.OPTIMIZERS:
     problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
+  if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
+    problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
+  if t.lr_schedule not in optim.LR_SCHEDULES:
+    problems.append(f'train.lr_schedule must be one of {optim.LR_SCHEDULES} (got {t.lr_schedule!r})')
+  elif t.lr_schedule == 'wsd':
+    try:
+      optim.wsd_boundaries(t)
+    except UserError as e:
+      problems.append(str(e))
   if config.data.get('shards_dir') and int(t.seed) < 0:
     problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
   if c.save not in ('best', 'always'):

@@ -1,7 +1,8 @@
 """The two attention backends: model.attention='xla' (jax.nn.dot_product_attention) vs 'manual'.
 
 Both must compute the same function: equal logits and equal gradients wrt every parameter, in the
-full forward pass and in the KV-cache decode path used for generation.
+full forward pass and in the KV-cache decode path used for generation; also with every speedrun
+option of the model on (rotary positions, QK-norm, ReLU^2, zero-initialised projections).
 """
 
 import dataclasses
@@ -19,6 +20,10 @@ from gpt_jax.model import GPT
 BASE = ModelConfig(vocab_size=41, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0,
                    attention='manual')
 ATOL = 2e-5  # float32: logits are O(1); differences come from summation order only.
+ALL_OPTIONS = dict(position='rotary', qk_norm=True, activation='relu2', zero_init_proj=True)
+# (bias, model options): nanoGPT's model, GPT-2's, and the speedrun options all together.
+VARIANTS = pytest.mark.parametrize('bias, options', [(False, {}), (True, {}), (True, ALL_OPTIONS)],
+                                   ids=['no_bias', 'bias', 'bias_all_options'])
 
 
 def _params(cfg: ModelConfig):
@@ -30,8 +35,8 @@ def _params(cfg: ModelConfig):
       tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
-def _pair(bias: bool):
-  manual = dataclasses.replace(BASE, bias=bias, attention='manual')
+def _pair(bias: bool, options: dict):
+  manual = dataclasses.replace(BASE, bias=bias, attention='manual', **options)
   return manual, dataclasses.replace(manual, attention='xla'), _params(manual)
 
 
@@ -58,9 +63,9 @@ def _tokens(shape, seed=2):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, BASE.vocab_size)
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_same_logits(bias):
-  manual, xla, params = _pair(bias)
+@VARIANTS
+def test_same_logits(bias, options):
+  manual, xla, params = _pair(bias, options)
   x = _tokens((3, BASE.block_size))
   a = _forward(params, manual, x)
   b = _forward(params, xla, x)
@@ -69,9 +74,9 @@ def test_same_logits(bias):
   assert diff < ATOL
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_same_gradients_wrt_every_parameter(bias):
-  manual, xla, params = _pair(bias)
+@VARIANTS
+def test_same_gradients_wrt_every_parameter(bias, options):
+  manual, xla, params = _pair(bias, options)
   x = _tokens((2, BASE.block_size + 1), seed=3)
   x, y = x[:, :-1], x[:, 1:]
   la, ga = _value_and_grad(params, manual, x, y)
@@ -87,14 +92,14 @@ def test_same_gradients_wrt_every_parameter(bias):
   print(f'bias={bias}: max over tensors of max |dgrad| / max |grad| = {worst:.2e}')
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_same_logits_through_the_kv_cache(bias):
+@VARIANTS
+def test_same_logits_through_the_kv_cache(bias, options):
   """Prefill a prompt, then decode one token at a time (traced positions, as in generation).
 
   The prefill runs the selected backend's kernel; every later step runs model.cached_attention.
   Both configs must agree with each other and with the full forward pass.
   """
-  manual, xla, params = _pair(bias)
+  manual, xla, params = _pair(bias, options)
   B, P, T = 2, 5, BASE.block_size
   x = _tokens((B, T), seed=4)
   full = _forward(params, manual, x)

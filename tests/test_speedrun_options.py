@@ -1,0 +1,502 @@
+"""The speedrun options (issue 14), each tested for its own property; and that, off, nothing changed.
+
+Model: rotary positions, QK-norm, ReLU^2, zero-initialised projections. Optimizer: Muon on the block
+matrices, the warmup-stable-decay schedule. KV-cache generation under every option is in
+tests/test_sample.py, the two attention backends under them in tests/test_attention.py.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import gpt2 as gpt2_configs
+from configs import shakespeare
+from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import hf
+from gpt_jax import model as model_lib
+from gpt_jax import optim
+from gpt_jax import shapes
+from gpt_jax import train as train_lib
+from gpt_jax.config import ModelConfig, num_params
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT
+
+CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+OPTIONS = {  # One model per option, and all of them at once.
+    'rotary': dict(position='rotary'),
+    'qk_norm': dict(qk_norm=True),
+    'relu2': dict(activation='relu2'),
+    'zero_init_proj': dict(zero_init_proj=True),
+    'all': dict(position='rotary', qk_norm=True, activation='relu2', zero_init_proj=True, bias=True),
+}
+
+
+def _cfg(**kw) -> ModelConfig:
+  return dataclasses.replace(CFG, **kw)
+
+
+def _params(cfg: ModelConfig, seed: int = 0):
+  return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+
+
+def _tokens(shape, seed=1, vocab=CFG.vocab_size):
+  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
+
+
+def _flat(tree) -> dict[str, jax.Array]:
+  return {'.'.join(str(k.key) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- defaults: exactly the model and optimizer of before --------------------------------------------
+
+# Computed with the code of commit 43b18a8 (before these options existed) by the same procedure as
+# the test below: per-leaf sums of squares of the `tiny` preset's initial parameters, its first 8
+# training losses on fixed random tokens, and the sum of squares of the parameters after them.
+# (Bit-identical on the machine they were made on; compared with a tolerance because other CPUs
+# may round the random-normal transform differently.)
+TINY_SUMSQ = {
+    'h_0.attn.c_attn.kernel': 1.2131595048720936, 'h_0.attn.c_proj.kernel': 0.09955596466961014,
+    'h_0.ln_1.scale': 32.0, 'h_0.ln_2.scale': 32.0, 'h_0.mlp.c_fc.kernel': 1.5954011000742319,
+    'h_0.mlp.c_proj.kernel': 0.4179337877877135, 'h_1.attn.c_attn.kernel': 1.2122686903439333,
+    'h_1.attn.c_proj.kernel': 0.10723833870807227, 'h_1.ln_1.scale': 32.0, 'h_1.ln_2.scale': 32.0,
+    'h_1.mlp.c_fc.kernel': 1.596236821102825, 'h_1.mlp.c_proj.kernel': 0.4093807753705433,
+    'ln_f.scale': 32.0, 'wpe': 0.3770757602224333, 'wte': 0.8319141722767065}
+TINY_LOSSES = [4.182420253753662, 4.186740398406982, 4.196399688720703, 4.1790032386779785,
+               4.177488327026367, 4.172213554382324, 4.181396484375, 4.181368827819824]
+TINY_AFTER = 167.95639017733203
+
+
+def test_tiny_preset_is_unchanged_from_before_the_options():
+  c = shakespeare.get_config('tiny')
+  mc = train_lib.model_config_from(c, 65)
+  state = train_lib.init_train_state(mc, c.train)
+  sumsq = {k: float(np.sum(np.square(np.asarray(v, np.float64)))) for k, v in _flat(state.params).items()}
+  assert sorted(sumsq) == sorted(TINY_SUMSQ)
+  for k, v in TINY_SUMSQ.items():
+    assert sumsq[k] == pytest.approx(v, rel=1e-6), k
+  data = jax.random.randint(jax.random.PRNGKey(5), (4000,), 0, 65)
+  step = jax.jit(functools.partial(train_lib.train_step, model=GPT(mc), batch_size=c.train.batch_size,
+                                   grad_accum_steps=1, schedule=optim.lr_schedule(c.train)))
+  losses = []
+  for _ in range(len(TINY_LOSSES)):
+    state, m = step(state, data)
+    losses.append(float(m['loss']))
+  np.testing.assert_allclose(losses, TINY_LOSSES, rtol=1e-6)
+  after = sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in _flat(state.params).values())
+  assert after == pytest.approx(TINY_AFTER, rel=1e-6)
+
+
+@pytest.mark.parametrize('make', [functools.partial(shakespeare.get_config, p) for p in
+                                  ('', 'cpu', 'nanogpt_cpu', 'tiny')] + [gpt2_configs.get_config])
+def test_presets_keep_every_option_off(make):
+  """The presets' model sections mean ModelConfig's defaults (GPT-2), and their optimizer AdamW."""
+  c = make()
+  m = train_lib.model_config_from(c, 65)
+  for field in ('position', 'qk_norm', 'activation', 'zero_init_proj', 'rope_base'):
+    assert getattr(m, field) == getattr(ModelConfig(), field), field
+  assert m.non_gpt2_options() == []
+  assert c.train.optimizer == 'optax' and c.train.lr_schedule == 'cosine'
+
+
+def test_options_off_is_the_default_parameter_tree():
+  """Default config: the GPT-2 names and shapes, nothing more."""
+  p = _params(_cfg(bias=True))
+  C, V, S = CFG.n_embd, CFG.vocab_size, CFG.block_size
+  want = {'wte': (V, C), 'wpe': (S, C), 'ln_f.scale': (C,), 'ln_f.bias': (C,)}
+  for i in range(CFG.n_layer):
+    for name, shape in (('ln_1', (C,)), ('ln_2', (C,))):
+      want.update({f'h_{i}.{name}.scale': shape, f'h_{i}.{name}.bias': shape})
+    for name, (n_in, n_out) in (('attn.c_attn', (C, 3 * C)), ('attn.c_proj', (C, C)),
+                                ('mlp.c_fc', (C, 4 * C)), ('mlp.c_proj', (4 * C, C))):
+      want.update({f'h_{i}.{name}.kernel': (n_in, n_out), f'h_{i}.{name}.bias': (n_out,)})
+  assert {k: v.shape for k, v in _flat(p).items()} == want
+
+
+def test_old_checkpoint_without_the_new_fields_loads_as_gpt2(tmp_path):
+  """A checkpoint whose saved model config predates the options loads, as the model it was."""
+  cfg = _cfg()
+  params = _params(cfg)
+  old_meta = cfg.to_dict()
+  for field in ('position', 'rope_base', 'qk_norm', 'activation', 'zero_init_proj'):
+    del old_meta[field]
+  assert ModelConfig.from_dict(old_meta) == cfg
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save_params(0, params, {'model': old_meta, 'tokenizer': {}})
+  ckpt.close()
+  loaded_cfg, loaded, _ = checkpoint_lib.load_for_inference(str(tmp_path))
+  assert loaded_cfg == cfg
+  x = _tokens((2, 9))
+  np.testing.assert_array_equal(GPT(loaded_cfg).apply({'params': loaded}, x),
+                                GPT(cfg).apply({'params': params}, x))
+  checkpoint_lib.check_model_matches({'model': old_meta}, cfg, 'old run')  # Resumable as before.
+  with pytest.raises(UserError, match='position'):
+    checkpoint_lib.check_model_matches({'model': old_meta}, _cfg(position='rotary'), 'old run')
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(position='alibi'), 'model.position'), (dict(activation='swiglu'), 'model.activation'),
+    (dict(position='rotary', n_embd=30, n_head=2), 'even'), (dict(rope_base=0.0), 'rope_base')])
+def test_invalid_option_is_a_user_error(bad, message):
+  with pytest.raises(UserError, match=message):
+    _cfg(**bad)
+
+
+@pytest.mark.parametrize('name', OPTIONS)
+def test_parameter_count_and_flops_follow_the_options(name):
+  cfg = _cfg(**OPTIONS[name])
+  p = _params(cfg)
+  assert model_lib.count_params(p) == num_params(cfg)
+  assert ('wpe' in p) == (cfg.position == 'learned')
+  n, flops = shapes.totals(shapes.shape_flow(cfg))
+  assert (n, flops) == (num_params(cfg), train_lib.flops_per_token(cfg))
+
+
+# --- Hugging Face: only GPT-2 exports ------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, named', [('rotary', 'model.position'), ('qk_norm', 'model.qk_norm'),
+                                         ('relu2', 'model.activation'), ('all', 'model.position')])
+def test_hf_export_refuses_non_gpt2_options(tmp_path, name, named):
+  cfg = _cfg(**OPTIONS[name])
+  with pytest.raises(UserError, match=named):
+    hf.save_gpt2(GPT(cfg), _params(cfg), str(tmp_path / 'hf'))
+  assert not (tmp_path / 'hf').exists()  # Refused before anything was written.
+  with pytest.raises(UserError, match=named):
+    hf.state_dict_from_params(_params(cfg), cfg)
+
+
+def test_hf_export_accepts_zero_init_proj(tmp_path):
+  """zero_init_proj only changes where training starts: the model is still a GPT-2."""
+  cfg = _cfg(zero_init_proj=True, bias=True)
+  hf.save_gpt2(GPT(cfg), _params(cfg), str(tmp_path / 'hf'))
+  _, params = hf.load_gpt2(str(tmp_path / 'hf'))
+  np.testing.assert_array_equal(params['h_1']['mlp']['c_proj']['kernel'], 0.0)
+
+
+# --- rotary ---------------------------------------------------------------------------------------
+
+def _scores(q, k):  # (..., T, D) x (..., S, D) -> (..., T, S)
+  return jnp.einsum('...td,...sd->...ts', q, k)
+
+
+def test_rotary_is_the_rotation_of_each_dimension_pair():
+  """Pair (i, i + D/2) turns by position * base^(-2i/D); position 0 is the identity."""
+  D, base = 8, 10000.0
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, D))
+  positions = jnp.array([0, 5, 77])
+  y = np.asarray(model_lib.rotary(x, positions, base))
+  np.testing.assert_allclose(y[0], x[0], rtol=1e-6)
+  for row, p in zip(range(3), (0, 5, 77)):
+    for i in range(D // 2):
+      a = p * base ** (-2 * i / D)
+      u, v = float(x[row, i]), float(x[row, i + D // 2])
+      np.testing.assert_allclose(y[row, [i, i + D // 2]],
+                                 [u * math.cos(a) - v * math.sin(a), u * math.sin(a) + v * math.cos(a)],
+                                 rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize('shift', [1, 7, 100])
+def test_rotary_scores_depend_only_on_relative_position(shift):
+  """q_t . k_s after the rotation is unchanged when every position moves by `shift`; with a learned
+  position table added to the inputs instead (GPT-2) it is not."""
+  T, D = 12, 16
+  kq, kk, ke = jax.random.split(jax.random.PRNGKey(3), 3)
+  q, k = jax.random.normal(kq, (2, 3, T, D)), jax.random.normal(kk, (2, 3, T, D))
+  pos = jnp.arange(T)
+  rot = lambda x, p: model_lib.rotary(x, p, 10000.0)
+  base_scores = _scores(rot(q, pos), rot(k, pos))
+  shifted = _scores(rot(q, pos + shift), rot(k, pos + shift))
+  np.testing.assert_allclose(shifted, base_scores, atol=2e-5 * shift ** 0.5 * 10)
+  assert not np.allclose(base_scores, _scores(q, k), atol=1e-2)  # The rotation did act.
+  # Learned positions: q = (x + wpe[t]) Wq, k = (x + wpe[s]) Wk.
+  wpe = 0.5 * jax.random.normal(ke, (T + shift, D))
+  learned = lambda p: _scores(q + wpe[p], k + wpe[p])
+  assert not np.allclose(learned(pos + shift), learned(pos), atol=1e-2)
+
+
+@pytest.mark.parametrize('position', ['rotary', 'learned'])
+def test_rotary_model_logits_do_not_depend_on_where_the_window_starts(position):
+  """The whole model run at positions offset..offset+T-1: the same logits as from 0 with rotary
+  (what makes re-encoding a window from position 0 in generation harmless), other logits with
+  learned positions."""
+  cfg = _cfg(position=position, qk_norm=True, bias=True)
+  p = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(9), a.shape),
+                             _params(cfg))
+  x = _tokens((2, 12))
+  forward = jax.jit(lambda p, offset: GPT(cfg).apply({'params': p}, x, True, None, offset,
+                                                     method=GPT._forward)[0])
+  at0, at9 = forward(p, 0), forward(p, 9)
+  if position == 'rotary':
+    np.testing.assert_allclose(at9, at0, atol=2e-5)
+  else:
+    assert float(jnp.max(jnp.abs(at9 - at0))) > 1e-2
+
+
+# --- QK-norm, ReLU^2, zero-initialised projections --------------------------------------------------
+
+def test_qk_norm_gives_unit_rms_queries_and_keys_per_head():
+  cfg = _cfg(qk_norm=True, n_head=4)
+  attn = model_lib.CausalSelfAttention(cfg)
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(4), (2, 10, cfg.n_embd))
+  variables = attn.init(jax.random.PRNGKey(0), x, True)
+  _, state = attn.apply(variables, x, True, capture_intermediates=True, mutable=['intermediates'])
+  inter = state['intermediates']
+  raw = model_lib.Linear(3 * cfg.n_embd, cfg.bias).apply(
+      {'params': variables['params']['c_attn']}, x).reshape(2, 10, 3, 4, cfg.head_size)
+  for name, raw_x in (('q_norm', raw[:, :, 0]), ('k_norm', raw[:, :, 1])):
+    out = inter[name]['__call__'][0]  # (B, H, T, D)
+    rms = jnp.sqrt(jnp.mean(jnp.square(out), axis=-1))
+    np.testing.assert_allclose(rms, 1.0, atol=1e-4)  # Per batch row, head and position.
+    raw_rms = jnp.sqrt(jnp.mean(jnp.square(raw_x), axis=-1))
+    assert not np.allclose(raw_rms, 1.0, atol=0.2)  # ... which the raw projections are not.
+    # Same direction as the raw projection: normalising only rescales each head's vector.
+    cos = jnp.sum(out * raw_x.transpose(0, 2, 1, 3), -1) / (
+        jnp.linalg.norm(out, axis=-1) * jnp.linalg.norm(raw_x.transpose(0, 2, 1, 3), axis=-1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+
+
+def test_qk_norm_scale_is_learned_and_multiplies():
+  norm = model_lib.RMSNorm()
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, 8)) * 4 + 1
+  scale = jnp.arange(1.0, 9.0)
+  y = norm.apply({'params': {'scale': scale}}, x)
+  want = x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6) * scale
+  np.testing.assert_allclose(y, want, rtol=1e-5)
+
+
+def test_relu2_is_relu_squared_in_the_mlp():
+  x = jnp.linspace(-4, 4, 101)
+  cfg = ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4, dropout=0.0,
+                    activation='relu2')
+  # Identity-like weights expose the activation (as in test_model's GELU test).
+  p = {'c_fc': {'kernel': jnp.eye(4, 16)}, 'c_proj': {'kernel': jnp.eye(16, 4)}}
+  y = model_lib.MLP(cfg).apply({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)
+  np.testing.assert_allclose(y[0, :, 0], jnp.square(jax.nn.relu(x)), rtol=1e-6, atol=1e-7)
+  gelu = model_lib.MLP(dataclasses.replace(cfg, activation='gelu')).apply(
+      {'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)
+  assert not np.allclose(gelu, y, atol=1e-3)
+
+
+def test_zero_init_proj_makes_every_block_the_identity_at_init():
+  """Logits at init equal those of a model with no blocks: ln_f(wte[x] + wpe) @ wte^T."""
+  cfg = _cfg(zero_init_proj=True, bias=True)
+  p = _params(cfg)
+  for i in range(cfg.n_layer):
+    for m in ('attn', 'mlp'):
+      np.testing.assert_array_equal(p[f'h_{i}'][m]['c_proj']['kernel'], 0.0)
+  # Only those kernels differ from the default init with the same key.
+  default = _flat(_params(dataclasses.replace(cfg, zero_init_proj=False)))
+  for k, v in _flat(p).items():
+    if not k.endswith('c_proj.kernel'):
+      np.testing.assert_array_equal(v, default[k], err_msg=k)
+  x = _tokens((2, 10))
+  h = jnp.take(p['wte'], x, axis=0) + p['wpe'][:10]
+  no_blocks = model_lib.LayerNorm(True).apply({'params': p['ln_f']}, h) @ p['wte'].T
+  np.testing.assert_allclose(jax.jit(GPT(cfg).apply)({'params': p}, x), no_blocks, atol=1e-5)
+  # ... and it trains: the projections get gradients from the first step.
+  y = _tokens((2, 10), seed=2)
+  grads = jax.jit(jax.grad(lambda p: train_lib.loss_fn(p, GPT(cfg), x, y, None)))(p)
+  for i in range(cfg.n_layer):
+    for m in ('attn', 'mlp'):
+      assert float(jnp.abs(grads[f'h_{i}'][m]['c_proj']['kernel']).max()) > 0
+
+
+# --- Muon -----------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic (modded-nanogpt, the Muon post).
+
+
+def newton_schulz(g: np.ndarray, steps: int = 5, eps: float = 1e-8) -> np.ndarray:
+  """Reference orthogonalisation, float64: X <- a X + (b A + c A^2) X with A = X X^T, X = G/||G||_F
+  (on the wide orientation: a tall G is transposed first and back at the end)."""
+  a, b, c = NS_COEFFS
+  x = np.asarray(g, np.float64)
+  tall = x.shape[0] > x.shape[1]
+  x = x.T if tall else x
+  x = x / (np.linalg.norm(x) + eps)
+  for _ in range(steps):
+    A = x @ x.T
+    x = a * x + (b * A + c * A @ A) @ x
+  return x.T if tall else x
+
+
+@pytest.mark.parametrize('shape', [(32, 96), (128, 32), (24, 24)])
+def test_newton_schulz_matches_optax_contrib_and_orthogonalises(shape):
+  # G = U diag(s) V^T with singular values spread over two orders of magnitude.
+  k = min(shape)
+  rng = np.random.RandomState(6)
+  u, _ = np.linalg.qr(rng.randn(shape[0], k))
+  v, _ = np.linalg.qr(rng.randn(shape[1], k))
+  g = (u * np.logspace(0, -2, k)) @ v.T
+  ref = newton_schulz(g)
+  # optax.contrib.scale_by_muon with beta = 0 is exactly the orthogonalisation of the gradient.
+  tx = optax.contrib.scale_by_muon(beta=0.0)
+  out, _ = tx.update(jnp.asarray(g, jnp.float32), tx.init(jnp.zeros(shape)))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=5e-6)  # float32 vs float64; entries ~0.4.
+  # The point of it: the singular vectors are kept, the values all pushed into a band around 1.
+  s = np.linalg.svd(ref, compute_uv=False)
+  assert 0.5 < s.min() and s.max() < 1.25
+  np.testing.assert_allclose(u.T @ ref @ v, np.diag(np.diag(u.T @ ref @ v)), atol=1e-6)
+
+
+def _muon_train_cfg(**overrides) -> ml_collections.ConfigDict:
+  t = shakespeare.get_config('tiny').train
+  t.update(optimizer='muon', warmup_steps=0, learning_rate=2e-3, min_learning_rate=2e-3,
+           muon_learning_rate=0.03, muon_momentum=0.9, weight_decay=0.1, grad_clip=1.0)
+  t.update(**overrides)
+  return t
+
+
+MUON_CFG = _cfg(qk_norm=True, bias=True)  # Every kind of leaf: tables, matrices, scales, biases.
+
+
+@functools.lru_cache(maxsize=None)
+def _two_gradients():
+  """Real gradients of the tiny model on two batches, the second's larger than grad_clip."""
+  p = _params(MUON_CFG)
+  out = []
+  for seed in (11, 12):
+    x, y = _tokens((4, 16), seed), _tokens((4, 16), seed + 100)
+    g = jax.jit(jax.grad(lambda p: train_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
+    out.append(g)
+  # Norms at init are about 1: make the first unclipped and the second clipped (grad_clip = 1).
+  out = [jax.tree_util.tree_map(lambda a: f * a, g) for f, g in zip((0.5, 30.0), out)]
+  return p, out
+
+
+def test_muon_labels_exactly_the_four_block_matrices():
+  labels = _flat(optim.muon_labels(_params(MUON_CFG)))
+  want = {f'h_{i}.{m}.kernel' for i in range(MUON_CFG.n_layer)
+          for m in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')}
+  assert {k for k, v in labels.items() if v == 'muon'} == want
+  assert {v for k, v in labels.items() if k not in want} == {'adamw'}
+  assert labels['wte'] == labels['wpe'] == 'adamw'  # 2-D, but tables, not linear maps.
+
+
+def test_muon_steps_match_the_reference_and_adamw_elsewhere():
+  """Two updates from real gradients (the second clipped): the block matrices get the reference
+  Muon update (Nesterov momentum, Newton-Schulz, width scale, learning rate), every other leaf
+  exactly the update of a pure-AdamW ('optax') optimizer fed the same gradients."""
+  t = _muon_train_cfg()
+  params, grads = _two_gradients()
+  muon_tx = optim.make_optimizer(t)
+  adamw_tx = optim.make_optimizer(_muon_train_cfg(optimizer='optax'))
+  s_m, s_a = muon_tx.init(params), adamw_tx.init(params)
+  beta, lr = t.muon_momentum, t.muon_learning_rate
+  labels = _flat(optim.muon_labels(params))
+  mu = {k: 0.0 for k in labels}
+  update = jax.jit(lambda tx_s, g, p: (muon_tx.update(g, tx_s[0], p), adamw_tx.update(g, tx_s[1], p)))
+  for step, g in enumerate(grads, start=1):
+    (u_m, s_m), (u_a, s_a) = update((s_m, s_a), g, params)
+    u_m, u_a, g_flat = _flat(u_m), _flat(u_a), _flat(g)
+    norm = math.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in g_flat.values()))
+    clip = min(1.0, t.grad_clip / norm)
+    assert (clip < 1.0) == (step == 2)
+    for k, label in labels.items():
+      if label == 'adamw':
+        np.testing.assert_array_equal(u_m[k], u_a[k], err_msg=k)
+        continue
+      gk = np.asarray(g_flat[k], np.float64) * clip
+      mu[k] = beta * mu[k] + (1 - beta) * gk
+      # optax's Nesterov momentum with bias correction: beta mu_t / (1 - beta^(t+1)) + (1 - beta)
+      # g_t / (1 - beta^t) (modded-nanogpt uses the same mix without the corrections).
+      nesterov = beta * mu[k] / (1 - beta ** (step + 1)) + (1 - beta) * gk / (1 - beta ** step)
+      n_in, n_out = gk.shape
+      want = -lr * math.sqrt(max(1.0, n_out / n_in)) * newton_schulz(nesterov)
+      # float32 against float64: measured within 1.5e-6 * lr (the entries are ~0.5 * lr).
+      np.testing.assert_allclose(u_m[k], want, rtol=0, atol=1e-5 * lr, err_msg=k)
+      assert not np.allclose(u_m[k], u_a[k], atol=1e-2 * lr)  # Not what AdamW would do.
+
+
+def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
+  """With zero gradients Muon's update is pure decay: matrices *= 1 - muon_lr * muon_weight_decay,
+  AdamW's >= 2-D leaves *= 1 - lr * weight_decay, the rest unchanged."""
+  t = _muon_train_cfg(muon_weight_decay=0.5, weight_decay=0.25)
+  params = _params(MUON_CFG)
+  tx = optim.make_optimizer(t)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  new = _flat(optax.apply_updates(params, updates))
+  labels = _flat(optim.muon_labels(params))
+  for k, p in _flat(params).items():
+    if labels[k] == 'muon':
+      factor = 1 - t.muon_learning_rate * t.muon_weight_decay
+    else:
+      factor = 1 - t.learning_rate * t.weight_decay if p.ndim >= 2 else 1.0
+    np.testing.assert_allclose(new[k], p * factor, rtol=1e-6, err_msg=k)
+
+
+def test_muon_state_round_trips_through_orbax(tmp_path):
+  model_cfg = MUON_CFG
+  t = _muon_train_cfg()
+  state = train_lib.init_train_state(model_cfg, t)
+  data = _tokens((2000,), 3)
+  step = jax.jit(functools.partial(train_lib.train_step, model=GPT(model_cfg), batch_size=4,
+                                   grad_accum_steps=1, schedule=optim.lr_schedule(t)))
+  for _ in range(3):
+    state, _ = step(state, data)
+  ckpt = checkpoint_lib.Checkpointer(
+      str(tmp_path / 'ckpt'), ml_collections.ConfigDict(dict(keep_last=2, async_save=False)))
+  ckpt.save(3, state, {'model': model_cfg.to_dict()}, val_loss=1.0)
+  ckpt.close()
+  abstract = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, t))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
+  restored = ckpt.restore_state(3, abstract)
+  ckpt.close()
+  a, b = step(state, data)[0], step(restored, data)[0]
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+def _wsd(**overrides) -> ml_collections.ConfigDict:
+  t = shakespeare.get_config('').train
+  t.update(lr_schedule='wsd', learning_rate=2e-3, min_learning_rate=2e-4, warmup_steps=100,
+           lr_decay_steps=1000, cooldown_fraction=0.25)
+  t.update(**overrides)
+  return t
+
+
+def test_wsd_schedule_values():
+  """Warmup 0 -> peak over 100 steps, peak until step 750, 1 - sqrt down to min at 1000, flat after."""
+  t = _wsd()
+  lr = jax.jit(optim.lr_schedule(t))
+  at = lambda s: float(lr(s))
+  assert at(0) == 0.0
+  assert at(50) == pytest.approx(1e-3, rel=1e-6)
+  assert at(100) == pytest.approx(2e-3, rel=1e-6)  # Warmup end.
+  for s in (101, 400, 749, 750):  # Stable, up to the first cooldown step.
+    assert at(s) == pytest.approx(2e-3, rel=1e-6), s
+  for s in (751, 812, 875, 999):  # 1 - sqrt of the fraction of the cooldown done.
+    want = 2e-4 + (2e-3 - 2e-4) * (1 - math.sqrt((s - 750) / 250))
+    assert at(s) == pytest.approx(want, rel=1e-5), s
+  assert at(875) < 2e-4 + 0.5 * (2e-3 - 2e-4)  # Below the linear cooldown's midpoint.
+  for s in (1000, 1001, 5000):
+    assert at(s) == pytest.approx(2e-4, rel=1e-6), s
+  # Muon's schedule: the same shape, scaled.
+  scaled = optim.lr_schedule(t, 10.0)
+  for s in (50, 400, 875, 2000):
+    assert float(scaled(s)) == pytest.approx(10 * at(s), rel=1e-6)
+
+
+def test_wsd_without_warmup_starts_at_the_peak():
+  lr = optim.lr_schedule(_wsd(warmup_steps=0))
+  assert float(lr(0)) == pytest.approx(2e-3, rel=1e-6)
+  assert float(lr(1000)) == pytest.approx(2e-4, rel=1e-6)
+
+
+@pytest.mark.parametrize('bad, message', [(dict(cooldown_fraction=0.95), 'inside the warmup'),
+                                          (dict(cooldown_fraction=0.0), 'cooldown_fraction'),
+                                          (dict(lr_schedule='linear'), 'lr_schedule')])
+def test_bad_schedule_is_a_user_error(bad, message):
+  with pytest.raises(UserError, match=message):
+    optim.lr_schedule(_wsd(**bad))
