@@ -46,7 +46,6 @@ def get_config(preset: str = 'gpt2') -> ml_collections.ConfigDict:
 
   c = _shakespeare_config()
   c.out_dir = f'out/shakespeare_{preset}'
-  c.init_from = ''  # '' = random init; else a local Hugging Face GPT-2 directory to start from.
 
   c.model.update(
       n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024,

@@ -20,6 +20,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   """Returns the run config for `preset` ('' = nanoGPT's shakespeare_char recipe)."""
   c = ml_collections.ConfigDict()
   c.out_dir = 'out/shakespeare_char'
+  c.init_from = ''  # '' = GPT-2 init; else a local Hugging Face GPT-2 directory to fine-tune from.
 
   c.model = ml_collections.ConfigDict(dict(
       n_layer=6, n_head=6, n_embd=384, block_size=256,
@@ -73,7 +74,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       resume_from_last_good=False,  # resume=True and the newest checkpoint is damaged: continue from
                                # the newest readable one (the damaged are moved aside, never deleted).
       peak_flops=0.0,          # For the MFU estimate; 0 = look up the device or measure a matmul.
-      dynamics_interval=0,     # Every N steps log per-layer training dynamics (0 = off); see plot.py.
+      layer_stats_interval=0,  # Every N steps log per-layer statistics (0 = off); see scripts/plot.py.
       tensorboard=False,       # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
   ))
 

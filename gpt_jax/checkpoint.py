@@ -228,7 +228,7 @@ class Checkpointer:
     run continues from the good one. `check_meta(step, meta)` raises for a checkpoint of another run.
     Every process must call this (restores are collective); they agree on each step's verdict.
     """
-    from gpt_jax import distributed
+    from gpt_jax.parallel import distributed
     damaged: list[DamagedCheckpoint] = []
     for step in sorted(self.steps(), reverse=True):
       try:
@@ -264,7 +264,7 @@ class Checkpointer:
     return dest
 
   def _move_steps(self, steps: list[int]) -> str:
-    from gpt_jax import distributed
+    from gpt_jax.parallel import distributed
     dest = self._damaged_dir()
     if distributed.is_main():
       os.makedirs(dest, exist_ok=True)

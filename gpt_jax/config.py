@@ -125,6 +125,23 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   return n - wpe if non_embedding else n
 
 
+def flops_per_token(cfg: ModelConfig) -> float:
+  """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu."""
+  n = num_params(cfg, non_embedding=True)
+  return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The ModelConfig of a run; `model.vocab_size = 0` means 'take it from the data'."""
+  m = config.model.to_dict()
+  if not m['vocab_size']:
+    m['vocab_size'] = vocab_size
+  elif m['vocab_size'] < vocab_size:
+    raise UserError(f'model.vocab_size={m["vocab_size"]} is smaller than the tokenizer\'s vocabulary '
+                    f'({vocab_size}); set it to 0 (automatic) or at least {vocab_size}.')
+  return ModelConfig.from_dict(m)
+
+
 def load_config_file(path: str, preset: str = '') -> ml_collections.ConfigDict:
   """`get_config(preset)` of a config file given by path, as `config_flags` would load it.
 

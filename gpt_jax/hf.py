@@ -333,7 +333,7 @@ def init_params_from(path: str, model_cfg: ModelConfig) -> Any:
 def load_hf_tokenizer(hf_dir: str, encoder_json: Optional[str] = None,
                       vocab_bpe: Optional[str] = None) -> Any:
   """GPT-2's BPE from `hf_dir`'s vocab.json + merges.txt, else from the given encoder.json/vocab.bpe."""
-  from gpt_jax import bpe  # Lazily: needs the `regex` package.
+  from gpt_jax.data import bpe  # Lazily: needs the `regex` package.
   vocab, merges = os.path.join(hf_dir, 'vocab.json'), os.path.join(hf_dir, 'merges.txt')
   if os.path.isfile(vocab) and os.path.isfile(merges):
     return bpe.load_gpt2_tokenizer(vocab, merges)

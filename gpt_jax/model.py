@@ -176,7 +176,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   att = jnp.exp(att - jax.lax.stop_gradient(jnp.max(att, axis=-1, keepdims=True)))
   att = att / jnp.sum(att, axis=-1, keepdims=True)
   if probs_hook is not None:
-    probs_hook(att)  # (B, H, T, S) before dropout; the model sows them for gpt_jax/instruments.py.
+    probs_hook(att)  # (B, H, T, S) before dropout; the model sows them for gpt_jax/training/layer_stats.py.
   if dropout_rng is not None and dropout_rate > 0.0:
     att = dropout(att, dropout_rate, dropout_rng)
   y = jnp.einsum('bhts,bhsd->bhtd', att.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -242,8 +242,14 @@ def _after(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with an optional KV cache for generation."""
+  """Multi-head causal self-attention with an optional KV cache for generation.
+
+  `record_probs` asks for the attention probabilities (sown as 'intermediates'/'attn_probs'), which
+  only the written-out full (T, T) path has: the per-layer statistics pass sets it explicitly
+  (gpt_jax/training/layer_stats.py). It never changes the function computed, only the kernel.
+  """
   config: ModelConfig
+  record_probs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool, cache: Optional[dict[str, jax.Array]] = None,
@@ -283,15 +289,15 @@ class CausalSelfAttention(nn.Module):
       q_, k_, v_ = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
       y = jax.nn.dot_product_attention(q_, k_, v_, is_causal=True, implementation=None)
       y = y.transpose(0, 2, 1, 3)  # (B, H, T, D)
-    elif T > QUERY_BLOCK and not self.is_mutable_collection('intermediates'):
+    elif T > QUERY_BLOCK and not self.record_probs:
       # Training / full forward of a long sequence: skip the fully masked blocks.
       y = block_causal_attention(q, k, v, QUERY_BLOCK, cfg.dropout,
                                  self.make_rng('dropout') if use_dropout else None)
     else:
       y = causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)), cfg.dropout,
                            self.make_rng('dropout') if use_dropout else None,
-                           # Recorded only when 'intermediates' is mutable (instruments); else a no-op.
-                           probs_hook=lambda p: self.sow('intermediates', 'attn_probs', p))
+                           probs_hook=(lambda p: self.sow('intermediates', 'attn_probs', p))
+                           if self.record_probs else None)
     if cache is not None:
       # Write this chunk's keys/values at [pos, pos + T), made to depend on the attention output
       # (_after) so that XLA sees every read of the cache come first and updates it in place.
@@ -323,12 +329,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
   config: ModelConfig
+  record_probs: bool = False  # See CausalSelfAttention.
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool, cache: Optional[dict[str, jax.Array]] = None,
                pos: Any = 0) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
     cfg = self.config
-    a, cache = CausalSelfAttention(cfg, name='attn')(
+    a, cache = CausalSelfAttention(cfg, self.record_probs, name='attn')(
         LayerNorm(cfg.bias, name='ln_1')(x), deterministic, cache, pos)
     x = x + a  # The residual stream carries everything; each sub-layer adds a correction to it.
     x = x + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x), deterministic)
@@ -339,6 +346,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """The GPT-2 language model. `apply({'params': p}, idx)` returns logits (B, T, V)."""
   config: ModelConfig
+  record_probs: bool = False  # Sow every block's attention probabilities (CausalSelfAttention).
 
   def setup(self):
     cfg = self.config
@@ -350,7 +358,7 @@ class GPT(nn.Module):
     # remat: keep only each block's input for the backward pass and recompute the rest (activation
     # memory O(L) blocks' inputs instead of all their intermediates). `deterministic` is static.
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
-    self.h = [block(cfg, name=f'h_{i}') for i in range(cfg.n_layer)]
+    self.h = [block(cfg, self.record_probs, name=f'h_{i}') for i in range(cfg.n_layer)]
     self.ln_f = LayerNorm(cfg.bias)
 
   def _forward(self, idx: jax.Array, deterministic: bool, cache: Optional[Cache],

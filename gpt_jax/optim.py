@@ -120,7 +120,7 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer named by `train_cfg.optimizer` ('optax' if the field is absent)."""
-  kind = train_cfg.get('optimizer', 'optax')
+  kind = train_cfg.optimizer
   if kind == 'optax':
     return make_optax_optimizer(train_cfg)
   if kind == 'scratch':

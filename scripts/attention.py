@@ -24,15 +24,15 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import instruments, plots  # Imported after flag parsing so --help is instant.
+  from gpt_jax.lab import plots, probes  # Imported after flag parsing so --help is instant.
 
   def run():
-    cfg, params, tok = instruments.load(FLAGS.ckpt_dir, FLAGS.step)
-    ids, note = instruments.encode_for_model(tok, cfg, FLAGS.text)
+    cfg, params, tok = probes.load(FLAGS.ckpt_dir, FLAGS.step)
+    ids, note = probes.encode_for_model(tok, cfg, FLAGS.text)
     if note:
       print(note)
-    probs = instruments.attention_maps(params, cfg, ids)  # (L, H, T, T)
-    labels = [instruments.token_text(tok, i) for i in ids]
+    probs = probes.attention_maps(params, cfg, ids)  # (L, H, T, T)
+    labels = [probes.token_text(tok, i) for i in ids]
     shown = FLAGS.text if len(FLAGS.text) <= 60 else FLAGS.text[:57] + '...'
     plots.attention_grid(probs, labels, FLAGS.out, f'attention on {shown!r} ({len(ids)} tokens; row: '
                          'query position, column: key position)', FLAGS.dpi)

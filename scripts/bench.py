@@ -16,6 +16,7 @@ Prints one table and a final line `BENCH_JSON {...}` with every figure.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -35,8 +36,12 @@ def main() -> None:
   p.add_argument('--torch_gen_batches', default='1', help='Batch sizes for PyTorch no-cache generate.')
   args = p.parse_args()
 
-  from gpt_jax import bench
+  from gpt_jax.lab import bench
   from gpt_jax.cli import run_main
+  from gpt_jax.config import load_config_file
+  # nanoGPT's shakespeare_char optimizer settings (the speed does not depend on them).
+  train_cfg = load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                            'shakespeare.py')).train
 
   def run() -> None:
     result = {'env': bench.environment(), 'matmul_peak_tflops': bench.matmul_peak_tflops(),
@@ -46,10 +51,10 @@ def main() -> None:
     for name in filter(None, args.settings.split(',')):
       cfg, batch = bench.setting(name, args.dtype)
       steps = args.steps or (2 if cfg.block_size >= 256 else 40)
-      r = {'jax': bench.jax_train(cfg, batch, steps)}
+      r = {'jax': bench.jax_train(cfg, train_cfg, batch, steps)}
       r['jax']['mfu'] = r['jax']['model_tflops'] / peak
       if args.vs_torch:
-        r['torch'] = bench.torch_train(cfg, batch, steps)
+        r['torch'] = bench.torch_train(cfg, train_cfg, batch, steps)
         r['speedup'] = r['torch']['ms_per_step'] / r['jax']['ms_per_step']
       result['train'][name] = r
       j = r['jax']

@@ -31,7 +31,11 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   import numpy as np
 
   from configs import shakespeare
-  from gpt_jax import optim, sharding, train
+  from gpt_jax import config as config_lib
+  from gpt_jax.training import loop as loop_lib
+  from gpt_jax import optim
+  from gpt_jax.training import step as step_lib
+  from gpt_jax.parallel import mesh as sharding
   from gpt_jax.model import GPT
 
   n = jax.device_count()
@@ -42,13 +46,13 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
                    'both': dict(data=-1, fsdp=min(2, n))}[mesh_kind])
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch_divisible(cfg.train.batch_size, mesh)
-  model_cfg = train.model_config_from(cfg, 65)  # TinyShakespeare's vocabulary; tokens are random.
-  state = train.init_train_state(model_cfg, cfg.train, mesh)
+  model_cfg = config_lib.model_config_from(cfg, 65)  # TinyShakespeare's vocabulary; tokens are random.
+  state = step_lib.init_train_state(model_cfg, cfg.train, mesh)
   data = sharding.put_replicated(np.random.RandomState(0).randint(0, 65, 200_000).astype(np.uint16),
                                  mesh)
   sh, rep = sharding.state_shardings(state, mesh), sharding.replicated(mesh)
   step = jax.jit(functools.partial(
-      train.train_step, model=GPT(model_cfg), batch_size=cfg.train.batch_size,
+      step_lib.train_step, model=GPT(model_cfg), batch_size=cfg.train.batch_size,
       grad_accum_steps=cfg.train.grad_accum_steps, schedule=optim.lr_schedule(cfg.train), mesh=mesh),
       in_shardings=(sh, rep), out_shardings=(sh, rep), donate_argnums=0)
   t0 = time.perf_counter()
@@ -61,7 +65,7 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   t0 = time.perf_counter()
   for i in range(steps):
     state, m = step(state, data)
-    if (i + 1) % train.CPU_MAX_STEPS_IN_FLIGHT == 0:  # As the train loop does on CPU (see there).
+    if (i + 1) % loop_lib.CPU_MAX_STEPS_IN_FLIGHT == 0:  # As the train loop does on CPU (see there).
       m['loss'].block_until_ready()
   m['loss'].block_until_ready()
   dt = (time.perf_counter() - t0) / steps

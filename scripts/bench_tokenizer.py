@@ -1,6 +1,6 @@
 """Times the hand-written GPT-2 BPE against tiktoken on TinyShakespeare, and BPE training.
 
-  python scripts/bench_tokenizer.py                 # the files shipped in gpt_jax/assets
+  python scripts/bench_tokenizer.py                 # the files shipped in gpt_jax/data/assets
   python scripts/bench_tokenizer.py --data_dir DIR
 
 Expects <data_dir>/tinyshakespeare.txt and <data_dir>/gpt2/{encoder.json,vocab.bpe}.
@@ -16,8 +16,8 @@ import time
 # Lets `python scripts/bench_tokenizer.py` import gpt_jax from the checkout without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt_jax import bpe  # noqa: E402
-from gpt_jax import data as data_lib  # noqa: E402
+from gpt_jax.data import bpe  # noqa: E402
+from gpt_jax.data import text as text_lib  # noqa: E402
 from gpt_jax.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def _timed(fn):
 
 
 def main() -> None:
-  default_dir = str(data_lib.ASSETS_DIR)
+  default_dir = str(text_lib.ASSETS_DIR)
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data_dir', default=os.path.normpath(default_dir),
                       help='folder with tinyshakespeare.txt and gpt2/ (default: %(default)s)')

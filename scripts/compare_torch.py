@@ -1,4 +1,4 @@
-"""Trains the JAX GPT and a PyTorch reference side by side and compares their training dynamics.
+"""Trains the JAX GPT and a PyTorch reference side by side and compares their training torch_compare.
 
 Both sides start from identical float32 weights, see identical batches (the project's own get_batch
 and keys) and identical learning rates. Writes OUT_DIR/dynamics.jsonl, summary.json, dynamics.png.
@@ -40,9 +40,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
 
   def run():
-    from gpt_jax import dynamics, torch_ref  # Imported after flag parsing so --help is instant.
+    from gpt_jax.lab import torch_compare, torch_ref  # Imported after flag parsing so --help is instant.
     torch_ref.require_torch().set_num_threads(_THREADS.value)
-    dynamics.run_comparison(_CONFIG.value, _STEPS.value, _OUT_DIR.value, seeds=_SEEDS.value,
+    torch_compare.run_comparison(_CONFIG.value, _STEPS.value, _OUT_DIR.value, seeds=_SEEDS.value,
                             eval_interval=_EVAL_INTERVAL.value, float64_reference=_F64.value)
 
   cli.run_main(run)

@@ -28,8 +28,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import evaluate  # Imported after flag parsing so --help is instant.
-  cli.run_main(lambda: evaluate.evaluate_checkpoint(
+  from gpt_jax import scoring  # Imported after flag parsing so --help is instant.
+  cli.run_main(lambda: scoring.evaluate_checkpoint(
       FLAGS.ckpt_dir, step=FLAGS.step, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
       output=FLAGS.output))
 

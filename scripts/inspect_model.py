@@ -41,17 +41,17 @@ def _vocab_size(config) -> tuple[int, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import shapes  # Imported after flag parsing so --help is instant.
-  from gpt_jax.train import model_config_from
+  from gpt_jax.lab import shape_flow  # Imported after flag parsing so --help is instant.
+  from gpt_jax.config import model_config_from
 
   def run():
     config = _CONFIG.value
     vocab, note = _vocab_size(config)
     cfg = model_config_from(config, vocab)
-    rows = shapes.shape_flow(cfg, FLAGS.batch_size or config.train.batch_size)
+    rows = shape_flow.shape_flow(cfg, FLAGS.batch_size or config.train.batch_size)
     print(f'{cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block_size {cfg.block_size}, '
           f'vocab {cfg.vocab_size}, bias {cfg.bias}' + (f'; {note.format(vocab)}' if note else ''))
-    print(shapes.format_table(rows, cfg))
+    print(shape_flow.format_table(rows, cfg))
   cli.run_main(run)
 
 

@@ -1,11 +1,11 @@
-"""Plots training runs: loss vs step and vs wall-clock time, lr, gradient norms, per-layer dynamics.
+"""Plots training runs: loss vs step and vs wall-clock time, lr, gradient norms, per-layer torch_compare.
 
   python scripts/plot.py out/shakespeare_char_cpu
   python scripts/plot.py out/run_a out/run_b --out compare.png            # runs overlaid
   python scripts/plot.py out/run_a --panels grad_heatmap,update_ratio --out dyn.png
 
 Panels: loss, loss_time, lr, grad_norm (every run overlaid) and, from the records written with
---config.train.dynamics_interval=N, grad_heatmap (layer x step), update_ratio, act_rms and attn_entropy
+--config.train.layer_stats_interval=N, grad_heatmap (layer x step), update_ratio, act_rms and attn_entropy
 (one per run). Default: every panel that has data.
 """
 from absl import app, flags
@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give one or more run directories (a training run\'s out_dir)')
   import os
-  from gpt_jax import plots  # Imported after flag parsing so --help is instant.
+  from gpt_jax.lab import plots  # Imported after flag parsing so --help is instant.
 
   def run():
     runs = [plots.read_run(d) for d in argv[1:]]

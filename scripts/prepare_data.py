@@ -35,9 +35,9 @@ flags.DEFINE_bool('force', False, 'Prepare again even if the files are up to dat
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import data, shards
+  from gpt_jax.data import shards, text
   data_cfg = _CONFIG.value.data
-  prepare = shards.prepare if data_cfg.get('shards_dir') else data.prepare
+  prepare = shards.prepare if data_cfg.get('shards_dir') else text.prepare
   cli.run_main(lambda: prepare(data_cfg, force=flags.FLAGS.force))
 
 

@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def _run() -> None:
-  from gpt_jax import shards, tokenizer
+  from gpt_jax.data import shards, tokenizer
   from gpt_jax.errors import UserError
   if FLAGS.check:
     index = shards.read_index(FLAGS.check)

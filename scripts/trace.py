@@ -24,20 +24,20 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import instruments  # Imported after flag parsing so --help is instant.
+  from gpt_jax.lab import probes  # Imported after flag parsing so --help is instant.
   from gpt_jax.errors import UserError
 
   def run():
     if FLAGS.top_k < 1:
       raise UserError(f'--top_k must be >= 1 (got {FLAGS.top_k})')
-    cfg, params, tok = instruments.load(FLAGS.ckpt_dir, FLAGS.step)
-    ids, note = instruments.encode_for_model(tok, cfg, FLAGS.text, extra=1)
+    cfg, params, tok = probes.load(FLAGS.ckpt_dir, FLAGS.step)
+    ids, note = probes.encode_for_model(tok, cfg, FLAGS.text, extra=1)
     if len(ids) < 2:
       raise UserError('--text must be at least two tokens long: one to read, one to predict.')
     if note:
       print(note)
-    rows = instruments.token_trace(params, cfg, ids, min(FLAGS.top_k, cfg.vocab_size))
-    print(instruments.format_trace(rows, tok))
+    rows = probes.token_trace(params, cfg, ids, min(FLAGS.top_k, cfg.vocab_size))
+    print(probes.format_trace(rows, tok))
   cli.run_main(run)
 
 

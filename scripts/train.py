@@ -20,8 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import train  # Imported after flag parsing so --help is instant.
-  cli.run_main(lambda: train.train_and_evaluate(_CONFIG.value))
+  from gpt_jax.training import loop as loop_lib  # Imported after flag parsing so --help is instant.
+  cli.run_main(lambda: loop_lib.train_and_evaluate(_CONFIG.value))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
-"""Shared fixtures: the data shipped in gpt_jax/assets, small synthetic text, tiny configs."""
+"""Shared fixtures: the data shipped in gpt_jax/data/assets, small synthetic text, tiny configs."""
 
-import os
 import pathlib
 import random
 import sys
@@ -11,14 +10,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import shakespeare  # noqa: E402
-from gpt_jax import data as data_lib  # noqa: E402
+from gpt_jax.data import text as text_lib  # noqa: E402
 from skip_policy import pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 
 
 def shipped_file(*parts: str) -> pathlib.Path:
-  """A data file shipped in gpt_jax/assets (TinyShakespeare, GPT-2's BPE files): always there."""
-  path = data_lib.ASSETS_DIR.joinpath(*parts)
-  assert path.is_file(), f'{path} is missing: the package ships it (see gpt_jax/assets/README.md)'
+  """A data file shipped in gpt_jax/data/assets (TinyShakespeare, GPT-2's BPE files): always there."""
+  path = text_lib.ASSETS_DIR.joinpath(*parts)
+  assert path.is_file(), f'{path} is missing: the package ships it (see gpt_jax/data/assets/README.md)'
   return path
 
 

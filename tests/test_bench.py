@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from gpt_jax import bench
+from gpt_jax.lab import bench
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

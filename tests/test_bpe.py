@@ -1,6 +1,6 @@
 """Tests for the hand-written byte-level BPE (gpt_jax/bpe.py).
 
-The GPT-2 files and TinyShakespeare are the copies shipped in gpt_jax/assets, so nothing here skips.
+The GPT-2 files and TinyShakespeare are the copies shipped in gpt_jax/data/assets, so nothing here skips.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import json
 import sys
 import time
 import unicodedata
-from pathlib import Path
 
 import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from gpt_jax import bpe, tokenizer as tokenizer_lib
+from gpt_jax.data import bpe, tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
 from conftest import shipped_file

@@ -6,7 +6,7 @@ import pytest
 
 from configs import shakespeare
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import train as train_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 
@@ -16,7 +16,7 @@ CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, d
 def _state(seed=0):
   train_cfg = shakespeare.get_config('tiny').train
   train_cfg.seed = seed
-  return train_lib.init_train_state(CFG, train_cfg)
+  return step_lib.init_train_state(CFG, train_cfg)
 
 
 def _meta():

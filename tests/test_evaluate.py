@@ -15,10 +15,12 @@ import pytest
 from configs import shakespeare, shakespeare_bpe_compact
 from conftest import make_synthetic_text
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import data as data_lib
-from gpt_jax import evaluate as evaluate_lib
-from gpt_jax import sample as sample_lib
-from gpt_jax import train as train_lib
+from gpt_jax.data import text as text_lib
+from gpt_jax import scoring
+from gpt_jax import sampling
+from gpt_jax import config as config_lib
+from gpt_jax.training import loop as loop_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, init_params
@@ -44,9 +46,9 @@ def _tiny_config(root: pathlib.Path, config_module):
 def char_run(tmp_path_factory):
   """An untrained char-model checkpoint, saved as train.py saves one (no train step to compile)."""
   c = _tiny_config(tmp_path_factory.mktemp('char'), shakespeare)
-  ds = data_lib.load(c.data, verbose=False)
-  model_cfg = train_lib.model_config_from(c, ds.tokenizer.vocab_size)
-  state = train_lib.init_train_state(model_cfg, c.train)
+  ds = text_lib.load(c.data, verbose=False)
+  model_cfg = config_lib.model_config_from(c, ds.tokenizer.vocab_size)
+  state = step_lib.init_train_state(model_cfg, c.train)
   meta = {'model': model_cfg.to_dict(), 'tokenizer': ds.tokenizer.to_dict(),
           'data': {k: ds.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256')},
           'config': json.loads(c.to_json_best_effort())}
@@ -60,14 +62,14 @@ def char_run(tmp_path_factory):
 def bpe_run(tmp_path_factory):
   """A compact-BPE model after a few real training steps (train.py end to end)."""
   c = _tiny_config(tmp_path_factory.mktemp('bpe'), shakespeare_bpe_compact)
-  train_lib.train_and_evaluate(c)
+  loop_lib.train_and_evaluate(c)
   return pathlib.Path(c.out_dir)
 
 
 @pytest.mark.parametrize('n,T', [(2, 4), (5, 4), (9, 4), (50, 16), (17, 16)])
 def test_windows_score_every_token_exactly_once(n, T):
   tokens = np.arange(100, 100 + n)
-  x, y, mask = evaluate_lib.make_windows(tokens, T)
+  x, y, mask = scoring.make_windows(tokens, T)
   np.testing.assert_array_equal(y[mask], tokens[1:])  # Each target once, in order.
   np.testing.assert_array_equal(x[mask], tokens[:-1])  # Each predicted from its predecessor ...
   assert x.shape[0] == math.ceil((n - 1) / T)
@@ -102,50 +104,50 @@ def test_full_pass_equals_brute_force_per_token():
   brute = nll(logits[:, :limit])
   assert nll(logits) > brute + 1.0  # Unmasked padded rows would change the result: the test has teeth.
   for batch_size in (3, 64):
-    total, n = evaluate_lib.score_tokens(params, cfg, tokens, batch_size=batch_size, vocab_limit=limit)
+    total, n = scoring.score_tokens(params, cfg, tokens, batch_size=batch_size, vocab_limit=limit)
     assert n == 49
     np.testing.assert_allclose(total, brute, rtol=2e-6)
 
 
 def test_char_model_bits_per_char_is_loss_over_ln2(char_run):
-  r = evaluate_lib.evaluate_checkpoint(str(char_run), verbose=False)
+  r = scoring.evaluate_checkpoint(str(char_run), verbose=False)
   assert r['tokenizer'] == 'char' and r['scored_tokens'] == r['val_tokens'] == r['val_chars'] == 3000
   assert r['step'] == 1
   assert r['bits_per_char'] == pytest.approx(r['loss'] / math.log(2), rel=1e-12)
   assert r['perplexity'] == pytest.approx(math.exp(r['loss']))
   assert json.loads((char_run / 'eval.json').read_text())['bits_per_char'] == r['bits_per_char']
   # Deterministic, and the batch size does not change the result.
-  again = evaluate_lib.evaluate_checkpoint(str(char_run / 'checkpoints'), batch_size=5, output='',
+  again = scoring.evaluate_checkpoint(str(char_run / 'checkpoints'), batch_size=5, output='',
                                            verbose=False)
   assert again['total_nats'] == pytest.approx(r['total_nats'], rel=1e-6)
 
 
 @pytest.mark.slow
 def test_bpe_model_uses_the_checkpoint_tokenizer_and_saved_data(bpe_run, char_run, tmp_path):
-  r = evaluate_lib.evaluate_checkpoint(str(bpe_run), output='', verbose=False)
+  r = scoring.evaluate_checkpoint(str(bpe_run), output='', verbose=False)
   assert r['tokenizer'] == 'bpe' and r['vocab_size'] == 320 and r['model_vocab_size'] == 320
   assert r['scored_tokens'] == r['val_tokens'] < r['val_chars'] == 3000
   assert r['bits_per_char'] == pytest.approx(r['total_nats'] / math.log(2) / 3000)
   # Without --data_dir the saved data section is used: a deleted preparation is rebuilt (the BPE
   # training is deterministic) and gives the same numbers.
   shutil.rmtree(bpe_run.parent / 'data')
-  again = evaluate_lib.evaluate_checkpoint(str(bpe_run), output='', verbose=False)
+  again = scoring.evaluate_checkpoint(str(bpe_run), output='', verbose=False)
   assert again['total_nats'] == pytest.approx(r['total_nats'], rel=1e-6)
   # Data prepared with another tokenizer is refused, not silently mis-scored.
   with pytest.raises(UserError, match='another tokenizer'):
-    evaluate_lib.evaluate_checkpoint(str(bpe_run), data_dir=str(char_run.parent / 'data'),
+    scoring.evaluate_checkpoint(str(bpe_run), data_dir=str(char_run.parent / 'data'),
                                      output='', verbose=False)
   other = shakespeare_bpe_compact.get_config('tiny').data
   other.update(text_path=str(bpe_run.parent / 'input.txt'), data_dir=str(tmp_path / 'd300'),
                bpe_vocab_size=300)
-  data_lib.prepare(other, verbose=False)
+  text_lib.prepare(other, verbose=False)
   with pytest.raises(UserError, match='another tokenizer'):
-    evaluate_lib.evaluate_checkpoint(str(bpe_run), data_dir=str(tmp_path / 'd300'), output='',
+    scoring.evaluate_checkpoint(str(bpe_run), data_dir=str(tmp_path / 'd300'), output='',
                                      verbose=False)
 
 
 def test_bpe_model_samples_through_the_checkpoint(bpe_run):
-  texts = sample_lib.sample_from_checkpoint(str(bpe_run), prompt='ROMEO:', num_samples=2,
+  texts = sampling.sample_from_checkpoint(str(bpe_run), prompt='ROMEO:', num_samples=2,
                                             max_new_tokens=12, verbose=False)
   assert len(texts) == 2 and all(t.startswith('ROMEO:') and len(t) > 12 for t in texts)
 

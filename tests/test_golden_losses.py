@@ -38,7 +38,7 @@ def run_losses(preset: str, sharded: bool, workdir: str) -> list[float]:
   """Train losses of steps 1..STEPS of `preset` (seed 1337), one per step, from metrics.jsonl."""
   sys.path.insert(0, str(REPO))
   from configs import shakespeare
-  from gpt_jax import train as train_lib
+  from gpt_jax.training import loop as loop_lib
   c = shakespeare.get_config(preset)
   c.out_dir = f'{workdir}/{preset}_{int(sharded)}/out'
   c.data.data_dir = f'{workdir}/data_{preset}'
@@ -47,7 +47,7 @@ def run_losses(preset: str, sharded: bool, workdir: str) -> list[float]:
   c.train.update(max_steps=STEPS, log_interval=1, eval_interval=STEPS, eval_iters=2,
                  peak_flops=1e12)
   c.sample.eval_tokens = 0
-  train_lib.train_and_evaluate(c)
+  loop_lib.train_and_evaluate(c)
   recs = [json.loads(l) for l in open(f'{c.out_dir}/metrics.jsonl', encoding='utf-8')]
   losses = {r['step']: r['train_loss'] for r in recs if 'ms_per_step' in r}
   assert sorted(losses) == list(range(1, STEPS + 1))

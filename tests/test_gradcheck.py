@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 from gpt_jax import model as model_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
-from gpt_jax.train import loss_fn
+from gpt_jax.training.step import loss_fn
 
 CFG = ModelConfig(vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
                   bias=True)

@@ -1,5 +1,5 @@
-"""Training-dynamics instruments: every logged number equals a direct computation, and they never
-change training (the plain step is the original step; the instrumented one updates identically)."""
+"""Per-layer statistics: every logged number equals a direct computation, and they never change
+training (the plain step is the original step; the step with statistics updates identically)."""
 
 import dataclasses
 import functools
@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from gpt_jax import data as data_lib
-from gpt_jax import instruments
+from gpt_jax.data import batches as batches_lib
+from gpt_jax.training import layer_stats as layer_stats_lib
 from gpt_jax import optim
-from gpt_jax import train as train_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT, Block, LayerNorm, Linear
 
@@ -33,15 +33,15 @@ def _data(seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(0, CFG.vocab_size, 3000), jnp.uint16)
 
 
-_forward = jax.jit(instruments.forward_with_intermediates, static_argnums=1)
+_forward = jax.jit(layer_stats_lib.forward_with_intermediates, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=None)
 def _step(dynamics):
   """The jitted train step on CFG (compiled once per variant for the whole module)."""
   return jax.jit(functools.partial(
-      train_lib.train_step, model=GPT(CFG), batch_size=BATCH, grad_accum_steps=1,
-      schedule=optim.lr_schedule(_train_cfg()), dynamics=dynamics))
+      step_lib.train_step, model=GPT(CFG), batch_size=BATCH, grad_accum_steps=1,
+      schedule=optim.lr_schedule(_train_cfg()), layer_stats=dynamics))
 
 
 def _assert_trees_identical(a, b):
@@ -54,22 +54,22 @@ def _assert_trees_identical(a, b):
 @pytest.fixture(scope='module')
 def one_step():
   """Two plain steps (so Adam's update is not the trivial first one), then the third step both ways."""
-  state = train_lib.init_train_state(CFG, _train_cfg())
+  state = step_lib.init_train_state(CFG, _train_cfg())
   for _ in range(2):
     state, _ = _step(False)(state, _data())
   plain = _step(False)(state, _data())
   new_state, metrics = _step(True)(state, _data())
   # The batch the step drew, rebuilt from its key the way train_step does.
   batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
-  x, y = data_lib.get_batch(_data(), batch_key, BATCH, CFG.block_size)
+  x, y = batches_lib.get_batch(_data(), batch_key, BATCH, CFG.block_size)
   return state, new_state, jax.device_get(metrics), x, y, plain
 
 
 @pytest.mark.slow
 def test_per_layer_norms_equal_direct_computation(one_step):
   state, new_state, m, x, y, _ = one_step
-  grads = jax.jit(lambda p: jax.grad(train_lib.loss_fn)(p, GPT(CFG), x, y, None))(state.params)
-  d = m['dynamics']
+  grads = jax.jit(lambda p: jax.grad(step_lib.loss_fn)(p, GPT(CFG), x, y, None))(state.params)
+  d = m['layer_stats']
   assert set(d['grad_norm']) == {'wte', 'wpe', 'h_0', 'h_1', 'ln_f'}
   for k in d['grad_norm']:
     np.testing.assert_allclose(d['grad_norm'][k], optax.tree.norm(grads[k]), rtol=1e-5)
@@ -85,16 +85,16 @@ def test_per_layer_norms_equal_direct_computation(one_step):
 
 def test_activation_rms_and_logit_scale_equal_direct_computation(one_step):
   state, _, m, x, _, _ = one_step
-  p, xa = state.params, x[:instruments.ACT_ROWS]
+  p, xa = state.params, x[:layer_stats_lib.ACT_ROWS]
   h = p['wte'][xa] + p['wpe'][jnp.arange(CFG.block_size)]  # (B, T, C) embeddings, no dropout.
   expect = {'embed': float(jnp.sqrt(jnp.mean(h ** 2)))}
   for i in range(CFG.n_layer):  # Apply each block on its own, outside the GPT module.
     h, _ = Block(CFG).apply({'params': p[f'h_{i}']}, h, True)
     expect[f'h_{i}'] = float(jnp.sqrt(jnp.mean(h ** 2)))
   for k, v in expect.items():
-    np.testing.assert_allclose(m['dynamics']['act_rms'][k], v, rtol=1e-5)
+    np.testing.assert_allclose(m['layer_stats']['act_rms'][k], v, rtol=1e-5)
   logits = GPT(CFG).apply({'params': p}, xa)
-  np.testing.assert_allclose(m['dynamics']['logit_std'], np.std(np.asarray(logits), axis=-1).mean(),
+  np.testing.assert_allclose(m['layer_stats']['logit_std'], np.std(np.asarray(logits), axis=-1).mean(),
                              rtol=1e-5)
 
 
@@ -116,20 +116,20 @@ def _direct_attention_probs(params, cfg, x):
 
 def test_attention_entropy_from_sown_probs_equals_direct_computation(one_step):
   state, _, m, x, _, _ = one_step
-  xa = x[:instruments.ACT_ROWS]
+  xa = x[:layer_stats_lib.ACT_ROWS]
   direct = _direct_attention_probs(state.params, CFG, xa)
   _, inter = _forward(state.params, CFG, xa)
   np.testing.assert_allclose(inter['attn_probs'][0], direct, atol=1e-6)
   with np.errstate(divide='ignore', invalid='ignore'):
     ent = -np.where(direct > 0, direct * np.log(direct), 0.0).sum(-1).mean(axis=(0, 2))  # (H,)
-  np.testing.assert_allclose(m['dynamics']['attn_entropy']['h_0'], ent, rtol=1e-5)
-  assert m['dynamics']['attn_entropy']['h_0'].shape == (CFG.n_head,)
+  np.testing.assert_allclose(m['layer_stats']['attn_entropy']['h_0'], ent, rtol=1e-5)
+  assert m['layer_stats']['attn_entropy']['h_0'].shape == (CFG.n_head,)
   # Uniform causal attention over T positions has mean entropy mean_t log(t + 1): the ceiling.
   T = CFG.block_size
   uniform = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
-  np.testing.assert_allclose(instruments.attention_entropy(jnp.asarray(uniform)[None, None]),
-                             [instruments.uniform_entropy(T)], rtol=1e-6)
-  assert np.all(m['dynamics']['attn_entropy']['h_1'] <= instruments.uniform_entropy(T) + 1e-5)
+  np.testing.assert_allclose(layer_stats_lib.attention_entropy(jnp.asarray(uniform)[None, None]),
+                             [layer_stats_lib.uniform_entropy(T)], rtol=1e-6)
+  assert np.all(m['layer_stats']['attn_entropy']['h_1'] <= layer_stats_lib.uniform_entropy(T) + 1e-5)
 
 
 def test_sow_is_a_no_op_unless_intermediates_are_mutable():
@@ -149,20 +149,35 @@ def test_sow_is_a_no_op_unless_intermediates_are_mutable():
                              logits, atol=1e-5)
 
 
+def test_only_an_explicit_request_picks_the_kernel_that_records_probabilities():
+  """Instrumentation never steers the forward pass: making 'intermediates' mutable leaves a long
+  sequence on the block-skipping kernel (nothing recorded); `record_probs=True` is the one switch."""
+  from gpt_jax.model import QUERY_BLOCK
+  cfg = dataclasses.replace(CFG, block_size=2 * QUERY_BLOCK)
+  params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  x = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, cfg.block_size)))
+  plain, sown = GPT(cfg).apply(params, x, mutable=['intermediates'])
+  assert 'attn_probs' not in sown['intermediates']['h_0'].get('attn', {})
+  recorded, sown = GPT(cfg, record_probs=True).apply(params, x, mutable=['intermediates'])
+  assert sown['intermediates']['h_0']['attn']['attn_probs'][0].shape == (
+      1, cfg.n_head, cfg.block_size, cfg.block_size)
+  np.testing.assert_allclose(np.asarray(recorded), np.asarray(plain), atol=1e-5)
+
+
 def test_instrumented_step_trains_exactly_like_the_plain_step(one_step):
   _, on, m_on, _, _, (off, m_off) = one_step
   _assert_trees_identical((off.params, off.opt_state, off.step), (on.params, on.opt_state, on.step))
   for k in ('loss', 'grad_norm', 'lr'):
     assert float(m_off[k]) == float(m_on[k])
-  assert 'dynamics' not in m_off and 'dynamics' in m_on
+  assert 'layer_stats' not in m_off and 'layer_stats' in m_on
 
 
 def _original_train_step(state, train_data, *, model, batch_size, grad_accum_steps, schedule):
   """gpt_jax.train.train_step as it was before the instruments hook (commit 60c1aff), verbatim."""
   T = model.config.block_size
   batch_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
-  x, y = data_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
-  grad_fn = jax.value_and_grad(train_lib.loss_fn)
+  x, y = batches_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps, T)
+  grad_fn = jax.value_and_grad(step_lib.loss_fn)
   use_dropout = model.config.dropout > 0
 
   def micro(i, xb, yb):
@@ -192,9 +207,9 @@ def test_instruments_off_is_the_original_train_step():
   """With dynamics off (the default) train_step traces to the very same program as before the hook,
   and gives bit-identical states."""
   kw = dict(model=GPT(CFG), batch_size=BATCH, schedule=optim.lr_schedule(_train_cfg()))
-  state = train_lib.init_train_state(CFG, _train_cfg())
+  state = step_lib.init_train_state(CFG, _train_cfg())
   for accum in (1, 2):  # Both code paths: one micro-batch, and the lax.scan over micro-batches.
-    now = jax.make_jaxpr(functools.partial(train_lib.train_step, grad_accum_steps=accum, **kw))
+    now = jax.make_jaxpr(functools.partial(step_lib.train_step, grad_accum_steps=accum, **kw))
     before = jax.make_jaxpr(functools.partial(_original_train_step, grad_accum_steps=accum, **kw))
     assert str(now(state, _data())) == str(before(state, _data()))
   ref = jax.jit(functools.partial(_original_train_step, grad_accum_steps=1, **kw))

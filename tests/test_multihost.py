@@ -41,25 +41,26 @@ def worker(spec: dict, process_id: int) -> dict:
     cfg.distributed.update(coordinator_address=f'localhost:{spec["port"]}', num_processes=2,
                            process_id=0)
   # Process 1 finds JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in its environment.
-  from gpt_jax import train
+  from gpt_jax.training import loop as loop_lib
   if spec.get('preempt'):  # test_a_signal_to_one_process_stops_both_at_the_same_step
     cfg.train.update(max_steps=spec['max_steps'], eval_interval=20, resume=spec['resume'])
     cfg.sample.eval_tokens = 0
     from gpt_jax.errors import Stopped
     try:
-      return {'final_step': train.train_and_evaluate(cfg)['final_step']}
+      return {'final_step': loop_lib.train_and_evaluate(cfg)['final_step']}
     except Stopped as e:
       print(RESULT + json.dumps({'stopped_at': e.step, 'signal': e.signal_name, 'message': str(e)}),
             flush=True)
       sys.exit(e.exit_status)
-  train.train_and_evaluate(cfg)
+  loop_lib.train_and_evaluate(cfg)
 
   import jax
   from jax.experimental import multihost_utils
-  from gpt_jax import shards, sharding
-  mesh = sharding.make_mesh(cfg.mesh)
+  from gpt_jax.data import shards
+  from gpt_jax.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(cfg.mesh)
   ds = shards.ShardedTokens(spec['shards'], seed=5)
-  bs = sharding.batch_sharding(mesh)
+  bs = mesh_lib.batch_sharding(mesh)
   x, _ = ds.global_batch(BATCH['step'], BATCH['batch_size'], BATCH['block_size'], bs)
   full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return {'process_index': jax.process_index(), 'process_count': jax.process_count(),
@@ -70,7 +71,7 @@ def worker(spec: dict, process_id: int) -> dict:
 
 def test_settings_come_from_config_then_environment():
   from configs import shakespeare
-  from gpt_jax import distributed
+  from gpt_jax.parallel import distributed
   cfg = shakespeare.get_config('tiny').distributed
   assert distributed._settings(cfg, {}) == (None, None, None)
   env = {'JAX_COORDINATOR_ADDRESS': 'h0:1234', 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '2'}
@@ -81,7 +82,7 @@ def test_settings_come_from_config_then_environment():
 
 
 def test_single_process_needs_no_runtime_and_late_settings_are_a_clear_error():
-  from gpt_jax import distributed
+  from gpt_jax.parallel import distributed
   from gpt_jax.errors import UserError
   assert distributed.initialize(None, environ={}) is False  # Nothing asked for: one process.
   assert distributed.initialize({'num_processes': 1}, environ={}) is False
@@ -103,7 +104,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path):
-  from gpt_jax import shards, train
+  from gpt_jax.data import shards
+  from gpt_jax.training import loop as loop_lib
   t0 = time.perf_counter()
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
@@ -115,7 +117,7 @@ def test_two_processes_match_one_device(tmp_path):
   ref_cfg = _config(str(tmp_path / 'ref'))
   ref_cfg.mesh.update(data=-1, fsdp=1)
   ref_cfg.sample.eval_tokens = 0  # Losses only: skip compiling the sampler here.
-  train.train_and_evaluate(ref_cfg)  # One process, one device.
+  loop_lib.train_and_evaluate(ref_cfg)  # One process, one device.
   ref = run_losses(ref_cfg.out_dir)
 
   root = str(tmp_path / 'multi')
@@ -209,13 +211,14 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
   """SIGTERM to process 1 only: both leave at one agreed step, save it together and exit 75; resumed
   with two processes, the run logs every step once and ends with the 1-device run's losses."""
   import signal
-  from gpt_jax import train
+
+  from gpt_jax.training import loop as loop_lib
   steps = 40
   ref_cfg = _config(str(tmp_path / 'ref'))
   ref_cfg.mesh.update(data=-1, fsdp=1)
   ref_cfg.train.update(max_steps=steps, eval_interval=20)
   ref_cfg.sample.eval_tokens = 0
-  train.train_and_evaluate(ref_cfg)  # One process, one device, uninterrupted.
+  loop_lib.train_and_evaluate(ref_cfg)  # One process, one device, uninterrupted.
   ref = run_losses(ref_cfg.out_dir)
 
   root = str(tmp_path / 'multi')
@@ -235,7 +238,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     results.append(json.loads([l for l in out.splitlines() if l.startswith(RESULT)][-1][len(RESULT):]))
   stop = results[0]['stopped_at']
   assert 3 <= stop < steps and results[1]['stopped_at'] == stop
-  from gpt_jax import preemption
+  from gpt_jax.training import preemption
   assert stop % preemption.SYNC_EVERY == 0 or stop == 20  # Where the processes compare flags.
   assert results[1]['signal'] == 'SIGTERM' and results[0]['signal'] == 'a signal to another process'
   assert f'stopped at step {stop}; checkpoint {stop} is saved' in results[0]['message']

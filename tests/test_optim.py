@@ -16,7 +16,7 @@ from gpt_jax import optim
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
-from gpt_jax.train import TrainState, loss_fn
+from gpt_jax.training.step import TrainState, loss_fn
 
 CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                   bias=True)

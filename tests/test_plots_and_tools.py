@@ -1,4 +1,4 @@
-"""The seeing-inside tools on a tiny trained run: dynamics records, TensorBoard, plots (incl. resumed
+"""The seeing-inside tools on a tiny trained run: layer_stats records, TensorBoard, plots (incl. resumed
 runs), the shape-flow table against the model's own counts, attention grids and token traces."""
 
 import json
@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import make_synthetic_text
-from gpt_jax import instruments, plots, shapes
-from gpt_jax import train as train_lib
+from gpt_jax.lab import plots, probes, shape_flow
+from gpt_jax.model import GPT
+from gpt_jax import config as config_lib
+from gpt_jax.training import loop as loop_lib
+from gpt_jax.training import metrics as metrics_lib
 from gpt_jax.config import ModelConfig, num_params
-from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.data.tokenizer import CharTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -29,18 +32,18 @@ def run(script, *args, timeout=900):
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-  """The `tiny` preset trained for 12 steps on synthetic text, dynamics every 6 steps, TensorBoard on."""
+  """The `tiny` preset trained for 12 steps on synthetic text, layer statistics every 6 steps, TensorBoard on."""
   from configs import shakespeare
   tmp = tmp_path_factory.mktemp('tiny_run')
   (tmp / 'input.txt').write_text(make_synthetic_text(), encoding='utf-8')
   c = shakespeare.get_config('tiny')
   c.out_dir, c.data.text_path = str(tmp / 'out'), str(tmp / 'input.txt')
   c.data.data_dir, c.data.cache_dir = str(tmp / 'data'), str(tmp / 'cache')
-  c.train.update(max_steps=12, eval_interval=6, eval_iters=2, log_interval=3, dynamics_interval=6,
+  c.train.update(max_steps=12, eval_interval=6, eval_iters=2, log_interval=3, layer_stats_interval=6,
                  tensorboard=importable('tensorboardX'), peak_flops=1e12)
   c.sample.eval_tokens = 0
   c.checkpoint.save = 'always'
-  train_lib.train_and_evaluate(c)
+  loop_lib.train_and_evaluate(c)
   return c.out_dir
 
 
@@ -66,17 +69,17 @@ def _png(path):
 # --- the training loop's records --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_run_logs_dynamics_records(tiny_run):
+def test_run_logs_layer_stats_records(tiny_run):
   recs = _records(tiny_run)
-  dyn = [r for r in recs if 'dynamics' in r]
+  dyn = [r for r in recs if 'layer_stats' in r]
   assert [r['step'] for r in dyn] == [6, 12]
-  d = dyn[-1]['dynamics']
+  d = dyn[-1]['layer_stats']
   for key in ('grad_norm', 'param_norm', 'update_ratio'):
     assert set(d[key]) == {'wte', 'wpe', 'h_0', 'h_1', 'ln_f'} and all(v > 0 for v in d[key].values())
   assert set(d['act_rms']) == {'embed', 'h_0', 'h_1'}
   assert set(d['attn_entropy']) == {'h_0', 'h_1'} and all(len(v) == 2 for v in d['attn_entropy'].values())
   assert d['logit_std'] > 0 and d['attn_entropy_uniform'] > max(max(v) for v in d['attn_entropy'].values())
-  # A dynamics record is also a valid train record: the same loss as that step's log line.
+  # A layer_stats record is also a valid train record: the same loss as that step's log line.
   line = [r for r in recs if r['step'] == 12 and 'ms_per_step' in r][0]
   assert (dyn[-1]['train_loss'], dyn[-1]['grad_norm']) == (line['train_loss'], line['grad_norm'])
 
@@ -87,13 +90,13 @@ def test_tensorboard_event_files(tiny_run):
   events = [f for f in os.listdir(tb) if f.startswith('events.out.tfevents')]
   assert events and os.path.getsize(os.path.join(tb, events[0])) > 1000
   blob = pathlib.Path(tb, events[0]).read_bytes()
-  for tag in (b'eval/val_loss', b'train/train_loss', b'dynamics/grad_norm/h_0',
-              b'dynamics/attn_entropy/h_1/1'):
+  for tag in (b'eval/val_loss', b'train/train_loss', b'layer_stats/grad_norm/h_0',
+              b'layer_stats/attn_entropy/h_1/1'):
     assert tag in blob
 
 
 def test_flatten_for_tensorboard():
-  assert instruments.flatten({'a': {'b': 1, 'c': [2.0, 3]}, 's': 'text', 'n': float('nan'), 't': True}
+  assert metrics_lib.flatten({'a': {'b': 1, 'c': [2.0, 3]}, 's': 'text', 'n': float('nan'), 't': True}
                              ) == {'a/b': 1.0, 'a/c/0': 2.0, 'a/c/1': 3.0}
 
 
@@ -119,12 +122,12 @@ def test_read_run_resolves_resumes(tmp_path):
   r = plots.read_run(str(tmp_path / 'r'))
   assert sorted(r.train) == [10, 20] and r.train[20]['train_loss'] == 2.6
   assert r.train[20]['time'] == 16.0  # 11 s (the checkpoint's eval) + 5 s in the resumed process.
-  assert sorted(r.evals) == [0, 10] and not r.dynamics
+  assert sorted(r.evals) == [0, 10] and not r.layer_stats
   assert list(r.series('train', 'lr')[1]) == [1e-3, 9e-4]
 
 
 def test_plot_script_overlays_runs(tiny_run, tmp_path):
-  other = tmp_path / 'other'  # A second, resumed run without dynamics records.
+  other = tmp_path / 'other'  # A second, resumed run without layer_stats records.
   _write_jsonl(other / 'metrics.jsonl', [
       {'step': 0, 'train_loss': 4.2, 'val_loss': 4.2, 'time': 0.5},
       {'step': 6, 'train_loss': 3.5, 'lr': 1e-3, 'grad_norm': 2.0, 'time': 3.0},
@@ -142,8 +145,8 @@ def test_plot_script_overlays_runs(tiny_run, tmp_path):
   assert r.returncode == 1 and 'no metrics.jsonl' in r.stderr
 
 
-def test_dynamics_matrix_orders_layers(tiny_run):
-  steps, layers, m = plots.dynamics_matrix(plots.read_run(tiny_run), 'grad_norm')
+def test_layer_stats_matrix_orders_layers(tiny_run):
+  steps, layers, m = plots.layer_stats_matrix(plots.read_run(tiny_run), 'grad_norm')
   assert list(steps) == [6, 12] and layers == ['wte', 'wpe', 'h_0', 'h_1', 'ln_f']
   assert m.shape == (5, 2) and np.all(m > 0)
 
@@ -156,10 +159,10 @@ def test_dynamics_matrix_orders_layers(tiny_run):
 ], ids=['cpu', 'gpt2'])
 @pytest.mark.slow
 def test_shape_flow_totals_match_the_models_counts(cfg):
-  rows = shapes.shape_flow(cfg, batch_size=2)
-  n_params, n_flops = shapes.totals(rows)
+  rows = shape_flow.shape_flow(cfg, batch_size=2)
+  n_params, n_flops = shape_flow.totals(rows)
   assert n_params == num_params(cfg)
-  assert n_flops == train_lib.flops_per_token(cfg)
+  assert n_flops == config_lib.flops_per_token(cfg)
   by_name = {r.name: r for r in rows}
   C, T = cfg.n_embd, cfg.block_size
   assert by_name['h_0.attn.c_attn'].output == f'(2,{T},{3 * C})'
@@ -176,7 +179,7 @@ def test_inspect_model_script():
   assert '(matches)' in r.stdout and 'c_attn' in r.stdout and 'softmax(qk^T)v' in r.stdout
   total = [l for l in r.stdout.splitlines() if l.startswith('total')][0]
   cfg = ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
-  assert f'{num_params(cfg):,}' in total and f'{train_lib.flops_per_token(cfg):,}' in total
+  assert f'{num_params(cfg):,}' in total and f'{config_lib.flops_per_token(cfg):,}' in total
 
 
 # --- attention and token traces ---------------------------------------------------------------------
@@ -192,8 +195,8 @@ def test_attention_script_writes_a_grid(tiny_run, tmp_path):
 
 
 def test_attention_maps_are_causal_distributions(tiny_run):
-  cfg, params, tok = instruments.load(tiny_run)
-  probs = instruments.attention_maps(params, cfg, tok.encode('JULIET:\nsweet'))
+  cfg, params, tok = probes.load(tiny_run)
+  probs = probes.attention_maps(params, cfg, tok.encode('JULIET:\nsweet'))
   assert probs.shape == (2, 2, 13, 13)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   assert np.all(np.triu(probs, 1) == 0)
@@ -208,10 +211,10 @@ def test_trace_script_and_values(tiny_run):
   assert len([l for l in lines if l[:4].strip().isdigit()]) == len('ROMEO:\nthe king') - 1
   assert "'\\n'" in r.stdout and 'mean loss' in r.stdout  # Newlines shown escaped.
 
-  cfg, params, tok = instruments.load(tiny_run)
+  cfg, params, tok = probes.load(tiny_run)
   ids = tok.encode('the king')
-  rows = instruments.token_trace(params, cfg, ids, top_k=4)
-  logits = jax.jit(lambda p, i: train_lib.GPT(cfg).apply({'params': p}, i))(params, np.array([ids[:-1]]))
+  rows = probes.token_trace(params, cfg, ids, top_k=4)
+  logits = jax.jit(lambda p, i: GPT(cfg).apply({'params': p}, i))(params, np.array([ids[:-1]]))
   p = np.asarray(jax.nn.softmax(logits[0]), np.float64)
   for t, row in enumerate(rows):
     assert row.next_token == ids[t + 1]
@@ -222,10 +225,10 @@ def test_trace_script_and_values(tiny_run):
 
 def test_token_labels_are_readable():
   char = CharTokenizer(list('\n !ab'))
-  assert [instruments.token_label(char, i) for i in range(5)] == ["'\\n'", "' '", '!', 'a', 'b']
-  from gpt_jax import bpe
+  assert [probes.token_label(char, i) for i in range(5)] == ["'\\n'", "' '", '!', 'a', 'b']
+  from gpt_jax.data import bpe
   tok = bpe.train_bpe('the king and the queen. ' * 20 + 'caf\u00e9', 270, progress=False)
-  pieces = [instruments.token_label(tok, i) for i in tok.encode(' the king caf\u00e9')]
+  pieces = [probes.token_label(tok, i) for i in tok.encode(' the king caf\u00e9')]
   assert pieces[0] == "' the'"  # A BPE piece with its leading space, decoded per token.
-  assert ''.join(instruments.token_text(tok, i) for i in tok.encode('the queen')) == 'the queen'
+  assert ''.join(probes.token_text(tok, i) for i in tok.encode('the queen')) == 'the queen'
   assert plots.axis_label(' a\n') == '␣a\\n'

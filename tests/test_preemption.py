@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import preemption
-from gpt_jax import runlock
-from gpt_jax import sample as sample_lib
-from gpt_jax import train as train_lib
+from gpt_jax.training import preemption
+from gpt_jax.training import runlock
+from gpt_jax import sampling
+from gpt_jax.training import loop as loop_lib
 from gpt_jax.errors import Stopped, UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config,
     config = _small_run(tiny_config)
     config.out_dir = str(disk / 'out')
     with pytest.raises(UserError) as e:
-      train_lib.train_and_evaluate(config)
+      loop_lib.train_and_evaluate(config)
     m = re.fullmatch(r'could not write checkpoint (\d+) to (\S+) \(no space left on device\); training '
                      r'stopped\. The earlier checkpoints \(([\d, ]+)\) are intact: free some space, then '
                      r'continue with --config\.train\.resume=True\.', str(e.value))
@@ -265,7 +265,7 @@ def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config,
     else:
       monkeypatch.undo()
     config.train.resume = True
-    summary = train_lib.train_and_evaluate(config)
+    summary = loop_lib.train_and_evaluate(config)
     assert summary['start_step'] == max(good) and summary['final_step'] == 40
     steps = os.listdir(ckpt_dir)
     assert '40' in steps and not [n for n in steps if 'tmp' in n]  # Leftovers cleaned up.
@@ -287,7 +287,7 @@ def test_permission_denied_on_save_is_one_clear_message(tiny_config, monkeypatch
   config = _small_run(tiny_config, steps=20)
   with pytest.raises(UserError, match=r'checkpoint 20 .*\(permission denied\).*checkpoints \(10\) are '
                                       r'intact: make the directory writable'):
-    train_lib.train_and_evaluate(config)
+    loop_lib.train_and_evaluate(config)
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------
@@ -311,25 +311,25 @@ def _garble_metrics(step_dir):
 def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_good(tiny_config,
                                                                                    damage):
   config = _small_run(tiny_config, steps=20)
-  train_lib.train_and_evaluate(config)
+  loop_lib.train_and_evaluate(config)
   ckpt_dir = pathlib.Path(config.out_dir) / 'checkpoints'
   assert checkpoint_lib.Checkpointer(str(ckpt_dir), read_only=True).best_step() == 20
   damage(ckpt_dir / '20')
   files = {p: p.read_bytes() for p in (ckpt_dir / '20').rglob('*') if p.is_file()}
 
   with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\)'):
-    sample_lib.sample_from_checkpoint(config.out_dir, max_new_tokens=2, verbose=False)
+    sampling.sample_from_checkpoint(config.out_dir, max_new_tokens=2, verbose=False)
   config.train.update(resume=True, max_steps=30)
   with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\); .*resume_from_last_good'
                      r'=True') as e:
-    train_lib.train_and_evaluate(config)
+    loop_lib.train_and_evaluate(config)
   assert '\n' not in str(e.value)
   if damage is not _garble_metrics:  # Orbax cannot even list the steps past a garbled metrics file.
     assert 'the newest good checkpoint is step 10' in str(e.value)
   assert {p: p.read_bytes() for p in (ckpt_dir / '20').rglob('*') if p.is_file()} == files
 
   config.train.resume_from_last_good = True
-  summary = train_lib.train_and_evaluate(config)
+  summary = loop_lib.train_and_evaluate(config)
   assert summary['start_step'] == 10 and summary['final_step'] == 30
   moved = pathlib.Path(config.out_dir) / checkpoint_lib.DAMAGED_DIR / '20'
   assert {moved / p.relative_to(ckpt_dir / '20') for p in files} == {
@@ -340,7 +340,7 @@ def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_goo
 @pytest.mark.slow
 def test_sample_script_names_the_damaged_step_in_one_line(tiny_config):
   config = _small_run(tiny_config, steps=20)
-  train_lib.train_and_evaluate(config)
+  loop_lib.train_and_evaluate(config)
   _truncate_largest_array(pathlib.Path(config.out_dir) / 'checkpoints' / '20')
   r = subprocess.run([sys.executable, str(REPO / 'scripts' / 'sample.py'),
                       f'--ckpt_dir={config.out_dir}', '--max_new_tokens=2'],

@@ -6,9 +6,11 @@ import jax
 import pytest
 
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import data as data_lib
-from gpt_jax import sample as sample_lib
-from gpt_jax import train as train_lib
+from gpt_jax.data import text as text_lib
+from gpt_jax import sampling
+from gpt_jax import config as config_lib
+from gpt_jax.training import loop as loop_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.errors import UserError
 
 
@@ -23,7 +25,7 @@ def _files(out_dir: str) -> dict[str, tuple[int, int]]:
 def trained(tiny_config):
   """The tiny preset trained for 10 steps: checkpoints at steps 5 and 10."""
   tiny_config.train.update(max_steps=10, eval_interval=5)
-  train_lib.train_and_evaluate(tiny_config)
+  loop_lib.train_and_evaluate(tiny_config)
   before = _files(tiny_config.out_dir)
   assert any(k.startswith('10/') for k in before)
   tiny_config.train.update(resume=True, max_steps=20)
@@ -39,22 +41,22 @@ def test_resume_with_another_tokenizer(trained, tmp_path):
   other.write_text(text.replace('q', 'Q'), encoding='utf-8')
   config.data.update(text_path=str(other), data_dir=str(tmp_path / 'other_data'))
   with pytest.raises(UserError, match='trained with another vocabulary'):
-    train_lib.train_and_evaluate(config)
+    loop_lib.train_and_evaluate(config)
   assert _files(config.out_dir) == before
 
 
 @pytest.mark.slow
 def test_resume_of_a_parameters_only_checkpoint(tiny_config):
-  ds = data_lib.load(tiny_config.data, verbose=False)
-  model_cfg = train_lib.model_config_from(tiny_config, ds.tokenizer.vocab_size)
-  params = train_lib.init_train_state(model_cfg, tiny_config.train).params
+  ds = text_lib.load(tiny_config.data, verbose=False)
+  model_cfg = config_lib.model_config_from(tiny_config, ds.tokenizer.vocab_size)
+  params = step_lib.init_train_state(model_cfg, tiny_config.train).params
   ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints')
   ckpt.save_params(0, params, {'model': model_cfg.to_dict(), 'tokenizer': ds.tokenizer.to_dict()})
   ckpt.close()
   before = _files(tiny_config.out_dir)
   tiny_config.train.resume = True
   with pytest.raises(UserError, match='holds parameters only.*cannot be resumed.*fresh'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
   assert _files(tiny_config.out_dir) == before
 
 
@@ -62,8 +64,8 @@ def test_resume_of_a_parameters_only_checkpoint(tiny_config):
 def test_restoring_a_checkpoint_whose_shapes_do_not_fit(trained):
   config, before = trained
   config.model.n_embd = 48  # The arrays on disk are 32 wide.
-  model_cfg = train_lib.model_config_from(config, 30)
-  abstract = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, config.train))
+  model_cfg = config_lib.model_config_from(config, 30)
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, config.train))
   ckpt = checkpoint_lib.Checkpointer(f'{config.out_dir}/checkpoints', config.checkpoint)
   with pytest.raises(UserError, match='checkpoint 10 .* does not fit the configured model'):
     ckpt.restore_state(10, abstract)
@@ -76,7 +78,7 @@ def test_restoring_a_checkpoint_whose_shapes_do_not_fit(trained):
 def test_vocab_size_smaller_than_the_data(tiny_config):
   tiny_config.model.vocab_size = 5
   with pytest.raises(UserError, match=r'model.vocab_size=5 is smaller than the tokenizer.*at least'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
   assert not (pathlib.Path(tiny_config.out_dir) / 'checkpoints').exists() or not _files(
       tiny_config.out_dir)
 
@@ -86,7 +88,7 @@ def test_nan_before_any_checkpoint(tiny_config):
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=1, learning_rate=1e6,
                            min_learning_rate=1e6, grad_clip=0.0)
   with pytest.raises(UserError, match=r'diverged.*no checkpoint had been written yet.*learning_rate'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
   assert _files(tiny_config.out_dir) == {}  # Nothing half-written is left to be mistaken for a run.
 
 
@@ -108,15 +110,15 @@ def test_every_sample_argument_check(trained):
   config, before = trained
   for kwargs, message in SAMPLE_CHECKS:
     with pytest.raises(UserError, match=message):
-      sample_lib.sample_from_checkpoint(config.out_dir, verbose=False, **{'max_new_tokens': 4, **kwargs})
-  assert sample_lib.sample_from_checkpoint(config.out_dir, verbose=False, max_new_tokens=4,
+      sampling.sample_from_checkpoint(config.out_dir, verbose=False, **{'max_new_tokens': 4, **kwargs})
+  assert sampling.sample_from_checkpoint(config.out_dir, verbose=False, max_new_tokens=4,
                                            prompt='the ')[0].startswith('the ')  # Valid: fine.
   assert _files(config.out_dir) == before
 
 
 def test_sample_refuses_a_directory_without_checkpoints(tmp_path):
   with pytest.raises(UserError, match='no checkpoint directory'):
-    sample_lib.sample_from_checkpoint(str(tmp_path / 'missing'), verbose=False)
+    sampling.sample_from_checkpoint(str(tmp_path / 'missing'), verbose=False)
   (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
   with pytest.raises(UserError, match='no checkpoints in'):
-    sample_lib.sample_from_checkpoint(str(tmp_path / 'empty'), verbose=False)
+    sampling.sample_from_checkpoint(str(tmp_path / 'empty'), verbose=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import model as model_lib
-from gpt_jax import sample as sample_lib
+from gpt_jax import sampling
 from gpt_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -35,9 +35,9 @@ def _prompt(batch, length, seed=1):
 @pytest.mark.slow
 def test_cached_greedy_equals_full_recomputation(params, prompt_len, new, shift):
   prompt = _prompt(2, prompt_len)
-  cached = sample_lib.generate(params, CFG, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
+  cached = sampling.generate(params, CFG, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=shift)
-  reference = sample_lib.generate_uncached(params, CFG, prompt, new, window_shift=shift)
+  reference = sampling.generate_uncached(params, CFG, prompt, new, window_shift=shift)
   np.testing.assert_array_equal(np.asarray(cached), reference)
   np.testing.assert_array_equal(np.asarray(cached[:, :prompt_len]), prompt)
 
@@ -69,9 +69,9 @@ def test_cached_greedy_equals_full_recomputation_under_every_option(option, prom
   keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
   p = tree.unflatten([a + 0.5 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
   prompt = _prompt(2, prompt_len)
-  cached = sample_lib.generate(p, cfg, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
+  cached = sampling.generate(p, cfg, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=shift)
-  reference = sample_lib.generate_uncached(p, cfg, prompt, new, window_shift=shift)
+  reference = sampling.generate_uncached(p, cfg, prompt, new, window_shift=shift)
   np.testing.assert_array_equal(np.asarray(cached), reference)
   assert len(set(np.asarray(cached)[:, prompt_len:].ravel().tolist())) > 1  # Not one token repeated.
 
@@ -85,7 +85,7 @@ def test_shift_one_is_nanogpt_crop_to_block_size(params):
   for _ in range(25):
     logits = forward(params, tokens[:, -CFG.block_size:])[:, -1]
     tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits, -1))[:, None]], axis=1)
-  cached = sample_lib.generate(params, CFG, prompt, 25, jax.random.PRNGKey(0), temperature=0.0,
+  cached = sampling.generate(params, CFG, prompt, 25, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=1)
   np.testing.assert_array_equal(np.asarray(cached), tokens)
 
@@ -93,16 +93,16 @@ def test_shift_one_is_nanogpt_crop_to_block_size(params):
 @pytest.mark.slow
 def test_top_k_one_is_greedy(params):
   prompt = _prompt(3, 4)
-  greedy = sample_lib.generate(params, CFG, prompt, 12, jax.random.PRNGKey(0), temperature=0.0)
-  top1 = sample_lib.generate(params, CFG, prompt, 12, jax.random.PRNGKey(5), temperature=1.0, top_k=1)
+  greedy = sampling.generate(params, CFG, prompt, 12, jax.random.PRNGKey(0), temperature=0.0)
+  top1 = sampling.generate(params, CFG, prompt, 12, jax.random.PRNGKey(5), temperature=1.0, top_k=1)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
 
 
 def test_sampling_is_seeded_and_rows_differ(params):
   prompt = np.zeros((4, 1), np.int32)
-  a = sample_lib.generate(params, CFG, prompt, 20, jax.random.PRNGKey(1), temperature=1.0)
-  b = sample_lib.generate(params, CFG, prompt, 20, jax.random.PRNGKey(1), temperature=1.0)
-  c = sample_lib.generate(params, CFG, prompt, 20, jax.random.PRNGKey(2), temperature=1.0)
+  a = sampling.generate(params, CFG, prompt, 20, jax.random.PRNGKey(1), temperature=1.0)
+  b = sampling.generate(params, CFG, prompt, 20, jax.random.PRNGKey(1), temperature=1.0)
+  c = sampling.generate(params, CFG, prompt, 20, jax.random.PRNGKey(2), temperature=1.0)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
   assert len({tuple(r) for r in np.asarray(a).tolist()}) > 1  # Independent samples per row.
@@ -110,7 +110,7 @@ def test_sampling_is_seeded_and_rows_differ(params):
 
 @pytest.mark.slow
 def test_vocab_limit_masks_padded_rows(params):
-  out = sample_lib.generate(params, CFG, np.zeros((8, 1), np.int32), 40, jax.random.PRNGKey(3),
+  out = sampling.generate(params, CFG, np.zeros((8, 1), np.int32), 40, jax.random.PRNGKey(3),
                             temperature=2.0, vocab_limit=5)
   assert int(np.asarray(out[:, 1:]).max()) < 5
 
@@ -120,6 +120,6 @@ def test_top_k_restricts_choices(params):
   prompt = _prompt(1, 3)
   logits = model_lib.GPT(CFG).apply({'params': params}, jnp.asarray(prompt))[:, -1]
   allowed = set(np.asarray(jax.lax.top_k(logits, 3)[1])[0].tolist())
-  firsts = {int(sample_lib.generate(params, CFG, prompt, 1, jax.random.PRNGKey(s), temperature=5.0,
+  firsts = {int(sampling.generate(params, CFG, prompt, 1, jax.random.PRNGKey(s), temperature=5.0,
                                     top_k=3)[0, -1]) for s in range(30)}
   assert firsts <= allowed and len(firsts) > 1

@@ -28,8 +28,9 @@ from conftest import make_synthetic_text  # noqa: E402
 from configs import shakespeare  # noqa: E402
 from gpt_jax import checkpoint as checkpoint_lib  # noqa: E402
 from gpt_jax import optim  # noqa: E402
-from gpt_jax import sharding as sharding_lib  # noqa: E402
-from gpt_jax import train as train_lib  # noqa: E402
+from gpt_jax.parallel import mesh as mesh_lib  # noqa: E402
+from gpt_jax.training import loop as loop_lib  # noqa: E402
+from gpt_jax.training import step as step_lib  # noqa: E402
 from gpt_jax.config import ModelConfig  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 from gpt_jax.model import GPT  # noqa: E402
@@ -82,15 +83,15 @@ def trained_state(mesh, steps: int = 3):
   """A small state trained a few steps on `mesh` (dropout on, so the key stream matters too);
   mesh None: the plain unsharded code."""
   model_cfg, train_cfg = _model_and_train_cfg()
-  state = train_lib.init_train_state(model_cfg, train_cfg, mesh)
+  state = step_lib.init_train_state(model_cfg, train_cfg, mesh)
   data = np.random.RandomState(0).randint(0, 20, 4000).astype(np.uint16)
-  fn = lambda s, d: train_lib.train_step(s, d, model=GPT(model_cfg), batch_size=8, grad_accum_steps=2,
+  fn = lambda s, d: step_lib.train_step(s, d, model=GPT(model_cfg), batch_size=8, grad_accum_steps=2,
                                          schedule=optim.lr_schedule(train_cfg), mesh=mesh)
   if mesh is None:
     data, step = jnp.asarray(data), jax.jit(fn, donate_argnums=0)
   else:
-    data = sharding_lib.put_replicated(data, mesh)
-    sh, rep = sharding_lib.state_shardings(state, mesh), sharding_lib.replicated(mesh)
+    data = mesh_lib.put_replicated(data, mesh)
+    sh, rep = mesh_lib.state_shardings(state, mesh), mesh_lib.replicated(mesh)
     step = jax.jit(fn, in_shardings=(sh, rep), out_shardings=(sh, rep), donate_argnums=0)
   for _ in range(steps):
     state, _ = step(state, data)
@@ -105,8 +106,8 @@ def save_state(state, directory: str) -> None:
 
 def restore_state(directory: str, mesh):
   model_cfg, train_cfg = _model_and_train_cfg()
-  like = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, train_cfg))
-  abstract = sharding_lib.abstract_with_shardings(like, sharding_lib.state_shardings(like, mesh))
+  like = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, train_cfg))
+  abstract = mesh_lib.abstract_with_shardings(like, mesh_lib.state_shardings(like, mesh))
   ckpt = checkpoint_lib.Checkpointer(directory)
   state = ckpt.restore_state(ckpt.latest_step(), abstract)
   ckpt.close()
@@ -128,17 +129,17 @@ def specs(tree) -> dict:
 
 def worker(spec: dict) -> dict:
   """The 4-device half: trains on every mesh and round-trips checkpoints."""
-  from gpt_jax import train
+  from gpt_jax.training import loop as loop_lib
   assert jax.device_count() == 4, jax.devices()
   root = spec['root']
   out = {'devices': jax.device_count(), 'losses': {}}
   for name, mesh in MESHES.items():
     cfg = tiny_config(os.path.join(root, name), mesh, eval_tokens=8 if name == 'fsdp4' else 0)
     cfg.train.resume = name == RESUMED  # A copy of the 1-device run, cut back to step 10.
-    train.train_and_evaluate(cfg)
+    loop_lib.train_and_evaluate(cfg)
     out['losses'][name] = run_losses(cfg.out_dir)
 
-  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 4})
+  mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 4})
   restored = restore_state(spec['ckpt_1'], mesh)  # Saved by one device, restored sharded over 4.
   out['restored_from_1'] = {'digest': digest(restored), 'specs': specs(restored.params)}
   state = trained_state(mesh)
@@ -168,45 +169,45 @@ def max_delta(a: dict, b: dict) -> float:
 # --- rules (one device) ---------------------------------------------------------------------------
 
 def test_mesh_shape_fills_in_and_validates():
-  assert sharding_lib.mesh_shape({'data': -1, 'fsdp': 1}, 8) == (8, 1)
-  assert sharding_lib.mesh_shape({'data': 2, 'fsdp': -1}, 8) == (2, 4)
-  assert sharding_lib.mesh_shape({'data': 2, 'fsdp': 4}, 8) == (2, 4)
-  assert sharding_lib.mesh_shape(None, 3) == (3, 1)
+  assert mesh_lib.mesh_shape({'data': -1, 'fsdp': 1}, 8) == (8, 1)
+  assert mesh_lib.mesh_shape({'data': 2, 'fsdp': -1}, 8) == (2, 4)
+  assert mesh_lib.mesh_shape({'data': 2, 'fsdp': 4}, 8) == (2, 4)
+  assert mesh_lib.mesh_shape(None, 3) == (3, 1)
   with pytest.raises(UserError, match=r'data=2 x fsdp=2 = 4 devices, but this run has 8'):
-    sharding_lib.mesh_shape({'data': 2, 'fsdp': 2}, 8)
+    mesh_lib.mesh_shape({'data': 2, 'fsdp': 2}, 8)
   with pytest.raises(UserError, match='mesh.fsdp=3 does not divide the 8 devices'):
-    sharding_lib.mesh_shape({'data': -1, 'fsdp': 3}, 8)
+    mesh_lib.mesh_shape({'data': -1, 'fsdp': 3}, 8)
   with pytest.raises(UserError, match='only one of'):
-    sharding_lib.mesh_shape({'data': -1, 'fsdp': -1}, 8)
+    mesh_lib.mesh_shape({'data': -1, 'fsdp': -1}, 8)
   with pytest.raises(UserError, match='mesh.data=0'):
-    sharding_lib.mesh_shape({'data': 0, 'fsdp': 1}, 8)
+    mesh_lib.mesh_shape({'data': 0, 'fsdp': 1}, 8)
   with pytest.raises(UserError, match='product equal the device count'):
-    sharding_lib.make_mesh({'data': 2, 'fsdp': 1})  # This process has one device.
+    mesh_lib.make_mesh({'data': 2, 'fsdp': 1})  # This process has one device.
 
 
 def test_fsdp_rule_shards_the_largest_divisible_axis():
-  assert sharding_lib.param_spec((65, 128), 4) == P(None, 'fsdp')  # 65 does not divide: next one.
-  assert sharding_lib.param_spec((512, 128), 4) == P('fsdp')
-  assert sharding_lib.param_spec((128, 128), 4) == P('fsdp')  # A tie: the first axis.
-  assert sharding_lib.param_spec((65,), 4) == P()  # Nothing divides: replicated.
-  assert sharding_lib.param_spec((), 4) == P()
-  assert sharding_lib.param_spec((512, 128), 1) == P()  # Pure data parallelism.
+  assert mesh_lib.param_spec((65, 128), 4) == P(None, 'fsdp')  # 65 does not divide: next one.
+  assert mesh_lib.param_spec((512, 128), 4) == P('fsdp')
+  assert mesh_lib.param_spec((128, 128), 4) == P('fsdp')  # A tie: the first axis.
+  assert mesh_lib.param_spec((65,), 4) == P()  # Nothing divides: replicated.
+  assert mesh_lib.param_spec((), 4) == P()
+  assert mesh_lib.param_spec((512, 128), 1) == P()  # Pure data parallelism.
 
 
 def test_batch_must_split_over_the_devices():
-  mesh = sharding_lib.make_mesh(None)
-  sharding_lib.check_batch_divisible(5, mesh)  # One device: anything goes.
+  mesh = mesh_lib.make_mesh(None)
+  mesh_lib.check_batch_divisible(5, mesh)  # One device: anything goes.
   with pytest.raises(UserError, match='batch_size=6 does not split evenly over the 4 devices'):
-    sharding_lib.check_batch_divisible(6, jax.sharding.AbstractMesh((2, 2), ('data', 'fsdp')))
+    mesh_lib.check_batch_divisible(6, jax.sharding.AbstractMesh((2, 2), ('data', 'fsdp')))
 
 
 @pytest.mark.slow
 def test_one_device_mesh_is_the_plain_path():
   """Mesh 1 x 1: bit-identical to the code without any sharding."""
   model_cfg, train_cfg = _model_and_train_cfg()
-  mesh = sharding_lib.make_mesh(None)
-  a = train_lib.init_train_state(model_cfg, train_cfg)
-  b = train_lib.init_train_state(model_cfg, train_cfg, mesh)
+  mesh = mesh_lib.make_mesh(None)
+  a = step_lib.init_train_state(model_cfg, train_cfg)
+  b = step_lib.init_train_state(model_cfg, train_cfg, mesh)
   assert digest(a) == digest(b)
   assert digest(trained_state(mesh)) == digest(trained_state(None))
   assert set(specs(b.params).values()) == {str(P())}
@@ -219,10 +220,10 @@ def four_devices(tmp_path_factory):
   """Runs the 1-device reference here and the 4-device worker once; returns both results."""
   root = str(tmp_path_factory.mktemp('sharding'))
   ref_cfg = tiny_config(os.path.join(root, 'ref'))
-  train_lib.train_and_evaluate(ref_cfg)
+  loop_lib.train_and_evaluate(ref_cfg)
   ref = run_losses(ref_cfg.out_dir)
   _copy_at_step_10(os.path.join(root, 'ref'), os.path.join(root, RESUMED))  # Resumed on 4 devices.
-  state_1 = trained_state(sharding_lib.make_mesh(None))
+  state_1 = trained_state(mesh_lib.make_mesh(None))
   save_state(state_1, os.path.join(root, 'ckpt_1'))
   spec = {'root': root, 'ckpt_1': os.path.join(root, 'ckpt_1'), 'ckpt_4': os.path.join(root, 'ckpt_4')}
   return {'root': root, 'ref': ref, 'state_1': state_1, 'spec': spec, 'w': run_worker(spec)}
@@ -260,7 +261,7 @@ def test_checkpoint_from_1_device_restores_sharded_on_4(four_devices):
 def test_checkpoint_sharded_on_4_restores_on_1(four_devices):
   w = four_devices['w']['saved_on_4']
   assert w['specs']["['h_0']['mlp']['c_fc']['kernel']"] == str(P(None, 'fsdp'))  # (32, 128)
-  restored = restore_state(four_devices['spec']['ckpt_4'], sharding_lib.make_mesh(None))
+  restored = restore_state(four_devices['spec']['ckpt_4'], mesh_lib.make_mesh(None))
   assert digest(restored) == w['digest']  # Bit-identical after the 4 -> 1 device round trip.
   # And the 4-device training itself followed the 1-device one closely.
   for a, b in zip(jax.tree_util.tree_leaves(restored.params),
@@ -271,8 +272,8 @@ def test_checkpoint_sharded_on_4_restores_on_1(four_devices):
 @pytest.mark.slow
 def test_run_trained_on_4_devices_samples_on_1(four_devices):
   """Sampling/evaluation restore parameters only, onto this process's device, from any topology."""
-  from gpt_jax import sample
-  texts = sample.sample_from_checkpoint(os.path.join(four_devices['root'], 'fsdp4', 'out'),
+  from gpt_jax import sampling
+  texts = sampling.sample_from_checkpoint(os.path.join(four_devices['root'], 'fsdp4', 'out'),
                                         max_new_tokens=10, verbose=False)
   assert len(texts) == 1 and len(texts[0]) == 11
 
@@ -284,7 +285,7 @@ def test_checkpoint_sharded_on_4_resumes_training_on_1(four_devices, tmp_path):
   _copy_at_step_10(os.path.join(four_devices['root'], 'fsdp4'), dst)
   cfg = tiny_config(dst)  # mesh data=-1: the single device here.
   cfg.train.resume = True
-  train_lib.train_and_evaluate(cfg)
+  loop_lib.train_and_evaluate(cfg)
   got, ref = run_losses(cfg.out_dir), four_devices['ref']
   keys = [k for k in ref['train'] if int(k) > 10]
   assert max_delta({k: got['train'][k] for k in keys}, {k: ref['train'][k] for k in keys}) < TOL

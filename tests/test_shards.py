@@ -23,9 +23,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO, make_synthetic_text
-from gpt_jax import data as data_lib
-from gpt_jax import sharding as sharding_lib
-from gpt_jax import shards
+from gpt_jax.data import text as text_lib
+from gpt_jax.data import batches as batches_lib
+from gpt_jax.parallel import mesh as mesh_lib
+from gpt_jax.data import shards
+from gpt_jax.training import loop as loop_lib
 from gpt_jax.errors import UserError
 
 
@@ -52,7 +54,7 @@ def test_shards_hold_the_corpus_exactly(corpus, tmp_path):
   # and the stream spans many shard files.
   index = shards.write_shards(str(corpus), str(out), 'char', shard_tokens=7_000, chunk_chars=777,
                               verbose=False)
-  text = data_lib.read_text(str(corpus))  # The same files, order and separators as data.py.
+  text = text_lib.read_text(str(corpus))  # The same files, order and separators as data.py.
   tok = shards.ShardedTokens(str(out)).tokenizer
   assert tok.chars == sorted(set(text))
   assert tok.decode(_stream(out, index)) == text
@@ -63,7 +65,7 @@ def test_shards_hold_the_corpus_exactly(corpus, tmp_path):
   for s in index['shards']:
     assert hashlib.sha256((out / s['file']).read_bytes()).hexdigest() == s['sha256']
   assert index['source_files'] == ['a1.txt', 'a2.txt', 'b/b1.txt', 'b/b2.txt', 'c.txt']
-  assert index['source_sha256'] == data_lib.source_sha256(data_lib.source_files(str(corpus)))
+  assert index['source_sha256'] == text_lib.source_sha256(text_lib.source_files(str(corpus)))
 
 
 def test_writer_memory_stays_flat(tmp_path):
@@ -89,8 +91,8 @@ def test_writer_memory_stays_flat(tmp_path):
 
 
 def test_subword_tokenizer_object(corpus, tmp_path):
-  from gpt_jax import bpe
-  text = data_lib.read_text(str(corpus))
+  from gpt_jax.data import bpe
+  text = text_lib.read_text(str(corpus))
   tok = bpe.train_bpe(text[:20_000], 300, progress=False)
   index = shards.write_shards(str(corpus), str(tmp_path / 's'), tok, shard_tokens=5_000,
                               chunk_chars=1_000, verbose=False)
@@ -141,17 +143,17 @@ def test_processes_read_disjoint_rows_of_one_global_batch(dataset):
 
 def test_global_batch_is_a_sharded_jax_array(dataset):
   ds = shards.ShardedTokens(str(dataset), seed=1)
-  mesh = sharding_lib.make_mesh(None)
-  x, y = ds.global_batch(2, 8, 16, sharding_lib.batch_sharding(mesh))
+  mesh = mesh_lib.make_mesh(None)
+  x, y = ds.global_batch(2, 8, 16, mesh_lib.batch_sharding(mesh))
   assert isinstance(x, jax.Array) and x.shape == (8, 16)
-  assert x.sharding.is_equivalent_to(sharding_lib.batch_sharding(mesh), 2)
+  assert x.sharding.is_equivalent_to(mesh_lib.batch_sharding(mesh), 2)
   np.testing.assert_array_equal(np.asarray(x), ds.host_batch(2, 8, 16)[0])
   np.testing.assert_array_equal(np.asarray(y), ds.host_batch(2, 8, 16)[1])
 
 
 def test_process_rows_follow_the_sharding():
-  mesh = sharding_lib.make_mesh(None)
-  assert shards.process_rows(sharding_lib.batch_sharding(mesh), (8, 4)).tolist() == list(range(8))
+  mesh = mesh_lib.make_mesh(None)
+  assert shards.process_rows(mesh_lib.batch_sharding(mesh), (8, 4)).tolist() == list(range(8))
   assert shards.process_rows(NamedSharding(mesh, P()), (6, 4)).tolist() == list(range(6))
 
 
@@ -228,7 +230,7 @@ def test_splits_are_the_in_memory_splits(corpus, tmp_path):
   """With the char tokenizer, the train/val shards hold exactly data.py's train.bin / val.bin."""
   cfg = shard_config(tmp_path, corpus)
   indexes = shards.prepare(cfg.data, verbose=False)
-  ds = data_lib.load(cfg.data, verbose=False)
+  ds = text_lib.load(cfg.data, verbose=False)
   opened = shards.ShardedSplits(cfg.data.shards_dir)
   assert opened.tokenizer.to_dict() == ds.tokenizer.to_dict()
   for split in ('train', 'val'):
@@ -237,16 +239,18 @@ def test_splits_are_the_in_memory_splits(corpus, tmp_path):
     assert indexes[split]['split'] == split
   assert len(indexes['train']['shards']) > 1  # Several shard files, windows drawn across them.
   assert indexes['train']['split_chars'][1] == indexes['val']['split_chars'][0] == ds.meta['train_chars']
-  assert indexes['train']['settings'] == data_lib.tokenizer_settings(cfg.data)
+  assert indexes['train']['settings'] == text_lib.tokenizer_settings(cfg.data)
 
 
 @pytest.mark.slow
 def test_host_fed_step_is_the_device_drawn_step():
-  """train_step_on_batch fed the very rows train_step draws itself makes train_step's update, with
-  accumulation (2 micro-batches) and dropout (the same dropout keys)."""
+  """train_step fed the very rows it would draw itself (ShardBatches' draw: the host's batch, the key
+  unused) makes the resident-split update, with accumulation (2 micro-batches) and dropout (the same
+  dropout keys)."""
   import jax.numpy as jnp
   from configs import shakespeare
-  from gpt_jax import optim, train
+  from gpt_jax import optim
+  from gpt_jax.training import step as step_lib
   from gpt_jax.config import ModelConfig
   from gpt_jax.model import GPT
   model_cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
@@ -254,11 +258,13 @@ def test_host_fed_step_is_the_device_drawn_step():
   kw = dict(model=GPT(model_cfg), schedule=optim.lr_schedule(train_cfg), batch_size=4,
             grad_accum_steps=2)
   data = jnp.asarray(np.random.RandomState(0).randint(0, 20, 3000), jnp.uint16)
-  state = train.init_train_state(model_cfg, train_cfg)
-  ref, m_ref = jax.jit(functools.partial(train.train_step, **kw))(state, data)
+  state = step_lib.init_train_state(model_cfg, train_cfg)
+  ref, m_ref = jax.jit(functools.partial(step_lib.train_step, **kw))(state, data)
   batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
-  x, y = data_lib.get_batch(data, batch_key, 8, 16)
-  got, m_got = jax.jit(functools.partial(train.train_step_on_batch, **kw))(state, x, y)
+  x, y = batches_lib.get_batch(data, batch_key, 8, 16)
+  host_fed = batches_lib.ShardBatches.draw  # Unbound: (self, inputs, key, rows) -> inputs.
+  got, m_got = jax.jit(functools.partial(step_lib.train_step, draw=functools.partial(host_fed, None),
+                                         **kw))(state, (x, y))
   np.testing.assert_allclose(float(m_got['loss']), float(m_ref['loss']), rtol=1e-6)
   np.testing.assert_allclose(float(m_got['grad_norm']), float(m_ref['grad_norm']), rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params)):
@@ -268,13 +274,13 @@ def test_host_fed_step_is_the_device_drawn_step():
 @pytest.mark.slow
 def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
   from gpt_jax import checkpoint as checkpoint_lib
-  from gpt_jax import tokenizer as tokenizer_lib
-  from gpt_jax import train
+  from gpt_jax.data import tokenizer as tokenizer_lib
+
   from test_sharding import run_losses
   cfg = shard_config(tmp_path, corpus)
   cfg.model.dropout = 0.1  # The dropout key stream must continue too.
   cfg.train.grad_accum_steps = 2  # batch_size * 2 rows drawn per step, in two micro-batches.
-  train.train_and_evaluate(cfg)  # Prepares root/shards first.
+  loop_lib.train_and_evaluate(cfg)  # Prepares root/shards first.
   straight = run_losses(cfg.out_dir)
   assert straight['val']['0'] > straight['val']['30'] + 0.3  # It learns.
   assert straight['train']['30'] < straight['train']['1'] - 0.3
@@ -286,7 +292,7 @@ def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
   (resumed_dir / 'metrics.jsonl').unlink()  # So that only resumed steps are read.
   cfg.out_dir = str(resumed_dir)
   cfg.train.resume = True
-  train.train_and_evaluate(cfg)
+  loop_lib.train_and_evaluate(cfg)
   resumed = run_losses(cfg.out_dir)
   assert sorted(resumed['train'], key=int) == [str(s) for s in range(16, 31)]
   for s in resumed['train']:
@@ -304,10 +310,10 @@ def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
 
 
 def test_bad_shards_dir_is_a_user_error(corpus, tmp_path):
-  from gpt_jax import train
+
   cfg = shard_config(tmp_path, corpus)
   shards_dir = tmp_path / 'shards'
-  run = lambda: train.train_and_evaluate(cfg)
+  run = lambda: loop_lib.train_and_evaluate(cfg)
 
   shards_dir.write_text('not a folder')
   with pytest.raises(UserError, match='is a file'):
@@ -375,23 +381,23 @@ def test_prepare_data_script_writes_shards_and_train_reports_errors(corpus, tmp_
 
 def worker(spec: dict) -> dict:
   """The 4-device half: the same run from the same shards on a data=2 x fsdp=2 mesh."""
-  from gpt_jax import train
+
   from test_sharding import run_losses
   assert jax.device_count() == 4, jax.devices()
   cfg = shard_config(spec['root'], spec['corpus'], mesh=(2, 2))
   cfg.train.update(spec['train'])
   cfg.out_dir = os.path.join(spec['root'], 'out4')
-  train.train_and_evaluate(cfg)
+  loop_lib.train_and_evaluate(cfg)
   return run_losses(cfg.out_dir)
 
 
 @pytest.mark.slow
 def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
-  from gpt_jax import train
+
   from test_sharding import RESULT, max_delta, run_losses
   cfg = shard_config(tmp_path, corpus)
   cfg.train.update(max_steps=10, eval_interval=5)
-  train.train_and_evaluate(cfg)  # One device; prepares the shards the worker then reads.
+  loop_lib.train_and_evaluate(cfg)  # One device; prepares the shards the worker then reads.
   ref = run_losses(cfg.out_dir)
   spec = {'root': str(tmp_path), 'corpus': str(corpus),
           'train': {'max_steps': 10, 'eval_interval': 5}}

@@ -22,8 +22,9 @@ from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import hf
 from gpt_jax import model as model_lib
 from gpt_jax import optim
-from gpt_jax import shapes
-from gpt_jax import train as train_lib
+from gpt_jax.lab import shape_flow
+from gpt_jax import config as config_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -76,14 +77,14 @@ TINY_AFTER = 167.95639017733203
 
 def test_tiny_preset_is_unchanged_from_before_the_options():
   c = shakespeare.get_config('tiny')
-  mc = train_lib.model_config_from(c, 65)
-  state = train_lib.init_train_state(mc, c.train)
+  mc = config_lib.model_config_from(c, 65)
+  state = step_lib.init_train_state(mc, c.train)
   sumsq = {k: float(np.sum(np.square(np.asarray(v, np.float64)))) for k, v in _flat(state.params).items()}
   assert sorted(sumsq) == sorted(TINY_SUMSQ)
   for k, v in TINY_SUMSQ.items():
     assert sumsq[k] == pytest.approx(v, rel=1e-6), k
   data = jax.random.randint(jax.random.PRNGKey(5), (4000,), 0, 65)
-  step = jax.jit(functools.partial(train_lib.train_step, model=GPT(mc), batch_size=c.train.batch_size,
+  step = jax.jit(functools.partial(step_lib.train_step, model=GPT(mc), batch_size=c.train.batch_size,
                                    grad_accum_steps=1, schedule=optim.lr_schedule(c.train)))
   losses = []
   for _ in range(len(TINY_LOSSES)):
@@ -99,7 +100,7 @@ def test_tiny_preset_is_unchanged_from_before_the_options():
 def test_presets_keep_every_option_off(make):
   """The presets' model sections mean ModelConfig's defaults (GPT-2), and their optimizer AdamW."""
   c = make()
-  m = train_lib.model_config_from(c, 65)
+  m = config_lib.model_config_from(c, 65)
   for field in ('position', 'qk_norm', 'activation', 'zero_init_proj', 'rope_base'):
     assert getattr(m, field) == getattr(ModelConfig(), field), field
   assert m.non_gpt2_options() == []
@@ -155,8 +156,8 @@ def test_parameter_count_and_flops_follow_the_options(name):
   p = _params(cfg)
   assert model_lib.count_params(p) == num_params(cfg)
   assert ('wpe' in p) == (cfg.position == 'learned')
-  n, flops = shapes.totals(shapes.shape_flow(cfg))
-  assert (n, flops) == (num_params(cfg), train_lib.flops_per_token(cfg))
+  n, flops = shape_flow.totals(shape_flow.shape_flow(cfg))
+  assert (n, flops) == (num_params(cfg), config_lib.flops_per_token(cfg))
 
 
 # --- Hugging Face: only GPT-2 exports ------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_zero_init_proj_makes_every_block_the_identity_at_init():
   np.testing.assert_allclose(jax.jit(GPT(cfg).apply)({'params': p}, x), no_blocks, atol=1e-5)
   # ... and it trains: the projections get gradients from the first step.
   y = _tokens((2, 10), seed=2)
-  grads = jax.jit(jax.grad(lambda p: train_lib.loss_fn(p, GPT(cfg), x, y, None)))(p)
+  grads = jax.jit(jax.grad(lambda p: step_lib.loss_fn(p, GPT(cfg), x, y, None)))(p)
   for i in range(cfg.n_layer):
     for m in ('attn', 'mlp'):
       assert float(jnp.abs(grads[f'h_{i}'][m]['c_proj']['kernel']).max()) > 0
@@ -365,7 +366,7 @@ def _two_gradients():
   out = []
   for seed in (11, 12):
     x, y = _tokens((4, 16), seed), _tokens((4, 16), seed + 100)
-    g = jax.jit(jax.grad(lambda p: train_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
+    g = jax.jit(jax.grad(lambda p: step_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
     out.append(g)
   # Norms at init are about 1: make the first unclipped and the second clipped (grad_clip = 1).
   out = [jax.tree_util.tree_map(lambda a: f * a, g) for f, g in zip((0.5, 30.0), out)]
@@ -437,9 +438,9 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
 def test_muon_state_round_trips_through_orbax(tmp_path):
   model_cfg = MUON_CFG
   t = _muon_train_cfg()
-  state = train_lib.init_train_state(model_cfg, t)
+  state = step_lib.init_train_state(model_cfg, t)
   data = _tokens((2000,), 3)
-  step = jax.jit(functools.partial(train_lib.train_step, model=GPT(model_cfg), batch_size=4,
+  step = jax.jit(functools.partial(step_lib.train_step, model=GPT(model_cfg), batch_size=4,
                                    grad_accum_steps=1, schedule=optim.lr_schedule(t)))
   for _ in range(3):
     state, _ = step(state, data)
@@ -447,7 +448,7 @@ def test_muon_state_round_trips_through_orbax(tmp_path):
       str(tmp_path / 'ckpt'), ml_collections.ConfigDict(dict(keep_last=2, async_save=False)))
   ckpt.save(3, state, {'model': model_cfg.to_dict()}, val_loss=1.0)
   ckpt.close()
-  abstract = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, t))
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, t))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
   restored = ckpt.restore_state(3, abstract)
   ckpt.close()

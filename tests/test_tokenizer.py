@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
 

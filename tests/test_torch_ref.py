@@ -11,10 +11,12 @@ import pytest
 torch = pytest.importorskip('torch')
 torch.set_num_threads(2)
 
-from gpt_jax import dynamics  # noqa: E402
+from gpt_jax.lab import torch_compare  # noqa: E402
 from gpt_jax import model as model_lib  # noqa: E402
-from gpt_jax import torch_ref  # noqa: E402
-from gpt_jax import train as train_lib  # noqa: E402
+from gpt_jax.lab import torch_ref  # noqa: E402
+from gpt_jax import config as config_lib
+from gpt_jax import optim
+from gpt_jax.training import step as step_lib  # noqa: E402
 from gpt_jax.config import ModelConfig  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 
@@ -90,14 +92,14 @@ def test_jax_step_is_train_step(tiny_config):
   """The comparison's JAX step is the production train_step (same batches, masks and update)."""
   c = tiny_config
   c.model.update(dropout=0.1, n_layer=1)  # One block compiles faster and shows the same thing.
-  cfg = train_lib.model_config_from(c, 40)
+  cfg = config_lib.model_config_from(c, 40)
   model = model_lib.GPT(cfg)
   data = jax.random.randint(jax.random.PRNGKey(3), (2000,), 0, 40).astype(np.uint16)
-  schedule = train_lib.optim.lr_schedule(c.train)
+  schedule = optim.lr_schedule(c.train)
   kw = dict(model=model, batch_size=c.train.batch_size, grad_accum_steps=1, schedule=schedule)
-  a = b = train_lib.init_train_state(cfg, c.train)
-  ref = jax.jit(lambda s: train_lib.train_step(s, data, **kw))
-  ours = jax.jit(lambda s: dynamics.jax_step(s, data, s.key, **kw))
+  a = b = step_lib.init_train_state(cfg, c.train)
+  ref = jax.jit(lambda s: step_lib.train_step(s, data, **kw))
+  ours = jax.jit(lambda s: torch_compare.jax_step(s, data, s.key, **kw))
   for _ in range(2):
     a, ma = ref(a)
     b, mb, _, _ = ours(b)
@@ -109,18 +111,18 @@ def test_jax_step_is_train_step(tiny_config):
 @pytest.mark.slow
 def test_short_comparison_stays_within_tolerance(tiny_config, tmp_path):
   out = tmp_path / 'cmp'
-  s = dynamics.run_comparison(tiny_config, 20, str(out), eval_interval=10, print_fn=lambda _: None)
-  assert s['max_abs_loss_diff'] <= dynamics.LOSS_TOL and s['first_step_over_tol'] is None, s
+  s = torch_compare.run_comparison(tiny_config, 20, str(out), eval_interval=10, print_fn=lambda _: None)
+  assert s['max_abs_loss_diff'] <= torch_compare.LOSS_TOL and s['first_step_over_tol'] is None, s
   assert s['init_logits_max_abs_diff'] <= 1e-5 and s['init_grad_max_rel_diff'] <= 1e-5
   assert s['max_abs_val_loss_diff'] <= 1e-4
   assert s['jax_tokens_per_s'] > 0 and s['torch_tokens_per_s'] > 0
   sens = s['float32_sensitivity']  # JAX vs JAX from weights one ulp apart (over 20 steps the float32
-  assert 0 <= sens['max_abs_loss_diff'] <= dynamics.LOSS_TOL and 1 <= sens['step'] <= 20  # loss may tie)
+  assert 0 <= sens['max_abs_loss_diff'] <= torch_compare.LOSS_TOL and 1 <= sens['step'] <= 20  # loss may tie)
   f64 = s['float64_reference']  # Each float32 side vs PyTorch in float64: rounding, and not zero.
   for side in ('jax', 'torch'):
-    assert 0 < f64[side]['max_abs_loss_diff'] <= dynamics.LOSS_TOL and 1 <= f64[side]['step'] <= 20
+    assert 0 < f64[side]['max_abs_loss_diff'] <= torch_compare.LOSS_TOL and 1 <= f64[side]['step'] <= 20
   assert json.loads((out / 'summary.json').read_text())['steps'] == 20
-  recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
+  recs = torch_compare.read_jsonl(str(out / 'dynamics.jsonl'))
   train = [r for r in recs if r['kind'] == 'train']
   assert sorted({(r['side'], r['step']) for r in train}) == sorted(
       (side, i) for side in ('jax', 'torch') for i in range(1, 21))
@@ -142,9 +144,9 @@ def test_tiny_preset_on_tinyshakespeare_meets_the_acceptance_figures(tiny_config
   correction was computed accurately (optim.bias_correction), JAX was 9.3e-5 from it at step 89.
   """
   tiny_config.data.text_path = str(shakespeare_path)
-  s = dynamics.run_comparison(tiny_config, 100, str(tmp_path / 'cmp'), eval_interval=50,
+  s = torch_compare.run_comparison(tiny_config, 100, str(tmp_path / 'cmp'), eval_interval=50,
                               print_fn=lambda _: None)
-  print(dynamics.format_summary(s))
+  print(torch_compare.format_summary(s))
   assert s['init_logits_max_abs_diff'] <= 1e-5 and s['init_grad_max_rel_diff'] <= 1e-5
   assert s['first_100_within_tol'] and s['max_abs_loss_diff_first_100'] <= 1e-4, s
   # The tolerance that matters is the run's own: how far float32 rounding carries in it. `sens` is
@@ -164,13 +166,13 @@ def test_dropout_curves_lie_within_each_others_seed_spread(tiny_config, tmp_path
   over 3 seeds x 30 steps both mean curves must lie within each other's spread."""
   tiny_config.model.update(dropout=0.1, n_layer=1)
   out = tmp_path / 'cmp'
-  s = dynamics.run_comparison(tiny_config, 30, str(out), seeds=3, eval_interval=15,
+  s = torch_compare.run_comparison(tiny_config, 30, str(out), seeds=3, eval_interval=15,
                               print_fn=lambda _: None, check_init=False)
   verdict = s['dropout_verdict']
   assert s['seeds'] == 3 and verdict['seed_std'] > 0  # Dropout really made the seeds differ.
   assert verdict['within_spread'], verdict['text']
   assert json.loads((out / 'summary.json').read_text())['dropout_verdict'] == verdict
-  recs = dynamics.read_jsonl(str(out / 'dynamics.jsonl'))
+  recs = torch_compare.read_jsonl(str(out / 'dynamics.jsonl'))
   assert {(r['side'], r['seed']) for r in recs if r['kind'] == 'train'} == {
       (side, j) for side in ('jax', 'torch') for j in (0, 1, 2)}
   assert (out / 'dynamics.png').exists()
@@ -178,7 +180,7 @@ def test_dropout_curves_lie_within_each_others_seed_spread(tiny_config, tmp_path
 
 def test_nudge_one_ulp_moves_every_element_by_one_ulp():
   params = {'a': np.linspace(-1, 1, 101, dtype=np.float32), 'b': {'c': np.ones((3, 4), np.float32)}}
-  nudged = dynamics.nudge_one_ulp(params, seed=1)
+  nudged = torch_compare.nudge_one_ulp(params, seed=1)
   for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(nudged)):
     p, q = np.asarray(p), np.asarray(q)
     assert q.dtype == np.float32 and np.all(p != q)
@@ -188,9 +190,9 @@ def test_nudge_one_ulp_moves_every_element_by_one_ulp():
 def test_seed_spread_verdict():
   rng = np.random.default_rng(0)
   base = np.linspace(4, 2, 300)
-  same = dynamics.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
+  same = torch_compare.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
                                       base + 0.05 * rng.normal(size=(3, 300)))
   assert same['within_spread'], same['text']
-  shifted = dynamics.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
+  shifted = torch_compare.seed_spread_verdict(base + 0.05 * rng.normal(size=(3, 300)),
                                          base + 0.1 + 0.05 * rng.normal(size=(3, 300)))
   assert not shifted['within_spread'], shifted['text']

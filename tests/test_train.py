@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import data as data_lib
+from gpt_jax.data import text as text_lib
 from gpt_jax import optim
-from gpt_jax import train as train_lib
+from gpt_jax import config as config_lib
+from gpt_jax.training import loop as loop_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -39,14 +41,14 @@ def _setup(cfg_overrides=None, **train_overrides):
 
 def _step_fn(model_cfg, train_cfg, batch_size, accum):
   return jax.jit(functools.partial(
-      train_lib.train_step, model=GPT(model_cfg), batch_size=batch_size, grad_accum_steps=accum,
+      step_lib.train_step, model=GPT(model_cfg), batch_size=batch_size, grad_accum_steps=accum,
       schedule=optim.lr_schedule(train_cfg)))
 
 
 def test_overfits_one_batch():
   model_cfg, train_cfg = _setup(learning_rate=3e-3, warmup_steps=0, lr_decay_steps=1000,
                                 min_learning_rate=3e-3, weight_decay=0.0)
-  state = train_lib.init_train_state(model_cfg, train_cfg)
+  state = step_lib.init_train_state(model_cfg, train_cfg)
   data = jnp.asarray(np.random.RandomState(0).randint(0, 20, 17), jnp.uint16)  # Exactly one window.
   step = _step_fn(model_cfg, train_cfg, 4, 1)
   first = None
@@ -60,8 +62,8 @@ def test_overfits_one_batch():
 def test_gradient_accumulation_equals_one_big_batch():
   model_cfg, train_cfg = _setup()
   data = jnp.asarray(np.random.RandomState(1).randint(0, 20, 5000), jnp.uint16)
-  big = train_lib.init_train_state(model_cfg, train_cfg)
-  small = train_lib.init_train_state(model_cfg, train_cfg)
+  big = step_lib.init_train_state(model_cfg, train_cfg)
+  small = step_lib.init_train_state(model_cfg, train_cfg)
   step_big, step_small = _step_fn(model_cfg, train_cfg, 8, 1), _step_fn(model_cfg, train_cfg, 2, 4)
   for _ in range(3):
     big, mb = step_big(big, data)
@@ -77,8 +79,8 @@ def test_step_is_deterministic_and_keys_change_with_step():
   model_cfg, train_cfg = _setup(cfg_overrides={'dropout': 0.1})
   data = jnp.asarray(np.random.RandomState(2).randint(0, 20, 5000), jnp.uint16)
   step = _step_fn(model_cfg, train_cfg, 4, 1)
-  s1, m1 = step(train_lib.init_train_state(model_cfg, train_cfg), data)
-  s2, m2 = step(train_lib.init_train_state(model_cfg, train_cfg), data)
+  s1, m1 = step(step_lib.init_train_state(model_cfg, train_cfg), data)
+  s2, m2 = step(step_lib.init_train_state(model_cfg, train_cfg), data)
   assert float(m1['loss']) == float(m2['loss'])
   _, m3 = step(s1, data)
   assert float(m3['loss']) != float(m1['loss'])
@@ -89,7 +91,7 @@ def test_lr_reported_follows_schedule():
   model_cfg, train_cfg = _setup(warmup_steps=4, learning_rate=1e-3)
   data = jnp.asarray(np.random.RandomState(3).randint(0, 20, 500), jnp.uint16)
   step = _step_fn(model_cfg, train_cfg, 2, 1)
-  state = train_lib.init_train_state(model_cfg, train_cfg)
+  state = step_lib.init_train_state(model_cfg, train_cfg)
   lrs = []
   for _ in range(5):
     state, m = step(state, data)
@@ -101,7 +103,7 @@ def test_lr_reported_follows_schedule():
 def test_full_run_learns_logs_and_checkpoints(tiny_config):
   tiny_config.train.max_steps = 60
   tiny_config.train.eval_interval = 30
-  summary = train_lib.train_and_evaluate(tiny_config)
+  summary = loop_lib.train_and_evaluate(tiny_config)
   recs = _read_metrics(tiny_config.out_dir)
   evals = [r for r in recs if 'val_loss' in r]
   assert [r['step'] for r in evals] == [0, 30, 60]
@@ -124,15 +126,15 @@ def test_full_run_learns_logs_and_checkpoints(tiny_config):
   assert ckpt.best_step() == best['step'] and ckpt.meta(best['step'])['val_loss'] == best['val_loss']
   meta = ckpt.meta(60)
   assert meta['step'] == 60 and meta['model']['n_embd'] == tiny_config.model.n_embd
-  assert meta['tokenizer'] == data_lib.Dataset(tiny_config.data.data_dir).tokenizer.to_dict()
-  model_cfg = train_lib.model_config_from(tiny_config, summary_vocab(tiny_config))
-  abstract = jax.eval_shape(lambda: train_lib.init_train_state(model_cfg, tiny_config.train))
+  assert meta['tokenizer'] == text_lib.Dataset(tiny_config.data.data_dir).tokenizer.to_dict()
+  model_cfg = config_lib.model_config_from(tiny_config, summary_vocab(tiny_config))
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, tiny_config.train))
   assert int(ckpt.restore_state(60, abstract).step) == 60
   ckpt.close()
 
 
 def summary_vocab(config):
-  return data_lib.Dataset(config.data.data_dir).meta['vocab_size']
+  return text_lib.Dataset(config.data.data_dir).meta['vocab_size']
 
 
 @pytest.mark.slow
@@ -160,46 +162,46 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, dropout):
 
 def _run(config, out_dir):
   config.out_dir = out_dir
-  train_lib.train_and_evaluate(config)
+  loop_lib.train_and_evaluate(config)
   return _read_metrics(out_dir)
 
 
 @pytest.mark.slow
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tiny_config):
   tiny_config.train.max_steps = 10
-  train_lib.train_and_evaluate(tiny_config)
+  loop_lib.train_and_evaluate(tiny_config)
   with pytest.raises(UserError, match='already holds checkpoints.*resume'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
 
 
 def test_resume_without_checkpoint_is_a_user_error(tiny_config):
   tiny_config.train.resume = True
   with pytest.raises(UserError, match='no checkpoint'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
 
 
 @pytest.mark.slow
 def test_resume_with_a_different_model_names_the_mismatch(tiny_config):
   tiny_config.train.max_steps = 10
-  train_lib.train_and_evaluate(tiny_config)
+  loop_lib.train_and_evaluate(tiny_config)
   tiny_config.model.n_embd = 48
   tiny_config.train.update(resume=True, max_steps=20)
   with pytest.raises(UserError, match=r'n_embd: checkpoint 32, config 48'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
 
 
 @pytest.mark.slow
 def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_path):
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=1)
   tiny_config.checkpoint.save = 'always'
-  train_lib.train_and_evaluate(tiny_config)
+  loop_lib.train_and_evaluate(tiny_config)
   ckpt_dir = tmp_path / 'out' / 'checkpoints'
   # Keyed by path relative to the directory: every step holds files of the same base names.
   before = {str(p.relative_to(ckpt_dir)): p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
   # Continue with an absurd learning rate: the loss becomes NaN/Inf.
   tiny_config.train.update(resume=True, max_steps=40, learning_rate=1e6, min_learning_rate=1e6)
   with pytest.raises(UserError, match='diverged.*step 20.*untouched'):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
   after = {str(p.relative_to(ckpt_dir)): p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
   assert after == before and any(k.startswith('20/') for k in before)
 
@@ -211,14 +213,14 @@ def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_
 def test_invalid_train_values(tiny_config, key, value, match):
   tiny_config.train[key] = value
   with pytest.raises(UserError, match=match):
-    train_lib.train_and_evaluate(tiny_config)
+    loop_lib.train_and_evaluate(tiny_config)
 
 
 def test_flops_per_token_matches_nanogpt_formula():
   cfg = ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
   from gpt_jax.config import num_params
   n = num_params(cfg, non_embedding=True)
-  assert train_lib.flops_per_token(cfg) == 6 * n + 12 * 6 * 384 * 256
+  assert config_lib.flops_per_token(cfg) == 6 * n + 12 * 6 * 384 * 256
 
 
 @pytest.mark.slow
@@ -228,7 +230,7 @@ def test_remat_computes_the_same_steps():
   runs = {}
   for remat in (False, True):
     model_cfg, train_cfg = _setup(dict(dropout=0.1, remat=remat))
-    state, step = train_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 4, 1)
+    state, step = step_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 4, 1)
     losses = []
     for _ in range(5):
       state, m = step(state, data)
@@ -247,7 +249,7 @@ def test_mixed_precision_keeps_float32_state_and_tracks_float32(dtype):
   curves = {}
   for dt in ('float32', dtype):
     model_cfg, train_cfg = _setup(dict(dtype=dt), learning_rate=3e-3, warmup_steps=5)
-    state, step = train_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 8, 1)
+    state, step = step_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 8, 1)
     losses = []
     for _ in range(40):
       state, m = step(state, data)
@@ -278,10 +280,10 @@ def test_accurate_mean_is_near_correctly_rounded_and_keeps_the_gradient():
   for _ in range(100):
     v = (2.5 + 0.8 * rng.normal(size=768)).astype(np.float32)
     exact = v.astype(np.float64).mean()
-    ours.append(abs(float(jax.jit(train_lib.accurate_mean)(v)) - exact))
+    ours.append(abs(float(jax.jit(step_lib.accurate_mean)(v)) - exact))
     plain.append(abs(float(jax.jit(jnp.mean)(v)) - exact))
   ulp = float(np.spacing(np.float32(2.5)))
   print(f'mean error in ulp: accurate_mean {np.mean(ours) / ulp:.2f}, jnp.mean {np.mean(plain) / ulp:.2f}')
   assert np.mean(ours) < 0.5 * ulp and np.mean(ours) < 0.75 * np.mean(plain)
-  g = jax.grad(train_lib.accurate_mean)(jnp.asarray(v))
+  g = jax.grad(step_lib.accurate_mean)(jnp.asarray(v))
   np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(jnp.mean)(jnp.asarray(v))))

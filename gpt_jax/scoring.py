@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import data as data_lib
-from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.data import text as text_lib
+from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -103,17 +103,17 @@ def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, batch_siz
   return total, int(mask.sum())
 
 
-def _open_data(meta: dict[str, Any], data_dir: Optional[str], verbose: bool) -> data_lib.Dataset:
+def _open_data(meta: dict[str, Any], data_dir: Optional[str], verbose: bool) -> text_lib.Dataset:
   """The prepared data: `data_dir` if given, else the data section saved in the checkpoint."""
   if data_dir:
-    return data_lib.Dataset(os.path.expanduser(data_dir))
+    return text_lib.Dataset(os.path.expanduser(data_dir))
   saved = (meta.get('config') or {}).get('data')
   if not saved:
     raise UserError('the checkpoint does not record its data settings; pass --data_dir with the '
                     'prepared data it was trained on.')
   try:
     # Prepares the data again if it is missing or stale (the BPE training is deterministic).
-    return data_lib.load(ml_collections.ConfigDict(saved), verbose=verbose)
+    return text_lib.load(ml_collections.ConfigDict(saved), verbose=verbose)
   except UserError as e:
     raise UserError(f'{e} (evaluating with the data settings saved in the checkpoint: data_dir '
                     f'{saved.get("data_dir")!r}; pass --data_dir to use another prepared folder)'

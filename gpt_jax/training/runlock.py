@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Iterator, Optional
 
-from gpt_jax import distributed
+from gpt_jax.parallel import distributed
 from gpt_jax.errors import UserError
 
 LOCK_NAME = 'train.lock'

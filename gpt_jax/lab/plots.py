@@ -29,14 +29,14 @@ PANELS = ('loss', 'loss_time', 'lr', 'grad_norm', 'grad_heatmap', 'update_ratio'
 
 @dataclasses.dataclass
 class Run:
-  """One run's records by step. `train`: per-step log lines; `evals`: eval lines; `dynamics`."""
+  """One run's records by step. `train`: per-step log lines; `evals`: eval lines; `layer_stats`."""
   name: str
   train: dict[int, dict]
   evals: dict[int, dict]
-  dynamics: dict[int, dict]
+  layer_stats: dict[int, dict]
 
   def series(self, table: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of `key` in train/evals/dynamics, sorted by step, missing values skipped."""
+    """(steps, values) of `key` in train/evals/layer_stats, sorted by step, missing values skipped."""
     rows = getattr(self, table)
     steps = [s for s in sorted(rows) if key in rows[s]]
     return np.array(steps, np.int64), np.array([rows[s][key] for s in steps], np.float64)
@@ -70,19 +70,19 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
       records.append(rec)
   run = Run(name or os.path.basename(os.path.normpath(os.path.dirname(path))), {}, {}, {})
   for rec in records:  # In file order, so later records for a step overwrite earlier ones.
-    table = run.dynamics if 'dynamics' in rec else run.evals if 'val_loss' in rec else run.train
+    table = run.layer_stats if 'layer_stats' in rec else run.evals if 'val_loss' in rec else run.train
     table[int(rec['step'])] = rec
-  for s, rec in run.dynamics.items():  # Also train records (loss, lr, grad_norm): denser curves.
+  for s, rec in run.layer_stats.items():  # Also train records (loss, lr, grad_norm): denser curves.
     run.train.setdefault(s, rec)
   run.train = dict(sorted(run.train.items()))
   return run
 
 
 def _layers(run: Run, metric: str) -> list[str]:
-  """Layer names of a dynamics metric in model order: wte, wpe / embed, h_0 ... h_{L-1}, ln_f."""
+  """Layer names of a per-layer statistic in model order: wte, wpe / embed, h_0 ... h_{L-1}, ln_f."""
   names: list[str] = []
-  for rec in run.dynamics.values():
-    for k in rec['dynamics'].get(metric, {}):
+  for rec in run.layer_stats.values():
+    for k in rec['layer_stats'].get(metric, {}):
       if k not in names:
         names.append(k)
 
@@ -97,13 +97,13 @@ def _layers(run: Run, metric: str) -> list[str]:
   return sorted(names, key=order)
 
 
-def dynamics_matrix(run: Run, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-  """(steps, layer names, values (layers, steps)) of a per-layer dynamics metric; NaN where absent."""
-  steps = np.array(sorted(run.dynamics), np.int64)
+def layer_stats_matrix(run: Run, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+  """(steps, layer names, values (layers, steps)) of a per-layer statistic; NaN where absent."""
+  steps = np.array(sorted(run.layer_stats), np.int64)
   layers = _layers(run, metric)
   m = np.full((len(layers), len(steps)), np.nan)
   for j, s in enumerate(steps):
-    d = run.dynamics[int(s)]['dynamics'].get(metric, {})
+    d = run.layer_stats[int(s)]['layer_stats'].get(metric, {})
     for i, k in enumerate(layers):
       if k in d:
         m[i, j] = np.mean(d[k])  # attn_entropy holds one value per head: their mean.
@@ -150,11 +150,11 @@ def plot_scalar(ax: Any, runs: Sequence[Run], key: str, title: str, log: bool = 
 
 def plot_heatmap(ax: Any, run: Run, metric: str = 'grad_norm', log: bool = True,
                  title: Optional[str] = None) -> None:
-  """A per-layer dynamics metric as a layer x step image (log10 colour scale by default)."""
-  steps, layers, m = dynamics_matrix(run, metric)
+  """A per-layer statistic as a layer x step image (log10 colour scale by default)."""
+  steps, layers, m = layer_stats_matrix(run, metric)
   if not len(steps):
-    ax.text(0.5, 0.5, f'{run.name}: no dynamics records\n(train with '
-            '--config.train.dynamics_interval=N)', ha='center', va='center', transform=ax.transAxes)
+    ax.text(0.5, 0.5, f'{run.name}: no layer_stats records\n(train with '
+            '--config.train.layer_stats_interval=N)', ha='center', va='center', transform=ax.transAxes)
     ax.set_axis_off()
     return
   vals = np.log10(np.maximum(m, 1e-12)) if log else m
@@ -170,8 +170,8 @@ def plot_heatmap(ax: Any, run: Run, metric: str = 'grad_norm', log: bool = True,
 
 def plot_layers(ax: Any, run: Run, metric: str, title: str, log: bool = True,
                 reference: Optional[float] = None, ref_label: str = '') -> None:
-  """One line per layer of a dynamics metric against step (blue = early layers, yellow = late)."""
-  steps, layers, m = dynamics_matrix(run, metric)
+  """One line per layer of a per-layer statistic against step (blue = early layers, yellow = late)."""
+  steps, layers, m = layer_stats_matrix(run, metric)
   cmap = plt.get_cmap('viridis')
   for i, k in enumerate(layers):
     ax.plot(steps, m[i], color=cmap(i / max(len(layers) - 1, 1)), label=k, lw=1.3, marker='.', ms=3)
@@ -186,9 +186,9 @@ def plot_layers(ax: Any, run: Run, metric: str, title: str, log: bool = True,
 
 
 def _uniform_entropy(run: Run) -> Optional[float]:
-  for rec in run.dynamics.values():
-    if 'attn_entropy_uniform' in rec['dynamics']:
-      return rec['dynamics']['attn_entropy_uniform']
+  for rec in run.layer_stats.values():
+    if 'attn_entropy_uniform' in rec['layer_stats']:
+      return rec['layer_stats']['attn_entropy_uniform']
   return None
 
 
@@ -223,12 +223,12 @@ def overview(runs: Sequence[Run], out: str, panels: Optional[Sequence[str]] = No
              dpi: int = 90) -> str:
   """Writes a PNG with the chosen panels (default: all that have data); returns the path.
 
-  Shared panels (loss, loss_time, lr, grad_norm) overlay every run; per-run panels (the dynamics)
-  get one copy per run that has dynamics records.
+  Shared panels (loss, loss_time, lr, grad_norm) overlay every run; per-run panels (the layer statistics)
+  get one copy per run that has layer_stats records.
   """
   if not runs:
     raise UserError('no runs to plot')
-  has_dyn = [r for r in runs if r.dynamics]
+  has_dyn = [r for r in runs if r.layer_stats]
   if panels is None:
     panels = [p for p in PANELS if p not in PER_RUN or has_dyn]
   for p in panels:

@@ -38,10 +38,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt_jax import data as data_lib
+from gpt_jax.data import text as text_lib
 from gpt_jax import optim
-from gpt_jax import torch_ref
-from gpt_jax import train as train_lib
+from gpt_jax.lab import torch_ref
+from gpt_jax.data import batches as batches_lib
+from gpt_jax import config as config_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.model import GPT
 
 LOSS_TOL = 1e-4  # |loss_jax - loss_torch| above this counts as "the runs have come apart".
@@ -56,10 +58,10 @@ def _group_norms(tree: Any) -> dict[str, jax.Array]:
   return {k: optax.tree.norm(v) for k, v in tree.items()}
 
 
-def jax_step(state: train_lib.TrainState, train_data: jax.Array, dropout_stream: jax.Array, *,
+def jax_step(state: step_lib.TrainState, train_data: jax.Array, dropout_stream: jax.Array, *,
              model: GPT, batch_size: int, grad_accum_steps: int,
-             schedule: Callable[[Any], Any]) -> tuple[train_lib.TrainState, dict, jax.Array, jax.Array]:
-  """train.train_step (same batch keys, same loss_fn, same optimizer), also returning metrics computed
+             schedule: Callable[[Any], Any]) -> tuple[step_lib.TrainState, dict, jax.Array, jax.Array]:
+  """training.step.train_step (same batch keys, same loss_fn, same optimizer), also returning metrics computed
   from the gradients and the update, and the batch itself so the PyTorch side can train on it.
 
   Dropout keys come from `dropout_stream` (pass `state.key` for exactly train_step's masks); the batch
@@ -67,9 +69,10 @@ def jax_step(state: train_lib.TrainState, train_data: jax.Array, dropout_stream:
   """
   batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
   _, dropout_key = jax.random.split(jax.random.fold_in(dropout_stream, state.step))
-  loss, grads, x, y = train_lib.batch_gradients(
-      state.params, train_data, batch_key, dropout_key, model=model, batch_size=batch_size,
-      grad_accum_steps=grad_accum_steps)
+  x, y = batches_lib.get_batch(train_data, batch_key, batch_size * grad_accum_steps,
+                               model.config.block_size)
+  loss, grads = step_lib.gradients(state.params, x, y, dropout_key, model=model,
+                                   batch_size=batch_size, grad_accum_steps=grad_accum_steps)
   new_state = state.apply_gradients(grads=grads)
   # The update actually applied (new - old), measured the same way as on the PyTorch side.
   delta = jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)
@@ -139,8 +142,8 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
     raise ValueError(f'steps, eval_interval and seeds must be >= 1 (got {steps}, {eval_interval}, {seeds})')
   os.makedirs(out_dir, exist_ok=True)
 
-  ds = data_lib.load(config.data, verbose=False)
-  model_cfg = train_lib.model_config_from(config, ds.tokenizer.vocab_size)
+  ds = text_lib.load(config.data, verbose=False)
+  model_cfg = config_lib.model_config_from(config, ds.tokenizer.vocab_size)
   if model_cfg.dtype != 'float32':
     print_fn(f'note: comparing in float32 (the config says model.dtype={model_cfg.dtype!r})')
     model_cfg = dataclasses.replace(model_cfg, dtype='float32')
@@ -153,18 +156,25 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
            f'float32: {model_cfg.n_layer} layers, {model_cfg.n_embd} wide, block {T}, batch '
            f'{B}x{accum}, dropout {model_cfg.dropout}; {steps} steps x {n_seeds} seed(s) per side')
 
-  train_data, val_data = data_lib.to_device(ds.train), data_lib.to_device(ds.val)
-  state0 = train_lib.init_train_state(model_cfg, cfg_t)
+  train_data, val_data = batches_lib.to_device(ds.train), batches_lib.to_device(ds.val)
+  state0 = step_lib.init_train_state(model_cfg, cfg_t)
   params0 = jax.device_get(state0.params)
   schedule = optim.lr_schedule(cfg_t)
   step_fn = jax.jit(functools.partial(jax_step, model=model, batch_size=B, grad_accum_steps=accum,
                                       schedule=schedule))  # No donation: state0 is reused per seed.
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model, batch_size=B,
-                                      num_batches=cfg_t.eval_iters))
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), train_lib.EVAL_KEY_SALT)
+  eval_one = jax.jit(functools.partial(step_lib.eval_step, model=model, batch_size=B))
+  eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg_t.seed), batches_lib.EVAL_KEY_SALT)
+  eval_keys = [jax.random.fold_in(eval_key, i) for i in range(cfg_t.eval_iters)]
+
+  def eval_fn(params: Any, data: jax.Array) -> float:  # As the training loop's Evaluator.
+    total = np.float32(0)
+    for k in eval_keys:
+      total += np.float32(eval_one(params, data, k))
+    return float(total / np.float32(len(eval_keys)))
+
   # The very batches eval_step draws (same keys), for the PyTorch side.
   eval_x, eval_y = jax.device_get(jax.jit(lambda d: jax.vmap(
-      lambda i: data_lib.get_batch(d, jax.random.fold_in(eval_key, i), B, T))(
+      lambda i: batches_lib.get_batch(d, jax.random.fold_in(eval_key, i), B, T))(
           jnp.arange(cfg_t.eval_iters)))(val_data))
 
   # --- JAX side. Batches and learning rates of every step are kept for the PyTorch side.
@@ -179,7 +189,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
     stream = state0.key if j == 0 else jax.random.PRNGKey(cfg_t.seed + j)
     for s in range(steps + 1):
       if s in eval_steps:
-        run.val[s] = float(eval_fn(state.params, val_data, eval_key))
+        run.val[s] = eval_fn(state.params, val_data)
         if j == 0:
           jax_params_at[s] = jax.device_get(state.params)
       if s == steps:
@@ -255,7 +265,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
       train={k: cfg_t[k] for k in ('batch_size', 'grad_accum_steps', 'learning_rate',
                                    'min_learning_rate', 'warmup_steps', 'lr_decay_steps', 'beta1',
                                    'beta2', 'weight_decay', 'grad_clip', 'seed', 'eval_iters')}
-      | {'optimizer': cfg_t.get('optimizer', 'optax')},
+      | {'optimizer': cfg_t.optimizer},
       versions={'jax': jax.__version__, 'torch': torch.__version__, 'optax': optax.__version__},
       torch_threads=torch.get_num_threads(), wall_seconds=round(time.time() - t_start, 2),
       out_dir=os.path.abspath(out_dir))

@@ -45,8 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax import data as data_lib
-from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.data import text as text_lib
+from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
 FORMAT = 'gpt_jax.shards'
@@ -66,7 +66,7 @@ def stream_text(files: Sequence[str], chunk_chars: int) -> Iterator[str]:
   """The files' text, joined by data.FILE_SEPARATOR, in pieces of at most `chunk_chars` characters."""
   for i, path in enumerate(files):
     if i:
-      yield data_lib.FILE_SEPARATOR
+      yield text_lib.FILE_SEPARATOR
     try:
       with open(path, encoding='utf-8') as f:  # Text mode decodes incrementally: chunk edges are
         for piece in iter(lambda: f.read(chunk_chars), ''):  # never inside a UTF-8 sequence.
@@ -132,7 +132,7 @@ def _source(source: str) -> tuple[str, list[str]]:
   source = os.path.expanduser(source)
   if not os.path.exists(source):
     raise UserError(f'{source} does not exist; pass a text file or a folder of .txt files.')
-  return source, data_lib.source_files(source)
+  return source, text_lib.source_files(source)
 
 
 def _clear(out_dir: str) -> None:
@@ -176,7 +176,7 @@ def _encode_into(out_dir: str, pieces: Iterator[str], tokenizer: Any, shard_toke
   n_chars = 0
   for piece in pieces:
     n_chars += len(piece)
-    writer.add(np.asarray(data_lib.encode_text(tokenizer, piece), DTYPE))
+    writer.add(np.asarray(text_lib.encode_text(tokenizer, piece), DTYPE))
   writer.flush()
   return writer.shards, n_chars
 
@@ -229,7 +229,7 @@ def write_shards(source: str, out_dir: str, tokenizer: Any = 'char', *, shard_to
   if not shards:
     raise UserError(f'{source} produced no tokens; give text to tokenize.')
   index = _make_index(tokenizer, shard_tokens, shards, n_chars, source, files,
-                      data_lib.source_sha256(files))
+                      text_lib.source_sha256(files))
   _write_index(out_dir, index)  # Last: a crash leaves no index, never a half-written dataset.
   if verbose:
     print(f'wrote {len(shards)} shard(s), {index["total_tokens"]:,} tokens (vocab '
@@ -266,7 +266,7 @@ def check_shards(directory: str, index: dict[str, Any], verify: bool = True) -> 
     if size != s['tokens'] * DTYPE.itemsize:
       raise UserError(f'shard {s["file"]} of {directory} has {size:,} bytes, expected '
                       f'{s["tokens"] * DTYPE.itemsize:,} (truncated?); re-create the dataset.')
-    if verify and data_lib.sha256_file(path) != s['sha256']:
+    if verify and text_lib.sha256_file(path) != s['sha256']:
       raise UserError(f'shard {s["file"]} of {directory} is damaged: its SHA-256 does not match the '
                       'index; re-create the dataset (or restore that file).')
 
@@ -410,7 +410,7 @@ def write_splits(source: str, out_dir: str, tokenizer: Any = 'char', val_fractio
   if settings is None:
     settings = {'tokenizer': tokenizer.to_dict()['type'], 'val_fraction': float(val_fraction)}
   n_train = int(n_chars * (1.0 - val_fraction))  # Character split, as gpt_jax/data.py.
-  source_sha = data_lib.source_sha256(files)
+  source_sha = text_lib.source_sha256(files)
   train_pieces, val_pieces = _split_stream(stream_text(files, chunk_chars), n_train)
   indexes = {}
   for split, pieces, span in (('train', train_pieces, [0, n_train]),
@@ -433,7 +433,7 @@ def write_splits(source: str, out_dir: str, tokenizer: Any = 'char', val_fractio
 
 def shard_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The data settings a sharded dataset is prepared with (data.tokenizer_settings of the config)."""
-  settings = data_lib.tokenizer_settings(data_cfg)
+  settings = text_lib.tokenizer_settings(data_cfg)
   if settings['tokenizer'] == 'bpe':
     raise UserError("data.tokenizer='bpe' cannot be used with data.shards_dir: its vocabulary is "
                     'trained on the whole training text in memory, which shards exist to avoid. Use '
@@ -493,7 +493,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
   if found is not None and not force:
     old = found['train'].get('settings')
     if old != settings:
-      change = data_lib._describe_change(old or {}, settings)
+      change = text_lib._describe_change(old or {}, settings)
       raise UserError(f'{shards_dir} was prepared with other data settings ({change}). Re-prepare it '
                       f'with: {prepare_command(data_cfg)}  (or point data.shards_dir at a new '
                       'folder).')
@@ -505,15 +505,15 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
   if why and not force:
     raise UserError(f'data.shards_dir {shards_dir} {why}. Prepare it with: '
                     f'{prepare_command(data_cfg)}  (or point data.shards_dir at a new folder).')
-  source = data_lib.find_text(data_cfg)
+  source = text_lib.find_text(data_cfg)
   tok: Any = 'char'
   if settings['tokenizer'] == 'gpt2':
-    from gpt_jax import bpe  # Imported lazily: only BPE users need the `regex` package.
-    tok = bpe.load_gpt2_tokenizer(*data_lib.find_gpt2_files(data_cfg))
+    from gpt_jax.data import bpe  # Imported lazily: only BPE users need the `regex` package.
+    tok = bpe.load_gpt2_tokenizer(*text_lib.find_gpt2_files(data_cfg))
   if verbose:
     print(f'preparing token shards in {shards_dir} from {source}')
   return write_splits(source, shards_dir, tok, float(data_cfg.val_fraction),
-                      shard_tokens=int(data_cfg.get('shard_tokens', 1 << 24)), overwrite=True,
+                      shard_tokens=int(data_cfg.shard_tokens), overwrite=True,
                       verbose=verbose, settings=settings)
 
 

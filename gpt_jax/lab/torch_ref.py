@@ -379,7 +379,7 @@ def compare_at_init(params: Any, model_cfg: ModelConfig, x: np.ndarray, y: np.nd
   each side.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from gpt_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from gpt_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from gpt_jax.model import GPT  # pylint: disable=import-outside-toplevel
 
   torch = require_torch()
@@ -388,7 +388,7 @@ def compare_at_init(params: Any, model_cfg: ModelConfig, x: np.ndarray, y: np.nd
 
   @jax.jit
   def forward_backward(params, x, y):
-    loss, grads = jax.value_and_grad(train_lib.loss_fn)(params, jmodel, x, y, None)
+    loss, grads = jax.value_and_grad(step_lib.loss_fn)(params, jmodel, x, y, None)
     return jmodel.apply({'params': params}, x), loss, grads
 
   jlogits, jloss, jgrads = jax.device_get(forward_backward(params, x, y))

@@ -69,7 +69,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
   if kind == 'char':
     return CharTokenizer(d['chars'])
   if kind == 'bpe':
-    from gpt_jax import bpe  # Imported lazily: only BPE users need the `regex` package.
+    from gpt_jax.data import bpe  # Imported lazily: only BPE users need the `regex` package.
     return bpe.BPETokenizer.from_dict(d)
   raise UserError(f'unknown tokenizer type {kind!r} in saved tokenizer metadata '
                   "(expected 'char' or 'bpe'); was it written by another program?")

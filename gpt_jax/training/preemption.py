@@ -24,7 +24,7 @@ import sys
 import threading
 from typing import Optional
 
-from gpt_jax import distributed
+from gpt_jax.parallel import distributed
 from gpt_jax.errors import Stopped  # Raised by the loop; the scripts exit with its status.
 
 EX_TEMPFAIL = Stopped.exit_status  # 75: stopped by a signal after saving a resumable checkpoint.

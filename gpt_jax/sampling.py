@@ -153,8 +153,8 @@ def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt:
                            seed: int = 1337, window_shift: int = 0, verbose: bool = True) -> list[str]:
   """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt."""
   from gpt_jax import checkpoint as checkpoint_lib
-  from gpt_jax import data as data_lib
-  from gpt_jax import tokenizer as tokenizer_lib
+  from gpt_jax.data import text as text_lib
+  from gpt_jax.data import tokenizer as tokenizer_lib
   from gpt_jax.errors import UserError
 
   if prompt_file:
@@ -175,7 +175,7 @@ def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt:
   cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
   tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])
   # As in data preparation, special-token text in a prompt ('<|endoftext|>') is ordinary text.
-  ids = np.array([data_lib.encode_text(tok, prompt)] * num_samples, np.int32)
+  ids = np.array([text_lib.encode_text(tok, prompt)] * num_samples, np.int32)
   if verbose:
     loss = f', val loss {meta["val_loss"]:.4f}' if math.isfinite(meta['val_loss']) else ''
     print(f'checkpoint step {meta["step"]}{loss}: {cfg.n_layer} layers x {cfg.n_embd} wide, '

@@ -1,7 +1,7 @@
-"""Data: find the text, tokenize it once into token files, and draw batches on the device.
+"""Text data: find the text, tokenize it once into token files (train.bin / val.bin), open them.
 
 Source. `data.text_path` is a text file or a folder of text files. Empty means the copy shipped
-inside the package (`gpt_jax/assets/`, listed in its SHA256SUMS) when `data.sha256` names it, so a
+inside the package (`gpt_jax/data/assets/`, listed in its SHA256SUMS) when `data.sha256` names it, so a
 fresh clone or `pip install` trains offline; else the cached copy of `data.url`; else a download kept
 only if its SHA-256 matches. A folder contributes every `*.txt` file
 below it (recursively, hidden files and folders skipped) in sorted order of their relative paths,
@@ -12,7 +12,7 @@ the file's SHA-256).
 Tokenizers (`data.tokenizer`):
   char  the sorted set of characters of the whole text (65 for TinyShakespeare).
   gpt2  GPT-2's byte-level BPE (50,257 ids) from `data.gpt2_dir` (a folder with encoder.json and
-        vocab.bpe); empty means the shipped copy (`gpt_jax/assets/gpt2/`), else the cached copy in
+        vocab.bpe); empty means the shipped copy (`gpt_jax/data/assets/gpt2/`), else the cached copy in
         `cache_dir/gpt2`, else a download from OpenAI's canonical URLs, kept only if its SHA-256
         matches.
   bpe   a compact byte-level BPE of `data.bpe_vocab_size` ids trained by `bpe.train_bpe` on the
@@ -35,9 +35,7 @@ Preparation (`prepare`) writes into `data_dir`:
 A preparation is stale when the source, the tokenizer settings (kind, bpe_vocab_size, the GPT-2
 files) or val_fraction change.
 
-Batches are drawn *inside* the jitted train step from the device-resident split with a key derived
-from (seed, step): no host->device copy per step, and a resumed run sees exactly the batches an
-uninterrupted run would.
+Batches are drawn from these splits by gpt_jax/data/batches.py.
 """
 
 from __future__ import annotations
@@ -53,12 +51,10 @@ import urllib.error
 import urllib.request
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
 META_VERSION = 2
@@ -73,7 +69,7 @@ GPT2_FILES = {
 }
 
 # Files shipped inside the package (TinyShakespeare; GPT-2's encoder.json and vocab.bpe), found by
-# their SHA-256 through the SHA256SUMS file beside them; gpt_jax/assets/README.md gives their sources.
+# their SHA-256 through the SHA256SUMS file beside them; gpt_jax/data/assets/README.md gives their sources.
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / 'assets'
 
 _TEXT_HINT = '--config.data.text_path=/path/to/input.txt'
@@ -131,7 +127,7 @@ def download(url: str, dest: str, sha256: str, timeout: float = 30.0, how_to_pas
 
 
 def shipped_files() -> dict[str, pathlib.Path]:
-  """SHA-256 -> path of every file shipped in gpt_jax/assets (from its SHA256SUMS)."""
+  """SHA-256 -> path of every file shipped in gpt_jax/data/assets (from its SHA256SUMS)."""
   sums = ASSETS_DIR / 'SHA256SUMS'
   if not sums.is_file():
     return {}
@@ -184,7 +180,7 @@ def find_text(data_cfg: ml_collections.ConfigDict) -> str:
 
 def find_gpt2_files(data_cfg: ml_collections.ConfigDict) -> tuple[str, str]:
   """(encoder.json, vocab.bpe): data.gpt2_dir, else the shipped copies, else the cache, else a download."""
-  gpt2_dir = data_cfg.get('gpt2_dir', '')
+  gpt2_dir = data_cfg.gpt2_dir
   if gpt2_dir:
     gpt2_dir = os.path.expanduser(gpt2_dir)
     paths = tuple(os.path.join(gpt2_dir, name) for name in GPT2_FILES)
@@ -254,7 +250,7 @@ def tokenizer_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     raise UserError(f'data.val_fraction must be between 0 and 1 (got {data_cfg.val_fraction})')
   settings: dict[str, Any] = {'tokenizer': kind, 'val_fraction': float(data_cfg.val_fraction)}
   if kind == 'bpe':
-    size = int(data_cfg.get('bpe_vocab_size', 0))
+    size = int(data_cfg.bpe_vocab_size)
     if size < 256:
       raise UserError(f"data.tokenizer='bpe' needs data.bpe_vocab_size >= 256 (256 byte tokens plus "
                       f'merges; got {size}); e.g. --config.data.bpe_vocab_size=1024.')
@@ -271,7 +267,7 @@ def build_tokenizer(data_cfg: ml_collections.ConfigDict, text: str, train_text: 
   if kind == 'char':
     # The whole text's characters: a val character missing from the vocabulary could not be encoded.
     return tokenizer_lib.CharTokenizer.from_text(text)
-  from gpt_jax import bpe  # Imported lazily: only BPE users need the `regex` package.
+  from gpt_jax.data import bpe  # Imported lazily: only BPE users need the `regex` package.
   if kind == 'gpt2':
     return bpe.load_gpt2_tokenizer(*find_gpt2_files(data_cfg))
   return bpe.train_bpe(train_text, int(data_cfg.bpe_vocab_size), progress=verbose,
@@ -420,23 +416,3 @@ def load(data_cfg: ml_collections.ConfigDict, verbose: bool = True) -> Dataset:
   """Prepares the data if needed (or if stale/corrupt), then opens it."""
   prepare(data_cfg, verbose=verbose)
   return Dataset(os.path.expanduser(data_cfg.data_dir))
-
-
-def to_device(tokens: np.ndarray) -> jax.Array:
-  """Puts a whole token split on the default device once (2 bytes per token as uint16)."""
-  return jnp.asarray(np.asarray(tokens))
-
-
-def get_batch(data: jax.Array, key: jax.Array, batch_size: int,
-              block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Draws `batch_size` random windows from a device-resident token array (jit-friendly).
-
-  Returns inputs x and next-token targets y, both (batch_size, block_size) int32.
-  """
-  if data.shape[0] < block_size + 1:
-    raise UserError(f'the data has only {data.shape[0]} tokens, fewer than block_size + 1 = '
-                    f'{block_size + 1}; use a smaller model.block_size or more text.')
-  starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)
-  windows = jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (block_size + 1,)))(starts)
-  windows = windows.astype(jnp.int32)  # (B, T + 1)
-  return windows[:, :-1], windows[:, 1:]

@@ -24,8 +24,10 @@ import ml_collections
 import numpy as np
 
 from gpt_jax import optim
-from gpt_jax import sample as sample_lib
-from gpt_jax import train as train_lib
+from gpt_jax import sampling
+from gpt_jax import config as config_lib
+from gpt_jax.training import metrics as metrics_lib
+from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.model import GPT, init_params
 
@@ -43,12 +45,6 @@ def setting(name: str, dtype: str = 'float32') -> tuple[ModelConfig, int]:
     raise ValueError(f'unknown setting {name!r}; known: {", ".join(SETTINGS)}')
   model, batch = SETTINGS[name]
   return ModelConfig(vocab_size=VOCAB, dtype=dtype, **model), batch
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """nanoGPT's shakespeare_char optimizer settings (the speed does not depend on them)."""
-  from configs import shakespeare
-  return shakespeare.get_config('').train
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -94,17 +90,21 @@ def synthetic_tokens(n: int = 200_000, seed: int = 0) -> np.ndarray:
 
 # --- training ---------------------------------------------------------------------------------------
 
-def jax_train(cfg: ModelConfig, batch_size: int, steps: int, repeats: int = 2) -> dict:
-  """The project's jitted train_step (batch drawn on device, AdamW, clipping): speed and memory."""
-  tcfg = train_config()
+def jax_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int,
+              repeats: int = 2) -> dict:
+  """The project's jitted train_step (batch drawn on device, AdamW, clipping): speed and memory.
+
+  `train_cfg`: a run config's `train` section (the optimizer; the speed does not depend on its values).
+  """
+  tcfg = ml_collections.ConfigDict(train_cfg.to_dict())
   tcfg.batch_size = batch_size
   model = GPT(cfg)
-  step = jax.jit(functools.partial(train_lib.train_step, model=model, batch_size=batch_size,
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, batch_size=batch_size,
                                    grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
                  donate_argnums=0)
   data = jnp.asarray(synthetic_tokens())
   reset_peak_rss()
-  state = train_lib.init_train_state(cfg, tcfg)
+  state = step_lib.init_train_state(cfg, tcfg)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
@@ -122,15 +122,16 @@ def jax_train(cfg: ModelConfig, batch_size: int, steps: int, repeats: int = 2) -
   tokens = batch_size * cfg.block_size
   return {'ms_per_step': 1e3 * dt, 'tokens_per_s': tokens / dt, 'compile_s': compile_s,
           'first_step_s': first_step_s, 'peak_rss_mb': peak_rss_mb(),
-          'model_tflops': train_lib.flops_per_token(cfg) * tokens / dt / 1e12}
+          'model_tflops': config_lib.flops_per_token(cfg) * tokens / dt / 1e12}
 
 
-def torch_train(cfg: ModelConfig, batch_size: int, steps: int, repeats: int = 2) -> dict:
+def torch_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int,
+                repeats: int = 2) -> dict:
   """nanoGPT-style eager PyTorch step (gpt_jax/torch_ref.py): random batch, forward, backward,
   clip_grad_norm_, AdamW, zero_grad, all in float32 on the same CPU threads."""
-  from gpt_jax import torch_ref
+  from gpt_jax.lab import torch_ref
   torch = torch_ref.require_torch()
-  tcfg = train_config()
+  tcfg = ml_collections.ConfigDict(train_cfg.to_dict())
   reset_peak_rss()
   model = torch_ref.build_model(cfg)
   model.train()
@@ -153,7 +154,7 @@ def torch_train(cfg: ModelConfig, batch_size: int, steps: int, repeats: int = 2)
   tokens = batch_size * T
   return {'ms_per_step': 1e3 * dt, 'tokens_per_s': tokens / dt, 'peak_rss_mb': peak_rss_mb(),
           'threads': torch.get_num_threads(),
-          'model_tflops': train_lib.flops_per_token(cfg) * tokens / dt / 1e12}
+          'model_tflops': config_lib.flops_per_token(cfg) * tokens / dt / 1e12}
 
 
 # --- generation -------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def jax_generate(cfg: ModelConfig, batch_size: int, new_tokens: int, repeats: in
   params = init_params(cfg, jax.random.PRNGKey(0))
   prompt = jnp.zeros((batch_size, 1), jnp.int32)
   key = jax.random.PRNGKey(1)
-  gen = lambda: sample_lib.generate(params, cfg, prompt, new_tokens, key, 0.8, 200).block_until_ready()
+  gen = lambda: sampling.generate(params, cfg, prompt, new_tokens, key, 0.8, 200).block_until_ready()
   reset_peak_rss()
   t0 = time.perf_counter()
   gen()
@@ -176,7 +177,7 @@ def jax_generate(cfg: ModelConfig, batch_size: int, new_tokens: int, repeats: in
 def torch_generate(cfg: ModelConfig, batch_size: int, new_tokens: int) -> dict:
   """nanoGPT's `generate`: no KV cache; each new token re-runs the model on the last block_size
   tokens (temperature 0.8, top-k 200, multinomial draw), under torch.no_grad, float32."""
-  from gpt_jax import torch_ref
+  from gpt_jax.lab import torch_ref
   torch = torch_ref.require_torch()
   model = torch_ref.build_model(cfg)
   model.eval()
@@ -230,7 +231,7 @@ def weight_bytes(cfg: ModelConfig) -> int:
 
 def matmul_peak_tflops() -> float:
   """float32 GEMM throughput XLA reaches on this machine (the MFU denominator on a CPU)."""
-  return train_lib.peak_flops(0.0)[0] / 1e12
+  return metrics_lib.peak_flops(0.0)[0] / 1e12
 
 
 def environment() -> dict:
