@@ -268,8 +268,8 @@ class CausalSelfAttention(nn.Module):
       # RMSNorm over each head's D dimensions, with a learned (D,) scale shared by the heads. RMS, not
       # LayerNorm: the point is to bound |q| and |k| (and so the logits) whatever the residual stream
       # grows to; centring q would only remove one direction of the query space. The learned scale
-      # starts at 1 and lets attention sharpen again. The softmax scale stays 1/sqrt(D): unit-RMS q
-      # and k then give logits of unit variance at init, as GPT-2's init does.
+      # starts at 1 and sets how sharp attention can get. The softmax scale stays the standard
+      # 1/sqrt(D): for unit-RMS q and k in random directions, q.k / sqrt(D) has unit variance.
       q, k = RMSNorm(name='q_norm')(q), RMSNorm(name='k_norm')(k)
     if cfg.position == 'rotary':
       # Absolute positions pos .. pos + T - 1; the cache stores keys already rotated. Re-encoding a
