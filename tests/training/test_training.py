@@ -287,3 +287,15 @@ def test_accurate_mean_is_near_correctly_rounded_and_keeps_the_gradient():
   assert np.mean(ours) < 0.5 * ulp and np.mean(ours) < 0.75 * np.mean(plain)
   g = jax.grad(step_lib.accurate_mean)(jnp.asarray(v))
   np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(jnp.mean)(jnp.asarray(v))))
+
+
+def test_the_training_package_needs_neither_torch_nor_matplotlib():
+  """The core stays light: the trainer imports no tooling (PyTorch reference, plots)."""
+  import subprocess
+  import sys
+  code = ('import sys, gpt_jax.training.loop, gpt_jax.training.step; '
+          'bad = [m for m in ("torch", "matplotlib") if m in sys.modules]; '
+          'assert not bad, bad')
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                     cwd=str(__import__('pathlib').Path(__file__).resolve().parents[2]))
+  assert r.returncode == 0, r.stderr

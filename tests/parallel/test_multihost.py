@@ -1,6 +1,6 @@
 """Multi-host training on one machine: two processes on localhost, 2 CPU devices each, vs 1 device.
 
-The two processes run this very file (`python tests/test_multihost.py SPEC.json PROCESS_ID`), connect
+The two processes run this very file (`python tests/parallel/test_multihost.py SPEC.json PROCESS_ID`), connect
 through `jax.distributed` (process 0 from the config, process 1 from the JAX_* environment
 variables, so both ways are exercised), and train one 2 x 2 mesh: 'data' across the processes,
 'fsdp' within each. CPU collectives between processes go over gloo (JAX's default on CPU).
@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'tests'))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from test_sharding import RESULT, run_losses, tiny_config  # noqa: E402
+from multidevice import RESULT, run_losses, tiny_config  # noqa: E402
 
 STEPS = 10
 BATCH = dict(step=3, batch_size=8, block_size=16)  # A sharded-dataset batch, fed per process.

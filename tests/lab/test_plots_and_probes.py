@@ -20,7 +20,7 @@ from gpt_jax.training import metrics as metrics_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.data.tokenizer import CharTokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 

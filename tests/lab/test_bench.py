@@ -10,7 +10,7 @@ import pytest
 
 from gpt_jax.lab import bench
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

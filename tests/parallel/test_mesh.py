@@ -1,7 +1,7 @@
 """Meshes and shardings: rules, and 4 simulated CPU devices (DP, FSDP, both) against 1 device.
 
 XLA's device count is fixed when JAX starts, so the 4-device half runs this very file as a
-subprocess (`python tests/test_sharding.py SPEC.json` with
+subprocess (`python tests/parallel/test_mesh.py SPEC.json` with
 XLA_FLAGS=--xla_force_host_platform_device_count=4), which prints one JSON line the tests parse.
 The pytest process itself has one device and runs the reference.
 """
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'tests'))
 
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from conftest import make_synthetic_text  # noqa: E402
+from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config  # noqa: E402
 from configs import shakespeare  # noqa: E402
 from gpt_jax import checkpoint as checkpoint_lib  # noqa: E402
 from gpt_jax import optim  # noqa: E402
@@ -37,42 +37,10 @@ from gpt_jax.model import GPT  # noqa: E402
 
 MESHES = {'dp4': (4, 1), 'fsdp4': (1, 4), 'dp2_fsdp2': (2, 2)}
 RESUMED = 'dp2_fsdp2'  # This one continues the 1-device run from its step-10 checkpoint (1 -> 4).
-STEPS = 20
 TOL = 1e-5
-RESULT = 'RESULT '
 
 
-# --- helpers shared by the test and the 4-device worker -------------------------------------------
-
-def tiny_config(root: str, mesh=(-1, 1), eval_tokens: int = 0):
-  """The `tiny` preset on synthetic text: 20 steps, a loss logged every step, evals at 0/10/20."""
-  text = os.path.join(root, 'input.txt')
-  if not os.path.exists(text):
-    os.makedirs(root, exist_ok=True)
-    with open(text, 'w', encoding='utf-8') as f:
-      f.write(make_synthetic_text())
-  c = shakespeare.get_config('tiny')
-  c.out_dir = os.path.join(root, 'out')
-  c.data.update(text_path=text, data_dir=os.path.join(root, 'data'),
-                cache_dir=os.path.join(root, 'cache'))
-  c.train.update(max_steps=STEPS, eval_interval=10, log_interval=1, peak_flops=1e12)
-  c.checkpoint.update(save='always', async_save=False)
-  c.sample.eval_tokens = eval_tokens
-  c.mesh.update(data=mesh[0], fsdp=mesh[1])
-  return c
-
-
-def run_losses(out_dir: str) -> dict:
-  """{'train': {step: loss}, 'val': {step: val_loss}} from a run's metrics.jsonl (last write wins)."""
-  out = {'train': {}, 'val': {}}
-  with open(os.path.join(out_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for rec in map(json.loads, f):
-      if 'val_loss' in rec:
-        out['val'][str(rec['step'])] = rec['val_loss']
-      elif 'train_loss' in rec:
-        out['train'][str(rec['step'])] = rec['train_loss']
-  return out
-
+# --- helpers of the test and the 4-device worker (more in tests/multidevice.py) ------------------
 
 def _model_and_train_cfg():
   model_cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
@@ -159,11 +127,6 @@ def run_worker(spec: dict, n_devices: int = 4) -> dict:
                      timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   return json.loads([l for l in r.stdout.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
-
-
-def max_delta(a: dict, b: dict) -> float:
-  assert sorted(a) == sorted(b), (sorted(a), sorted(b))
-  return max(abs(a[k] - b[k]) for k in a)
 
 
 # --- rules (one device) ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from gpt_jax import sampling
 from gpt_jax.training import loop as loop_lib
 from gpt_jax.errors import Stopped, UserError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / 'scripts' / 'train.py')
 # Steps slow enough (8 micro-batches) for a signal to land inside one, evals long enough (1000 batches
 # per split) for one to land inside an eval; 'best' mode, where the stop checkpoint is an extra one.

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tracemalloc
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # conftest, also as a script.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: conftest, also as a script.
 
 import jax
 import numpy as np
@@ -276,7 +276,7 @@ def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
   from gpt_jax import checkpoint as checkpoint_lib
   from gpt_jax.data import tokenizer as tokenizer_lib
 
-  from test_sharding import run_losses
+  from multidevice import run_losses
   cfg = shard_config(tmp_path, corpus)
   cfg.model.dropout = 0.1  # The dropout key stream must continue too.
   cfg.train.grad_accum_steps = 2  # batch_size * 2 rows drawn per step, in two micro-batches.
@@ -382,7 +382,7 @@ def test_prepare_data_script_writes_shards_and_train_reports_errors(corpus, tmp_
 def worker(spec: dict) -> dict:
   """The 4-device half: the same run from the same shards on a data=2 x fsdp=2 mesh."""
 
-  from test_sharding import run_losses
+  from multidevice import run_losses
   assert jax.device_count() == 4, jax.devices()
   cfg = shard_config(spec['root'], spec['corpus'], mesh=(2, 2))
   cfg.train.update(spec['train'])
@@ -394,7 +394,7 @@ def worker(spec: dict) -> dict:
 @pytest.mark.slow
 def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
 
-  from test_sharding import RESULT, max_delta, run_losses
+  from multidevice import RESULT, max_delta, run_losses
   cfg = shard_config(tmp_path, corpus)
   cfg.train.update(max_steps=10, eval_interval=5)
   loop_lib.train_and_evaluate(cfg)  # One device; prepares the shards the worker then reads.
@@ -416,6 +416,6 @@ def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
 
 
 if __name__ == '__main__':
-  from test_sharding import RESULT
+  from multidevice import RESULT
   with open(sys.argv[1]) as f:
     print(RESULT + json.dumps(worker(json.load(f))), flush=True)
