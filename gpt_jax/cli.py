@@ -70,10 +70,21 @@ def _without_traceback(msg: str) -> str:
                                                         'Configuration is not available')))
 
 
+_HELP_FLAGS = {'--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml'}
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl flag parsing that reports a bad flag (e.g. a config-override typo) in one line, no traceback."""
+  """absl flag parsing that reports a bad flag (e.g. a config-override typo) in one line, no traceback.
+
+  An asked-for --help exits with status 0 (absl's own exits with 1, as if it were an error).
+  """
   try:
-    args = flags.FLAGS(argv)
+    try:
+      args = flags.FLAGS(argv)
+    except SystemExit as e:
+      if e.code == 1 and set(argv[1:]) & _HELP_FLAGS:
+        sys.exit(0)
+      raise
     for name in list(flags.FLAGS):
       value = flags.FLAGS[name].value
       if type(value).__name__ == '_ErrorConfig':  # ml_collections defers config-file errors.

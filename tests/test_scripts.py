@@ -113,3 +113,13 @@ def test_sample_bad_input_gets_one_clear_message(tmp_path, synthetic_text_path):
                         ([f'--ckpt_dir={tmp_path}', '--num_samples=abc'], 'num_samples')]:
     r = run('sample.py', *args)
     assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.slow
+def test_every_script_answers_help_with_status_0():
+  scripts = sorted(p.name for p in (REPO / 'scripts').glob('*.py') if p.name != '_bootstrap.py')
+  assert 'train.py' in scripts and len(scripts) >= 10
+  for name in scripts:
+    r = run(name, '--help')
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, (name, r.stderr[-2000:])
+    assert 'usage' in (r.stdout + r.stderr).lower() or '--' in r.stdout, name
