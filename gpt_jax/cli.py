@@ -104,5 +104,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def run_main(fn: Callable[[], object]) -> None:
   """Runs `fn` with quiet logs; a UserError becomes one line on stderr and exit status 1."""
   quiet_library_logs()
-  with exit_on_user_error():
-    fn()
+  try:
+    with exit_on_user_error():
+      fn()
+  except SystemExit as e:
+    if e.code:  # Reported in one line. What Orbax's I/O coroutines of a failed read or write still
+      sys.unraisablehook = lambda unraisable: None  # raise while the interpreter exits is noise.
+    raise
