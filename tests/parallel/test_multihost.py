@@ -123,29 +123,11 @@ def test_two_processes_match_one_device(tmp_path):
   root = str(tmp_path / 'multi')
   spec = {'root': root, 'port': _free_port(), 'shards': str(tmp_path / 'shards')}
   _config(root)  # Writes the input text now, not racing in two processes.
-  spec_path = os.path.join(root, 'spec.json')
-  with open(spec_path, 'w') as f:
-    json.dump(spec, f)
-  base = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
-  base.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-              PYTHONUNBUFFERED='1')
-  envs = [base, dict(base, JAX_COORDINATOR_ADDRESS=f'localhost:{spec["port"]}',
-                     JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')]
-  procs = [subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for i, env in enumerate(envs)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=900))  # Generous: a busy 2-core machine.
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:] + err[-3000:]
+  outs = _finish(_spawn(spec, root), root)
+  for returncode, out, err in outs:
+    assert returncode == 0, out[-3000:] + err[-3000:]
   results = [json.loads([l for l in out.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
-             for out, _ in outs]
+             for _, out, _ in outs]
   multi_seconds = time.perf_counter() - t0
 
   # Both processes saw one 4-device system; the losses are the 1-device ones.
@@ -163,8 +145,8 @@ def test_two_processes_match_one_device(tmp_path):
   with open(os.path.join(root, 'out', 'metrics.jsonl')) as f:
     steps = [json.loads(l)['step'] for l in f if 'ms_per_step' in l]
   assert steps == list(range(1, STEPS + 1))
-  assert 'step 10: loss' in outs[0][0] and 'step 10: loss' not in outs[1][0]
-  assert 'sample:' in outs[0][0]  # Sampling ran across both processes.
+  assert 'step 10: loss' in outs[0][1] and 'step 10: loss' not in outs[1][1]
+  assert 'sample:' in outs[0][1]  # Sampling ran across both processes.
   # Orbax wrote the checkpoints collectively; one directory per step, readable by one process.
   ckpt = os.path.join(root, 'out', 'checkpoints')
   assert {'5', '10'} <= set(os.listdir(ckpt))
@@ -196,7 +178,7 @@ def _finish(procs: list, root: str) -> list:
   outs = []
   try:
     for i, p in enumerate(procs):
-      out, _ = p.communicate(timeout=300)
+      out, _ = p.communicate(timeout=900)  # Generous: a busy 2-core machine.
       with open(os.path.join(root, f'err{i}')) as f:
         outs.append((p.returncode, out, f.read()))
   finally:
