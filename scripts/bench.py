@@ -21,6 +21,9 @@ import json
 import sys
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+from gpt_jax import allocator
+
+allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
 
 def main() -> None:

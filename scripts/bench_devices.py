@@ -22,6 +22,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # Lets `python scripts/bench_devices.py` import gpt_jax from the checkout.
 
+from gpt_jax import allocator  # noqa: E402
+
+allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
+
 
 def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   """Times `steps` train steps on every device of this process; returns the numbers."""

@@ -19,7 +19,9 @@ from absl import flags
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
-from gpt_jax import cli
+from gpt_jax import allocator, cli
+
+allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py') + ':tiny',

@@ -12,7 +12,9 @@ if it is missing). Results are printed and written to <run dir>/eval.json (or --
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
-from gpt_jax import cli
+from gpt_jax import allocator, cli
+
+allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
 flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the best one).')

@@ -1,0 +1,118 @@
+"""Runs the entry points on mimalloc instead of glibc's malloc (Linux), with no step by the user.
+
+Why: XLA:CPU allocates and frees its large temporary buffers (activations, gradients) on every
+step. glibc serves blocks above its mmap threshold with mmap and unmaps them on free, so each step
+page-faults the same memory in again, and the kernel zeroes every page. An allocator that keeps
+freed memory mapped (mimalloc, tcmalloc, jemalloc) removes nearly all of those faults and makes the
+small train step much faster, with bit-identical losses. The README's performance section has the
+measured table (`python scripts/bench_allocator.py`) and why mimalloc: it is the one shipped in a
+pip wheel (`cmeel-mimalloc`, pinned in requirements.txt), so `pip install -r requirements.txt`
+is all it takes.
+
+malloc cannot be replaced inside a running process, so `preload()`, called at the top of a script
+before jax or numpy is imported, sets LD_PRELOAD (and mimalloc's tuning variables) and re-executes
+the same interpreter with the same arguments, once, the way Intel's PyTorch launcher preloads
+tcmalloc. `os.execve` keeps the process id, stdin/stdout/stderr and the exit status.
+
+  GPT_JAX_ALLOCATOR=system   turns it off (glibc malloc)
+  GPT_JAX_ALLOCATOR=/path/libtcmalloc.so.4   preloads another allocator instead
+
+Elsewhere than Linux nothing happens. If the library is missing or cannot be loaded, the script
+runs on the system allocator after one note line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+ENV_VAR = 'GPT_JAX_ALLOCATOR'
+# Set to the process id just before the re-exec. execve keeps the id, so the re-executed process
+# recognises itself and never executes again, even if the loader refused the library.
+_REEXEC_VAR = '_GPT_JAX_ALLOCATOR_PID'
+# mimalloc's options for the re-executed process (a value the user already set wins).
+# purge_delay -1: never hand freed memory back to the OS. mimalloc's default (return it after
+# 1 s idle) faults the big step buffers in again on steps longer than that (6/6/384: seconds).
+MIMALLOC_ENV = {'MIMALLOC_PURGE_DELAY': '-1'}
+# An allocator already in the process (inherited LD_PRELOAD, or the user's own): leave it alone.
+_ALLOCATOR_RE = re.compile(r'/lib(mi|tc|je)malloc[^/]*\.so[^/]*$')
+
+
+def library_path() -> str | None:
+  """Path of libmimalloc from the installed `cmeel-mimalloc` wheel, or None if it is not installed."""
+  from importlib import metadata
+  try:
+    dist = metadata.distribution('cmeel-mimalloc')
+  except metadata.PackageNotFoundError:
+    return None
+  for f in dist.files or ():
+    if f.name == 'libmimalloc.so':
+      path = str(dist.locate_file(f))
+      return path if os.path.isfile(path) else None
+  return None
+
+
+def loaded_allocator() -> str | None:
+  """Path of the mimalloc/tcmalloc/jemalloc library mapped into this process, if any (Linux)."""
+  try:
+    with open('/proc/self/maps') as f:
+      for line in f:
+        m = _ALLOCATOR_RE.search(line.rstrip('\n'))
+        if m:
+          return line.split(None, 5)[-1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def _note(msg: str) -> None:
+  print(f'note: {msg}; running on the system allocator ({ENV_VAR}=system hides this note)',
+        file=sys.stderr)
+
+
+def preload() -> None:
+  """Re-executes this script once with a faster malloc preloaded (see the module docstring).
+
+  Call it at the top of a script, before heavy imports: everything imported before it is imported
+  twice. Does nothing when imported from anything but the `__main__` script, off Linux, under
+  GPT_JAX_ALLOCATOR=system, or when an allocator is already preloaded.
+  """
+  caller = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
+  choice = os.environ.get(ENV_VAR, '')
+  if caller != '__main__' or choice == 'system' or not sys.platform.startswith('linux'):
+    return
+  if choice not in ('', 'mimalloc') and not os.path.isabs(choice):
+    sys.exit(f"error: {ENV_VAR}={choice!r}: use 'mimalloc' (the default), 'system', "
+             'or the absolute path of a malloc library to preload')
+  if loaded_allocator():
+    return
+  if os.environ.get(_REEXEC_VAR) == str(os.getpid()):
+    _note('the dynamic loader did not preload the allocator')
+    return
+  if not sys.argv or not os.path.isfile(sys.argv[0]):
+    return  # `python -c` or a script read from stdin: it cannot be started again.
+  lib = choice if os.path.isabs(choice) else library_path()
+  if lib is None:
+    _note('mimalloc is not installed (pip install -r requirements.txt)')
+    return
+  env = dict(os.environ)
+  env['LD_PRELOAD'] = ':'.join(p for p in (lib, env.get('LD_PRELOAD')) if p)
+  # A bare interpreter start tries the preload first: the loader skips a library it cannot open
+  # with a message, but a missing dependency of it would stop the script itself.
+  import subprocess
+  check = subprocess.run([sys.executable, '-I', '-S', '-c', ''], env=env, capture_output=True,
+                         text=True, check=False)
+  if check.returncode or 'cannot be preloaded' in check.stderr:
+    reason = check.stderr.strip().splitlines()[-1:] or [f'status {check.returncode}']
+    _note(f'cannot preload {lib} ({reason[0][:200]})')
+    return
+  if not os.path.isabs(choice):
+    env.update({k: v for k, v in MIMALLOC_ENV.items() if k not in env})
+  env[_REEXEC_VAR] = str(os.getpid())
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:
+    _note(f'cannot re-execute {sys.executable} ({e})')
