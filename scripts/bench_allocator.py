@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+import _bootstrap  # (makes `gpt_jax` importable from a checkout)
 from gpt_jax import allocator
 
 _ALLOCATOR_ENV = ('LD_PRELOAD', 'MALLOC_CONF', allocator.ENV_VAR, *allocator.MIMALLOC_ENV)
@@ -58,18 +58,20 @@ def child(setting: str, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gpt_jax import bench, optim
-  from gpt_jax import train as train_lib
+  from gpt_jax import optim
+  from gpt_jax.config import load_config_file
+  from gpt_jax.lab import bench
   from gpt_jax.model import GPT
+  from gpt_jax.training import step as step_lib
 
   cfg, batch_size = bench.setting(setting)
-  tcfg = bench.train_config()
+  tcfg = load_config_file(os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py')).train
   tcfg.batch_size = batch_size
-  step = jax.jit(functools.partial(train_lib.train_step, model=GPT(cfg), batch_size=batch_size,
+  step = jax.jit(functools.partial(step_lib.train_step, model=GPT(cfg), batch_size=batch_size,
                                    grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
                  donate_argnums=0)
   data = jnp.asarray(bench.synthetic_tokens())
-  state = train_lib.init_train_state(cfg, tcfg)
+  state = step_lib.init_train_state(cfg, tcfg)
   losses = []
   for _ in range(1 + warmup):  # Compilation, XLA's first-use kernel setup, allocator warm-up.
     state, m = step(state, data)
@@ -109,7 +111,7 @@ def print_table(setting: str, runs: dict[str, list[dict]]) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--settings', default='baby', help='Comma-separated: baby, char, tiny (gpt_jax/bench.py).')
+  p.add_argument('--settings', default='baby', help='Comma-separated: baby, char, tiny (gpt_jax/lab/bench.py).')
   p.add_argument('--rounds', type=int, default=5, help='Rounds; each runs every candidate once.')
   p.add_argument('--steps', type=int, default=0, help='Timed steps per run (0: 100 baby, 3 char).')
   p.add_argument('--warmup', type=int, default=0, help='Untimed steps after the first (0: 10 baby, 1 char).')
