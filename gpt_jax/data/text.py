@@ -402,6 +402,7 @@ class Dataset:
 
   def __init__(self, data_dir: str):
     self.data_dir = data_dir
+    self.directory = data_dir  # Where it lives, under the name data/shards.ShardedSplits uses too.
     meta, why = check_prepared(data_dir)
     if meta is None:
       raise UserError(f'no usable prepared data in {data_dir} ({why}); run scripts/prepare_data.py')
