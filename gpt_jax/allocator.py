@@ -1,8 +1,8 @@
 """Runs the entry points on mimalloc instead of glibc's malloc (Linux), with no step by the user.
 
 Why: XLA:CPU allocates and frees its large temporary buffers (activations, gradients) on every
-step. glibc serves blocks above its mmap threshold with mmap and unmaps them on free, so each step
-page-faults the same memory in again, and the kernel zeroes every page. An allocator that keeps
+step. glibc's malloc hands the memory of large freed blocks back to the OS (munmap, heap trimming),
+so each step page-faults the same memory in again, and the kernel zeroes every page. An allocator that keeps
 freed memory mapped (mimalloc, tcmalloc, jemalloc) removes nearly all of those faults and makes the
 small train step much faster, with bit-identical losses. The README's performance section has the
 measured table (`python scripts/bench_allocator.py`) and why mimalloc: it is the one shipped in a
@@ -17,8 +17,10 @@ tcmalloc. `os.execve` keeps the process id, stdin/stdout/stderr and the exit sta
   GPT_JAX_ALLOCATOR=system   turns it off (glibc malloc)
   GPT_JAX_ALLOCATOR=/path/libtcmalloc.so.4   preloads another allocator instead
 
-Elsewhere than Linux nothing happens. If the library is missing or cannot be loaded, the script
-runs on the system allocator after one note line on stderr.
+Elsewhere than Linux on x86_64 or aarch64 (where the wheel exists) nothing happens. If the library
+is missing or cannot be loaded, the script runs on the system allocator after one note line on
+stderr. Processes the script starts inherit LD_PRELOAD, so a script started by a script does not
+execute again.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ ENV_VAR = 'GPT_JAX_ALLOCATOR'
 # recognises itself and never executes again, even if the loader refused the library.
 _REEXEC_VAR = '_GPT_JAX_ALLOCATOR_PID'
 # mimalloc's options for the re-executed process (a value the user already set wins).
-# purge_delay -1: never hand freed memory back to the OS. mimalloc's default (return it after
-# 1 s idle) faults the big step buffers in again on steps longer than that (6/6/384: seconds).
-MIMALLOC_ENV = {'MIMALLOC_PURGE_DELAY': '-1'}
+# arena_max_object_size: mimalloc maps blocks above this size (2 GiB by default) straight from the
+# OS and unmaps them on free, as glibc does. XLA:CPU holds a step's temporaries in one block, which
+# passes 2 GiB on the 6/6/384 step, so without this every such step faults it all in again.
+# (Never returning memory, purge_delay -1, was tried: the heap then grew far past glibc's peak.)
+MIMALLOC_ENV = {'MIMALLOC_ARENA_MAX_OBJECT_SIZE': '256GiB'}
 # An allocator already in the process (inherited LD_PRELOAD, or the user's own): leave it alone.
 _ALLOCATOR_RE = re.compile(r'/lib(mi|tc|je)malloc[^/]*\.so[^/]*$')
 
@@ -92,6 +96,8 @@ def preload() -> None:
     return
   if not sys.argv or not os.path.isfile(sys.argv[0]):
     return  # `python -c` or a script read from stdin: it cannot be started again.
+  if not choice and os.uname().machine not in ('x86_64', 'aarch64'):
+    return  # requirements.txt installs the wheel only where it is built.
   lib = choice if os.path.isabs(choice) else library_path()
   if lib is None:
     _note('mimalloc is not installed (pip install -r requirements.txt)')

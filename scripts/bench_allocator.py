@@ -2,14 +2,15 @@
 
   python scripts/bench_allocator.py                            # baby step, 5 rounds
   python scripts/bench_allocator.py --settings baby,char --rounds 3
-  python scripts/bench_allocator.py --extra tcmalloc-gperf=/path/libtcmalloc.so
+  python scripts/bench_allocator.py --extra tcmalloc-gperf=/path/libtcmalloc.so,TCMALLOC_RELEASE_RATE=0
 
 Every measurement runs in a fresh subprocess with the candidate in LD_PRELOAD; the candidates
 alternate within each round (and the order rotates from round to round), so all of them see the
-same machine at the same moment. Reported per candidate: the median over rounds of ms per step,
-its ratio to glibc, minor page faults and kernel (sys) time per step, peak RSS, and whether its
+same machine at the same moment. Reported per candidate: ms per step (median and range over the
+rounds) and its ratio to glibc, CPU and kernel time, minor page faults, peak RSS, and whether the
 losses are bit-identical to glibc's. tcmalloc and jemalloc are included when the system has them
-(Debian: libtcmalloc-minimal4, libjemalloc2). Prints one table and `BENCH_JSON {...}`.
+(Debian: libtcmalloc-minimal4, libjemalloc2). Prints a table per setting and `BENCH_JSON {...}`;
+`--table FILE` prints the tables of a saved output again.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def candidates(extra: list[str]) -> dict[str, dict[str, str]]:
     if found and name not in out:
       out[name] = {'LD_PRELOAD': found}
   if 'jemalloc' in out:
-    # Keep dirty pages (no decay), as tcmalloc and mimalloc above do; retain is the default.
+    # No decay: keep freed pages instead of returning them to the OS after 10 s (the default).
     out['jemalloc'] = {**out['jemalloc'], 'MALLOC_CONF': 'dirty_decay_ms:-1,muzzy_decay_ms:-1'}
-  for e in extra:
-    name, _, path = e.partition('=')
-    out[name] = {'LD_PRELOAD': path}
+  for e in extra:  # NAME=LIBRARY[,VAR=VALUE...]
+    name, _, spec = e.partition('=')
+    path, *env = spec.split(',')
+    out[name] = {'LD_PRELOAD': path, **dict(v.split('=', 1) for v in env)}
   return out
 
 
@@ -77,13 +79,16 @@ def child(setting: str, steps: int, warmup: int) -> dict:
     state, m = step(state, data)
     losses.append(float(m['loss']))
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  faults = [r0.ru_minflt]
   for _ in range(steps):
     state, m = step(state, data)
     losses.append(float(m['loss']))  # Blocks: each step is timed whole.
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
   dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
   return {'steps': steps, 'ms_per_step': 1e3 * dt / steps, 'minflt_per_step': (r1.ru_minflt - r0.ru_minflt) / steps,
           'sys_ms_per_step': 1e3 * (r1.ru_stime - r0.ru_stime) / steps,
           'user_ms_per_step': 1e3 * (r1.ru_utime - r0.ru_utime) / steps,
+          'minflt_steps': [b - a for a, b in zip(faults, faults[1:])],
           'peak_rss_mb': bench.peak_rss_mb(), 'losses': losses, 'malloc': allocator.loaded_allocator()}
 
 
@@ -116,7 +121,8 @@ def main() -> None:
   p.add_argument('--steps', type=int, default=0, help='Timed steps per run (0: 100 baby, 3 char).')
   p.add_argument('--warmup', type=int, default=0, help='Untimed steps after the first (0: 10 baby, 1 char).')
   p.add_argument('--only', default='', help='Comma-separated candidate names to run (default: all found).')
-  p.add_argument('--extra', action='append', default=[], help='NAME=LIBRARY: one more candidate.')
+  p.add_argument('--extra', action='append', default=[],
+                 help='NAME=LIBRARY[,VAR=VALUE...]: one more candidate (library and its settings).')
   p.add_argument('--table', default='', help='Only print the tables of a saved BENCH_JSON line.')
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args()

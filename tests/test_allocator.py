@@ -23,7 +23,7 @@ from gpt_jax import allocator
 allocator.preload()
 print(json.dumps({'pid': os.getpid(), 'argv': sys.argv[1:], 'stdin': sys.stdin.read(),
                   'malloc': allocator.loaded_allocator(),
-                  'purge_delay': os.environ.get('MIMALLOC_PURGE_DELAY')}))
+                  'mimalloc_env': {k: os.environ.get(k) for k in allocator.MIMALLOC_ENV}}))
 sys.exit(int(os.environ.get('PROBE_EXIT', '0')))
 """
 _OURS = ('LD_PRELOAD', allocator.ENV_VAR, '_GPT_JAX_ALLOCATOR_PID', *allocator.MIMALLOC_ENV)
@@ -56,7 +56,7 @@ def test_script_runs_once_more_with_mimalloc_same_process_args_stdin_status(tmp_
   p, out, err, starts = run_probe(tmp_path, *args, stdin='line 1\nline 2\n',
                                   env=clean_env(PROBE_EXIT='3'), python_flags=['-u'])
   assert out['malloc'] == mimalloc(), err  # In the re-executed script's own /proc/self/maps.
-  assert out['purge_delay'] == allocator.MIMALLOC_ENV['MIMALLOC_PURGE_DELAY']
+  assert out['mimalloc_env'] == allocator.MIMALLOC_ENV
   assert starts == [str(p.pid)] * 2  # Two starts, one process: execve, not a child, and only once.
   assert out['argv'] == args and out['stdin'] == 'line 1\nline 2\n'
   assert p.returncode == 3 and err == ''
