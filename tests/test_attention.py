@@ -63,6 +63,7 @@ def _tokens(shape, seed=2):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, BASE.vocab_size)
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_same_logits(bias, options):
   manual, xla, params = _pair(bias, options)
@@ -74,6 +75,7 @@ def test_same_logits(bias, options):
   assert diff < ATOL
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_same_gradients_wrt_every_parameter(bias, options):
   manual, xla, params = _pair(bias, options)
@@ -92,6 +94,7 @@ def test_same_gradients_wrt_every_parameter(bias, options):
   print(f'bias={bias}: max over tensors of max |dgrad| / max |grad| = {worst:.2e}')
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_same_logits_through_the_kv_cache(bias, options):
   """Prefill a prompt, then decode one token at a time (traced positions, as in generation).

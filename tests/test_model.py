@@ -99,6 +99,7 @@ def test_gpt2_initialisation():
   np.testing.assert_array_equal(np.asarray(p['ln_f']['scale']), 1.0)
 
 
+@pytest.mark.slow
 def test_initial_loss_is_close_to_uniform():
   cfg = ModelConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
   params = _params(cfg)

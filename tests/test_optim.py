@@ -210,6 +210,7 @@ def test_clip_by_global_norm():
   np.testing.assert_array_equal(np.asarray(zero['a']), np.zeros(3))
 
 
+@pytest.mark.slow
 def test_clipping_caps_the_scratch_update_like_optax():
   """Both optimizers clip alike, over steps whose gradient norms swing far above and below the cap.
 

@@ -152,6 +152,7 @@ def test_bpe_model_samples_through_the_checkpoint(bpe_run):
   assert len(texts) == 2 and all(t.startswith('ROMEO:') and len(t) > 12 for t in texts)
 
 
+@pytest.mark.slow
 def test_evaluate_script(bpe_run, tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   out = tmp_path / 'e.json'

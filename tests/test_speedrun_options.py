@@ -121,6 +121,7 @@ def test_options_off_is_the_default_parameter_tree():
   assert {k: v.shape for k, v in _flat(p).items()} == want
 
 
+@pytest.mark.slow
 def test_old_checkpoint_without_the_new_fields_loads_as_gpt2(tmp_path):
   """A checkpoint whose saved model config predates the options loads, as the model it was."""
   cfg = _cfg()
@@ -286,6 +287,7 @@ def test_relu2_is_relu_squared_in_the_mlp():
   assert not np.allclose(gelu, y, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_zero_init_proj_makes_every_block_the_identity_at_init():
   """Logits at init equal those of a model with no blocks: ln_f(wte[x] + wpe) @ wte^T."""
   cfg = _cfg(zero_init_proj=True, bias=True)
@@ -382,6 +384,7 @@ def test_muon_labels_exactly_the_four_block_matrices():
   assert labels['wte'] == labels['wpe'] == 'adamw'  # 2-D, but tables, not linear maps.
 
 
+@pytest.mark.slow
 def test_muon_steps_match_the_reference_and_adamw_elsewhere():
   """Two updates from real gradients (the second clipped): the block matrices get the reference
   Muon update (Nesterov momentum, Newton-Schulz, width scale, learning rate), every other leaf
@@ -435,6 +438,7 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
     np.testing.assert_allclose(new[k], p * factor, rtol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_muon_state_round_trips_through_orbax(tmp_path):
   model_cfg = MUON_CFG
   t = _muon_train_cfg()

@@ -352,6 +352,7 @@ def test_bad_shards_dir_is_a_user_error(corpus, tmp_path):
     run()
 
 
+@pytest.mark.slow
 def test_prepare_data_script_writes_shards_and_train_reports_errors(corpus, tmp_path):
   out = tmp_path / 'script_shards'
   run = lambda script, *a: subprocess.run(

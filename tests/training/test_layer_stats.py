@@ -149,6 +149,7 @@ def test_sow_is_a_no_op_unless_intermediates_are_mutable():
                              logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_only_an_explicit_request_picks_the_kernel_that_records_probabilities():
   """Instrumentation never steers the forward pass: making 'intermediates' mutable leaves a long
   sequence on the block-skipping kernel (nothing recorded); `record_probs=True` is the one switch."""
