@@ -50,7 +50,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       bpe_vocab_size=0,        # tokenizer='bpe': vocabulary size to train (e.g. 1024).
       val_fraction=0.1,
       shards_dir='',           # '' = the in-memory splits above; else train from token shards here
-                               # (train/ + val/, prepared from text_path if absent; gpt_jax/shards.py).
+                               # (train/ + val/, prepared from text_path if absent; gpt_jax/data/shards.py).
       shard_tokens=1 << 24,    # shards_dir: tokens per shard file when preparing (16M = 32 MB).
   ))
 
@@ -78,12 +78,12 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       tensorboard=False,       # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(  # Device mesh (gpt_jax/sharding.py); -1 = all the rest.
+  c.mesh = ml_collections.ConfigDict(dict(  # Device mesh (gpt_jax/parallel/mesh.py); -1 = all the rest.
       data=-1,                 # Data-parallel axis: the batch is split over it, parameters replicated.
       fsdp=1,                  # FSDP axis: the batch *and* parameters/optimizer state split over it.
   ))
 
-  c.distributed = ml_collections.ConfigDict(dict(  # Multi-process runs (gpt_jax/distributed.py).
+  c.distributed = ml_collections.ConfigDict(dict(  # Multi-process runs (gpt_jax/parallel/distributed.py).
       coordinator_address='',  # HOST:PORT of process 0; '' = JAX_COORDINATOR_ADDRESS or auto-detect.
       num_processes=0,         # 0 = JAX_NUM_PROCESSES, a launcher's (Slurm, MPI, TPU), or 1 process.
       process_id=-1,           # -1 = JAX_PROCESS_ID or the launcher's.

@@ -10,7 +10,7 @@ Each checkpoint step directory holds four items, written by one `CheckpointManag
 Retention: the newest `keep_last` checkpoints plus the one with the lowest val loss.
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete, so an
 interrupted or failed save (a full disk) is never listed as a step, and old steps are removed only after
-the new one is complete. The writer (training, which holds the run lock of gpt_jax/runlock.py) removes
+the new one is complete. The writer (training, which holds the run lock of gpt_jax/training/runlock.py) removes
 such leftovers when it opens the directory. A failed save stops the run with `CheckpointWriteError`.
 
 A damaged checkpoint (a truncated array file, garbled JSON) raises `DamagedCheckpoint` naming the step;

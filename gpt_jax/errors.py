@@ -3,7 +3,7 @@
 Library code raises `UserError` with a message that says what went wrong *and what to do*; the thin
 entry points in `scripts/` catch it and print just that message (no traceback) before exiting with
 status 1. Programming errors stay ordinary exceptions, so genuine bugs still show their traceback.
-`Stopped` (a run stopped on SIGTERM/SIGINT after saving a checkpoint, gpt_jax/preemption.py) prints
+`Stopped` (a run stopped on SIGTERM/SIGINT after saving a checkpoint, gpt_jax/training/preemption.py) prints
 its one line and exits with its own status, 75.
 """
 

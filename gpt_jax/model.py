@@ -273,7 +273,7 @@ class CausalSelfAttention(nn.Module):
       q, k = RMSNorm(name='q_norm')(q), RMSNorm(name='k_norm')(k)
     if cfg.position == 'rotary':
       # Absolute positions pos .. pos + T - 1; the cache stores keys already rotated. Re-encoding a
-      # window from position 0 (gpt_jax/sample.py) changes no score, as only differences count.
+      # window from position 0 (gpt_jax/sampling.py) changes no score, as only differences count.
       positions = pos + jnp.arange(T)
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
 

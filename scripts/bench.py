@@ -8,7 +8,7 @@ Train: the project's jitted train_step (on-device batch, AdamW, clipping) on the
 CPU config) and 'char' (shakespeare_char) settings: ms/step, tokens/s, model TFLOP/s, MFU against a
 measured float32 matmul, XLA compile time, first step, peak RSS. Generation: the jitted KV-cache loop,
 500 new tokens at batch 1, 8, 64 with the 'char' model. --vs_torch runs the project's PyTorch
-reference (gpt_jax/torch_ref.py: nanoGPT-style eager model, AdamW, no-cache generate) in this same
+reference (gpt_jax/lab/torch_ref.py: nanoGPT-style eager model, AdamW, no-cache generate) in this same
 process, so each ratio compares two runs on the same machine under the same load.
 Prints one table and a final line `BENCH_JSON {...}` with every figure.
 """

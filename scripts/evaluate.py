@@ -1,6 +1,6 @@
 r"""Scores a checkpoint on the whole validation split: loss per token, perplexity and bits per character.
 
-Bits per character compare models with different tokenizers; see gpt_jax/evaluate.py.
+Bits per character compare models with different tokenizers; see gpt_jax/scoring.py.
 
   python scripts/evaluate.py --ckpt_dir out/shakespeare_char_cpu
   python scripts/evaluate.py --ckpt_dir out/shakespeare_gpt2_cpu --data_dir data/shakespeare_gpt2 \

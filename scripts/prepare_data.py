@@ -3,7 +3,7 @@ r"""Tokenizes the training text into train.bin / val.bin / tokenizer.json / meta
 scripts/train.py runs the same step when the prepared files are missing or stale, so this is only
 needed to prepare ahead of time or to inspect the result. The config's `data` section says what to
 prepare: the text (`text_path`: a file, or a folder whose *.txt files are joined in sorted order) and
-the tokenizer (`tokenizer`: 'char', 'gpt2' or 'bpe'); see gpt_jax/data.py.
+the tokenizer (`tokenizer`: 'char', 'gpt2' or 'bpe'); see gpt_jax/data/text.py.
 
   python scripts/prepare_data.py --config configs/shakespeare.py
   python scripts/prepare_data.py --config configs/shakespeare.py --config.data.text_path=input.txt
@@ -13,7 +13,7 @@ the tokenizer (`tokenizer`: 'char', 'gpt2' or 'bpe'); see gpt_jax/data.py.
 
 With `data.shards_dir` set, the text (any size) becomes token shards instead: numbered uint16 files
 plus index.json (tokenizer, shard sizes, SHA-256) in shards_dir/train and shards_dir/val, written
-with flat memory (gpt_jax/shards.py); scripts/train.py with the same setting trains from them.
+with flat memory (gpt_jax/data/shards.py); scripts/train.py with the same setting trains from them.
 
   python scripts/prepare_data.py --config.data.text_path=my_corpus/ \
       --config.data.shards_dir=data/my_corpus_shards

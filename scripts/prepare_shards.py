@@ -1,6 +1,6 @@
 """Tokenizes a text file or a folder of *.txt files (any size) into uint16 token shards + index.json.
 
-Streams: memory stays flat however big the corpus (see gpt_jax/shards.py).
+Streams: memory stays flat however big the corpus (see gpt_jax/data/shards.py).
 
   python scripts/prepare_shards.py --source corpus/ --out_dir data/corpus_shards
   python scripts/prepare_shards.py --source corpus/ --out_dir data/corpus_bpe \

@@ -1,4 +1,4 @@
-"""Trains a GPT. Intentionally kept short: everything lives in gpt_jax/train.py.
+"""Trains a GPT. Intentionally kept short: everything lives in gpt_jax/training/loop.py.
 
   python scripts/train.py --config configs/shakespeare.py:cpu
   python scripts/train.py --config configs/shakespeare.py --config.train.max_steps=200

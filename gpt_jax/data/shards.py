@@ -1,10 +1,10 @@
 """Sharded token datasets: a corpus of any size as numbered uint16 files, streamed in and out.
 
 For corpora too big to tokenize in memory or to replicate on every device (TinyShakespeare is
-neither; see gpt_jax/data.py for the in-memory path).
+neither; see gpt_jax/data/text.py for the in-memory path).
 
 Writing (`write_shards`, scripts/prepare_shards.py). A text file or a folder of `*.txt` files
-(the same files, order and separator as gpt_jax/data.py) is read in chunks of `chunk_chars`
+(the same files, order and separator as gpt_jax/data/text.py) is read in chunks of `chunk_chars`
 characters, encoded, and appended to `shard_000000.bin`, `shard_000001.bin`, ... of `shard_tokens`
 tokens each (the last one shorter): raw uint16 ids, memmap-able. Memory stays flat whatever the
 corpus size: one chunk of text and one shard buffer. The char tokenizer is built by a first
@@ -15,11 +15,11 @@ half-written dataset that looks complete), holds the tokenizer, every shard's to
 SHA-256, and the source's SHA-256.
 
 Training (`write_splits`, `prepare`, `load`; scripts/prepare_data.py with data.shards_dir). The
-text is split as in gpt_jax/data.py (the first 1 - val_fraction of its characters train, the rest
+text is split as in gpt_jax/data/text.py (the first 1 - val_fraction of its characters train, the rest
 val) into two such shard sets, `shards_dir/train` and `shards_dir/val`; val/index.json is written
 last, so both indexes present means a complete dataset. Training draws step k's batch from the train
 set with (train.seed, k) and evaluation batch i from either set with a fixed eval seed, so every
-eval sees the same batches (gpt_jax/train.py).
+eval sees the same batches (gpt_jax/training/loop.py).
 
 Reading (`ShardedTokens`). Shards are checked (size, and SHA-256 unless verify=False) and opened as
 read-only memmaps. The global batch of step k is `batch_size` windows of block_size + 1 tokens
@@ -384,7 +384,7 @@ def write_splits(source: str, out_dir: str, tokenizer: Any = 'char', val_fractio
                  ) -> dict[str, dict[str, Any]]:
   """Tokenizes `source` into two shard sets, `out_dir/train` and `out_dir/val`; returns their indexes.
 
-  The split is gpt_jax/data.py's: the first 1 - val_fraction of the characters of the (joined) text
+  The split is gpt_jax/data/text.py's: the first 1 - val_fraction of the characters of the (joined) text
   are train, the rest val, each encoded separately; with the char tokenizer the train shards hold
   exactly data.py's train.bin. One pass counts the characters (and collects them for 'char'), a
   second one streams the text into the train writer up to the split point, then into the val writer.
@@ -409,7 +409,7 @@ def write_splits(source: str, out_dir: str, tokenizer: Any = 'char', val_fractio
   tokenizer = _checked_tokenizer(tokenizer, chars)
   if settings is None:
     settings = {'tokenizer': tokenizer.to_dict()['type'], 'val_fraction': float(val_fraction)}
-  n_train = int(n_chars * (1.0 - val_fraction))  # Character split, as gpt_jax/data.py.
+  n_train = int(n_chars * (1.0 - val_fraction))  # Character split, as gpt_jax/data/text.py.
   source_sha = text_lib.source_sha256(files)
   train_pieces, val_pieces = _split_stream(stream_text(files, chunk_chars), n_train)
   indexes = {}
@@ -479,7 +479,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
   """Makes sure `data.shards_dir` holds the train/val shards of the configured text; their indexes.
 
   An absent or empty folder is prepared from the source (data.text_path, or the cached/downloaded
-  default text, as gpt_jax/data.py). A complete dataset is used as it is, without reading the
+  default text, as gpt_jax/data/text.py). A complete dataset is used as it is, without reading the
   source again (re-hashing a large corpus at every start would cost as much as a pass over it);
   one prepared with other data settings, an incomplete one, or a folder holding anything else is a
   UserError naming the command that re-prepares it (`force` re-prepares unconditionally).

@@ -1,7 +1,7 @@
 """Measurements behind scripts/bench.py: train-step speed, compile time, generation speed, memory.
 
 Every figure is measured in the calling process, side by side with its PyTorch counterpart when
-asked (gpt_jax/torch_ref.py, nanoGPT-style eager PyTorch), so ratios compare runs on the same
+asked (gpt_jax/lab/torch_ref.py, nanoGPT-style eager PyTorch), so ratios compare runs on the same
 machine under the same load. Nothing here is used by training itself.
 
 Two model/batch settings are named after the issue that set the targets:
@@ -127,7 +127,7 @@ def jax_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size
 
 def torch_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int,
                 repeats: int = 2) -> dict:
-  """nanoGPT-style eager PyTorch step (gpt_jax/torch_ref.py): random batch, forward, backward,
+  """nanoGPT-style eager PyTorch step (gpt_jax/lab/torch_ref.py): random batch, forward, backward,
   clip_grad_norm_, AdamW, zero_grad, all in float32 on the same CPU threads."""
   from gpt_jax.lab import torch_ref
   torch = torch_ref.require_torch()
@@ -160,7 +160,7 @@ def torch_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_si
 # --- generation -------------------------------------------------------------------------------------
 
 def jax_generate(cfg: ModelConfig, batch_size: int, new_tokens: int, repeats: int = 2) -> dict:
-  """The jitted KV-cache sampling loop (gpt_jax/sample.py, default window shift), from one token."""
+  """The jitted KV-cache sampling loop (gpt_jax/sampling.py, default window shift), from one token."""
   params = init_params(cfg, jax.random.PRNGKey(0))
   prompt = jnp.zeros((batch_size, 1), jnp.int32)
   key = jax.random.PRNGKey(1)

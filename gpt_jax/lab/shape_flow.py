@@ -3,7 +3,7 @@
 The shapes are recorded, not derived: the model is traced abstractly (`jax.eval_shape`, nothing is
 computed) with a Flax method interceptor that notes each module call's arguments and results. The
 parameter counts come from the actual parameter tree. The FLOPs follow the estimate that
-`gpt_jax.train.flops_per_token` uses (PaLM appendix B, nanoGPT's `estimate_mfu`), split per module so
+`gpt_jax.config.flops_per_token` uses (PaLM appendix B, nanoGPT's `estimate_mfu`), split per module so
 that the column adds up to it exactly:
 
   * every parameter that takes part in a matmul costs 2 FLOPs per token forward and 4 backward (one
@@ -166,7 +166,7 @@ def format_table(rows: list[Row], cfg: ModelConfig) -> str:
   ref_p, ref_f = num_params(cfg), flops_per_token(cfg)
   ok = 'matches' if (n_params, n_flops) == (ref_p, ref_f) else 'DOES NOT MATCH'
   lines += ['', f'[..] = subtotal of the rows below. Model counts: num_params = {ref_p:,}, '
-            f'train.flops_per_token = {ref_f:,.0f} ({ok}).',
+            f'config.flops_per_token = {ref_f:,.0f} ({ok}).',
             'FLOPs: 6 per parameter per token (2 forward, 4 backward) plus 12*T*C per layer for '
             'attention; the lookups (wte, wpe) are free and the LM head reuses wte.']
   return '\n'.join(lines)

@@ -1,6 +1,6 @@
 """A PyTorch reference for the JAX model: the same GPT-2, nanoGPT-style, with exact weight transfer.
 
-Everything here mirrors a JAX counterpart so the two can be run side by side (see gpt_jax/dynamics.py):
+Everything here mirrors a JAX counterpart so the two can be run side by side (see gpt_jax/lab/torch_compare.py):
 
   * `build_model(cfg)`: GPT-2 as eager `nn.Module`s written the way nanoGPT writes them
     (`F.scaled_dot_product_attention(..., is_causal=True)`, LayerNorm with optional bias and eps 1e-5,

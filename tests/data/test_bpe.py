@@ -1,4 +1,4 @@
-"""Tests for the hand-written byte-level BPE (gpt_jax/bpe.py).
+"""Tests for the hand-written byte-level BPE (gpt_jax/data/bpe.py).
 
 The GPT-2 files and TinyShakespeare are the copies shipped in gpt_jax/data/assets, so nothing here skips.
 """
