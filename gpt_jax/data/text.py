@@ -402,7 +402,6 @@ class Dataset:
 
   def __init__(self, data_dir: str):
     self.data_dir = data_dir
-    self.directory = data_dir  # Where it lives, under the name data/shards.ShardedSplits uses too.
     meta, why = check_prepared(data_dir)
     if meta is None:
       raise UserError(f'no usable prepared data in {data_dir} ({why}); run scripts/prepare_data.py')
@@ -411,6 +410,11 @@ class Dataset:
     dtype = np.dtype(meta.get('dtype', 'uint16'))
     self.train = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=dtype, mode='r')
     self.val = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=dtype, mode='r')
+
+  @property
+  def directory(self) -> str:
+    """Where it lives, under the name data/shards.ShardedSplits uses too."""
+    return self.data_dir
 
 
 def load(data_cfg: ml_collections.ConfigDict, verbose: bool = True) -> Dataset:
