@@ -76,6 +76,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       peak_flops=0.0,          # For the MFU estimate; 0 = look up the device or measure a matmul.
       layer_stats_interval=0,  # Every N steps log per-layer statistics (0 = off); see scripts/plot.py.
       tensorboard=False,       # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
+      target_val_loss=0.0,     # > 0: report when an eval's val loss first reaches it (time to target).
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(  # Device mesh (gpt_jax/parallel/mesh.py); -1 = all the rest.

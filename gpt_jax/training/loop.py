@@ -265,6 +265,12 @@ def _run(config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopR
           say('  sample: ' + rec['sample'].replace('\n', '\n          ')[:1000])
         log.write(rec)
         improved, best_val, evaluated = rec['val_loss'] < best_val, min(best_val, rec['val_loss']), rec['val_loss']
+        if 0 < rec['val_loss'] <= t.target_val_loss and 'target_reached' not in summary:
+          summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
+          log.write({'event': 'target_reached', 'step': step, 'time': rec['time'],
+                     'target_val_loss': t.target_val_loss})
+          say(f'  reached the target val loss {t.target_val_loss} at step {step}, '
+              f'{rec["time"] / 60:.1f} min after the start')
         if step > start_step and (improved or config.checkpoint.save == 'always'):
           save(step, rec['val_loss'])
           say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
@@ -331,6 +337,11 @@ def _run(config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopR
                  out_dir=out_dir)
   s.say(f'done: step {step}, best val loss {best_val:.4f}, {summary["wall_seconds"]:.1f}s; '
         f'checkpoints in {ckpt.directory}')
+  if t.target_val_loss > 0:
+    hit = summary.get('target_reached')
+    s.say(f'time to target (val loss <= {t.target_val_loss}, as estimated at the evals): ' + (
+        f'{hit["time"] / 60:.1f} min, step {hit["step"]}' if hit else 'not reached') +
+        '; scripts/evaluate.py gives the full-pass figure of the best checkpoint')
   return summary
 
 
@@ -352,6 +363,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                'grad_accum_steps'):
     if int(t[name]) < 1:
       problems.append(f'train.{name} must be >= 1 (got {t[name]})')
+  if t.target_val_loss < 0:
+    problems.append(f'train.target_val_loss must be >= 0, 0 = none (got {t.target_val_loss})')
   if t.learning_rate <= 0:
     problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
   if t.optimizer not in optim.OPTIMIZERS:

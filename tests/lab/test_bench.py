@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from gpt_jax.lab import bench
@@ -54,5 +55,11 @@ def test_weight_bytes_counts_every_parameter():
 def test_peak_rss_is_read_and_reset():
   before = bench.peak_rss_mb()
   assert before > 10  # A Python process with JAX loaded.
+  block = np.ones(256 << 20, dtype=np.uint8)  # 256 MB, touched: the peak must rise by about that.
+  with_block = bench.peak_rss_mb()
+  assert with_block >= before + 200
+  del block
   if bench.reset_peak_rss():
-    assert bench.peak_rss_mb() <= before
+    # Other threads may allocate a little meanwhile, so the test compares against the block's size,
+    # not the exact figure from before.
+    assert bench.peak_rss_mb() < with_block - 200

@@ -103,6 +103,7 @@ def test_lr_reported_follows_schedule():
 def test_full_run_learns_logs_and_checkpoints(tiny_config):
   tiny_config.train.max_steps = 60
   tiny_config.train.eval_interval = 30
+  tiny_config.train.target_val_loss = target = 3.3  # Below the ~ln(vocab) start, reached by step 60.
   summary = loop_lib.train_and_evaluate(tiny_config)
   recs = _read_metrics(tiny_config.out_dir)
   evals = [r for r in recs if 'val_loss' in r]
@@ -110,12 +111,19 @@ def test_full_run_learns_logs_and_checkpoints(tiny_config):
   assert evals[0]['val_loss'] > evals[-1]['val_loss'] + 0.5  # It learns.
   assert abs(evals[0]['val_loss'] - math.log(summary_vocab(tiny_config))) < 0.3  # Starts ~uniform.
   for r in recs:
-    assert {'step', 'train_loss', 'lr'} <= set(r)
+    assert {'step', 'train_loss', 'lr'} <= set(r) or r.get('event') == 'target_reached'
   assert all(isinstance(r['sample'], str) and r['sample'] for r in evals)
   steps_logged = [r for r in recs if 'ms_per_step' in r]
   assert steps_logged and all(r['tokens_per_s'] > 0 and r['mfu'] > 0 for r in steps_logged)
   assert summary['final_step'] == 60
   assert summary['best_val_loss'] == min(r['val_loss'] for r in evals)
+  # Time to target: the first eval at or below it, logged once as an event.
+  first = next(r for r in evals if r['val_loss'] <= target)
+  assert first['step'] > 0
+  assert summary['target_reached'] == {'step': first['step'], 'time': first['time'],
+                                       'val_loss': first['val_loss']}
+  events = [r for r in recs if r.get('event') == 'target_reached']
+  assert len(events) == 1 and events[0]['step'] == first['step']
   # Checkpoints ('best' mode): one at every eval after step 0 that improved the val loss, each
   # holding that step's state and metadata; the best one is the lowest.
   improved = [r['step'] for i, r in enumerate(evals)
