@@ -22,18 +22,20 @@ SKIPPING = textwrap.dedent('''
 ''')
 
 
-def _run(pytester, monkeypatch, body):
+def _run(pytester, monkeypatch, body, *args):
   """A separate pytest process (the policy's record of skips is per process)."""
   monkeypatch.setenv('PYTHONPATH', str(TESTS))
   pytester.makeconftest('from skip_policy import pytest_runtest_logreport, pytest_sessionfinish\n')
   pytester.makeini('[pytest]\nmarkers =\n  gpu: needs a GPU\n')
   pytester.makepyfile(body)
-  return pytester.runpytest_subprocess('-q', '-p', 'no:cacheprovider')
+  return pytester.runpytest_subprocess('-q', '-p', 'no:cacheprovider', *args)
 
 
 @pytest.mark.slow
-def test_a_quiet_skip_fails_the_session(pytester, monkeypatch):
-  result = _run(pytester, monkeypatch, SKIPPING)
+@pytest.mark.parametrize('workers', [(), ('-n', '2')], ids=['serial', 'xdist'])
+def test_a_quiet_skip_fails_the_session(pytester, monkeypatch, workers):
+  # CI runs the suite on pytest-xdist workers, whose skips reach the controlling process as reports.
+  result = _run(pytester, monkeypatch, SKIPPING, *workers)
   assert result.ret == 1
   result.stdout.fnmatch_lines(['*1 test(s) skipped; only @pytest.mark.gpu tests may skip*',
                                '*test_needs_a_missing_module*no_such_module_anywhere*'])
