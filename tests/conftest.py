@@ -1,13 +1,31 @@
 """Shared fixtures: the data shipped in gpt_jax/data/assets, small synthetic text, tiny configs."""
 
+import atexit
+import os
 import pathlib
 import random
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# Many tests compile the same tiny train and eval steps, in this process, in the xdist workers and in
+# the scripts they run as subprocesses. JAX's persistent compilation cache lets all but the first reuse
+# the executable (it halves tests/training/test_training.py). The cache is a fresh directory made by
+# the first pytest process, inherited by the workers and subprocesses, and removed at its exit: every
+# run starts cold and nothing leaks into the user's own cache. A size limit turns on the cache's file
+# lock, which makes concurrent writers and readers (workers, multi-process tests) safe.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix='gpt_jax_tests_jax_cache_')
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir,
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 from configs import shakespeare  # noqa: E402
 from gpt_jax.data import text as text_lib  # noqa: E402
