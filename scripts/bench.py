@@ -3,6 +3,7 @@
   python scripts/bench.py --vs_torch                 # everything the performance section reports
   python scripts/bench.py --settings baby --steps 50 --no_generate
   python scripts/bench.py --settings char --dtype bfloat16 --no_generate
+  python scripts/bench.py --config configs/shakespeare.py:speedrun --set train.optimizer=optax --no_generate
 
 Train: the project's jitted train_step (on-device batch, AdamW, clipping) on the 'baby' (nanoGPT's
 CPU config) and 'char' (shakespeare_char) settings: ms/step, tokens/s, model TFLOP/s, MFU against a
@@ -31,6 +32,11 @@ def main() -> None:
   p.add_argument('--settings', default='baby,char', help='Comma-separated: baby, char (tiny: tests).')
   p.add_argument('--steps', type=int, default=0, help='Timed steps per round (0: 40 baby, 2 char).')
   p.add_argument('--dtype', default='float32', help="Compute dtype of the JAX model ('bfloat16').")
+  p.add_argument('--config', default='',
+                 help='Instead of --settings: time the train step of a run config, PATH[:PRESET] '
+                      '(its model, batch size and optimizer; the vocabulary is TinyShakespeare\'s).')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='With --config: override a config value, e.g. model.position=rotary (repeatable).')
   p.add_argument('--vs_torch', action='store_true', help='Also time the PyTorch reference.')
   p.add_argument('--no_generate', action='store_true', help='Skip the generation benchmark.')
   p.add_argument('--gen_setting', default='char', help='Model used for generation.')
@@ -42,6 +48,7 @@ def main() -> None:
   from gpt_jax.lab import bench
   from gpt_jax.cli import run_main
   from gpt_jax.config import load_config_file
+  from gpt_jax.errors import UserError
   # nanoGPT's shakespeare_char optimizer settings (the speed does not depend on them).
   train_cfg = load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                             'shakespeare.py')).train
@@ -51,13 +58,24 @@ def main() -> None:
               'train': {}, 'generate': {}}
     peak = result['matmul_peak_tflops']
     rows = []
-    for name in filter(None, args.settings.split(',')):
-      cfg, batch = bench.setting(name, args.dtype)
-      steps = args.steps or (2 if cfg.block_size >= 256 else 40)
-      r = {'jax': bench.jax_train(cfg, train_cfg, batch, steps)}
+    if args.config:  # One run config: its model, batch and optimizer.
+      path, _, preset = args.config.partition(':')
+      name, (cfg, batch, tcfg) = args.config, bench.from_run_config(load_config_file(path, preset),
+                                                                   args.set)
+      todo = [(name, cfg, batch, tcfg)]
+      if args.vs_torch and (cfg.non_gpt2_options() or tcfg.optimizer == 'muon'):
+        raise UserError('--vs_torch: the PyTorch reference is GPT-2 with AdamW; this config uses '
+                        + ', '.join(cfg.non_gpt2_options() + ['Muon'] * (tcfg.optimizer == 'muon'))
+                        + '. Time it without --vs_torch.')
+    else:
+      todo = [(name, *bench.setting(name, args.dtype), train_cfg)
+              for name in filter(None, args.settings.split(','))]
+    for name, cfg, batch, tcfg in todo:
+      steps = args.steps or (2 if cfg.block_size * batch >= 8192 else 40)
+      r = {'jax': bench.jax_train(cfg, tcfg, batch, steps)}
       r['jax']['mfu'] = r['jax']['model_tflops'] / peak
       if args.vs_torch:
-        r['torch'] = bench.torch_train(cfg, train_cfg, batch, steps)
+        r['torch'] = bench.torch_train(cfg, tcfg, batch, steps)
         r['speedup'] = r['torch']['ms_per_step'] / r['jax']['ms_per_step']
       result['train'][name] = r
       j = r['jax']
