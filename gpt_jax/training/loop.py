@@ -265,7 +265,8 @@ def _run(config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopR
           say('  sample: ' + rec['sample'].replace('\n', '\n          ')[:1000])
         log.write(rec)
         improved, best_val, evaluated = rec['val_loss'] < best_val, min(best_val, rec['val_loss']), rec['val_loss']
-        if 0 < rec['val_loss'] <= t.target_val_loss and 'target_reached' not in summary:
+        reached = t.target_val_loss > 0 and rec['val_loss'] <= t.target_val_loss
+        if reached and 'target_reached' not in summary:
           summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
           log.write({'event': 'target_reached', 'step': step, 'time': rec['time'],
                      'target_val_loss': t.target_val_loss})
