@@ -11,7 +11,6 @@ Two model/batch settings are named after the issue that set the targets:
 
 from __future__ import annotations
 
-import ast
 import functools
 import math
 import os
@@ -30,7 +29,6 @@ from gpt_jax import config as config_lib
 from gpt_jax.training import metrics as metrics_lib
 from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig, num_params
-from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, init_params
 
 SETTINGS = {
@@ -47,36 +45,6 @@ def setting(name: str, dtype: str = 'float32') -> tuple[ModelConfig, int]:
     raise ValueError(f'unknown setting {name!r}; known: {", ".join(SETTINGS)}')
   model, batch = SETTINGS[name]
   return ModelConfig(vocab_size=VOCAB, dtype=dtype, **model), batch
-
-
-def from_run_config(config: ml_collections.ConfigDict, overrides: list[str] = ()
-                    ) -> tuple[ModelConfig, int, ml_collections.ConfigDict]:
-  """(model config, batch size, train section) of a run config after `KEY=VALUE` overrides.
-
-  Values are parsed as Python literals where they can be (`model.qk_norm=True`, `train.batch_size=8`),
-  else kept as strings (`model.position=rotary`).
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  for item in overrides:
-    key, sep, raw = item.partition('=')
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node.get(name)
-      if not isinstance(node, ml_collections.ConfigDict):
-        break
-    if not sep or not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise UserError(f'--set {item!r}: expected KEY=VALUE with a key of the config, e.g. '
-                      'model.position=rotary')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    try:
-      node[leaf] = value
-    except TypeError as e:  # ConfigDict keeps each field's type.
-      raise UserError(f'--set {item!r}: {e}') from None
-  return (config_lib.model_config_from(config, VOCAB), int(config.train.batch_size), config.train)
 
 
 # --- memory -----------------------------------------------------------------------------------------
