@@ -34,6 +34,7 @@ class Run:
   train: dict[int, dict]
   evals: dict[int, dict]
   layer_stats: dict[int, dict]
+  target_val_loss: float = 0.0  # The run config's train.target_val_loss (0 = none).
 
   def series(self, table: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `key` in train/evals/layer_stats, sorted by step, missing values skipped."""
@@ -75,6 +76,13 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
   for s, rec in run.layer_stats.items():  # Also train records (loss, lr, grad_norm): denser curves.
     run.train.setdefault(s, rec)
   run.train = dict(sorted(run.train.items()))
+  config_path = os.path.join(os.path.dirname(path), 'config.json')
+  if os.path.exists(config_path):  # Written by the training loop beside metrics.jsonl.
+    try:
+      with open(config_path, encoding='utf-8') as f:
+        run.target_val_loss = float(json.load(f).get('train', {}).get('target_val_loss', 0.0) or 0.0)
+    except (OSError, ValueError, AttributeError):
+      pass  # The target line is an extra; a missing or unreadable config only drops it.
   return run
 
 
@@ -127,6 +135,8 @@ def plot_loss(ax: Any, runs: Sequence[Run], x: str = 'step') -> None:
       label = f'{run.name} {"train" if key == "train_loss" else "val"}'
       ax.plot(xs, ys, style, color=color, label=label, lw=1 if key == 'train_loss' else 1.8,
               ms=4, alpha=0.6 if key == 'train_loss' else 1.0)
+  for target in sorted({r.target_val_loss for r in runs if r.target_val_loss > 0}):
+    ax.axhline(target, ls='--', lw=1, color='gray', label=f'target val {target:g}')
   ax.set_xlabel('step' if x == 'step' else 'wall-clock minutes')
   ax.set_ylabel('loss (nats/token)')
   ax.set_title('loss vs ' + ('step' if x == 'step' else 'time'))

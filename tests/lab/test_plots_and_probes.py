@@ -126,6 +126,23 @@ def test_read_run_resolves_resumes(tmp_path):
   assert list(r.series('train', 'lr')[1]) == [1e-3, 9e-4]
 
 
+def test_loss_panels_draw_the_runs_target(tmp_path):
+  """A run whose config sets train.target_val_loss gets a dashed line at it; one without gets none."""
+  import matplotlib.pyplot as plt
+  records = [{'step': 0, 'train_loss': 4.0, 'val_loss': 4.1, 'time': 1.0},
+             {'step': 10, 'train_loss': 1.5, 'val_loss': 1.45, 'time': 60.0}]
+  _write_jsonl(tmp_path / 'a' / 'metrics.jsonl', records)
+  (tmp_path / 'a' / 'config.json').write_text(json.dumps({'train': {'target_val_loss': 1.47}}))
+  _write_jsonl(tmp_path / 'b' / 'metrics.jsonl', records)  # No config.json: no target.
+  a, b = plots.read_run(str(tmp_path / 'a')), plots.read_run(str(tmp_path / 'b'))
+  assert (a.target_val_loss, b.target_val_loss) == (1.47, 0.0)
+  for runs, want in (([a, b], ['target val 1.47']), ([b], [])):
+    fig, ax = plt.subplots()
+    plots.plot_loss(ax, runs, 'time')
+    assert [l.get_label() for l in ax.get_lines() if l.get_linestyle() == '--'] == want
+    plt.close(fig)
+
+
 def test_plot_script_overlays_runs(tiny_run, tmp_path):
   other = tmp_path / 'other'  # A second, resumed run without layer_stats records.
   _write_jsonl(other / 'metrics.jsonl', [
