@@ -6,8 +6,9 @@ The pieces, in the order a run uses them:
   restore_or_init   the newest checkpoint of a resumed run (its shardings, any mesh), else a fresh
                     state born sharded, optionally with GPT-2 weights (`init_from`).
   Evaluator         train/val loss on fixed batches, plus a short sample, at every eval.
-  train_and_evaluate  the loop itself, holding the run directory's lock; SIGTERM/SIGINT stop it after
-                    the step in flight with a checkpoint of that step (gpt_jax/training/preemption.py).
+  Trainer           the loop itself: steps, evals that may save a checkpoint, logs, the stop request.
+  train_and_evaluate  runs a Trainer while holding the run directory's lock; SIGTERM/SIGINT stop it
+                    after the step in flight with a checkpoint of that step (gpt_jax/training/preemption.py).
 """
 
 from __future__ import annotations
@@ -198,152 +199,192 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   distributed.initialize(config.distributed)  # Multi-process runs: before any JAX call.
   with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
-    return _run(config, out_dir, stop, t_start)
+    return Trainer(config, out_dir, stop, t_start).run()
 
 
-def _run(config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopRequest,
-         t_start: float) -> dict:
-  t, main = config.train, distributed.is_main()
-  s = setup(config)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), config.checkpoint,
-                                    set_aside_damaged=t.resume and t.resume_from_last_good)
-  state, best_val = restore_or_init(config, s, ckpt)
-  # Shardings of this state's own static fields (optimizer and apply_fn objects), which jit's
-  # in/out_shardings must match exactly.
-  state_sh, rep = mesh_lib.state_shardings(state, s.mesh), mesh_lib.replicated(s.mesh)
-  evaluator = Evaluator(config, s, state_sh.params)
-  schedule = optim.lr_schedule(t)
-  step_jit = dict(in_shardings=(state_sh, s.source.input_shardings(s.mesh)),
-                  out_shardings=(state_sh, rep), donate_argnums=0)
-  step_fn = functools.partial(train_step, model=GPT(s.model_cfg), draw=s.source.draw,
-                              batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps,
-                              schedule=schedule, mesh=s.mesh)
-  plain_step = jax.jit(step_fn, **step_jit)
-  stats_every = t.layer_stats_interval  # > 0: every N steps the variant with per-layer statistics,
-  if stats_every > 0:  # compiled up front so that no step timing includes its compilation.
-    stats_step = jax.jit(functools.partial(step_fn, layer_stats=True), **step_jit).lower(
-        state, s.source.train_inputs(int(state.step))).compile()
+class Trainer:
+  """One run: the jitted train step, with an evaluator, a checkpointer, a logger and a timer around it.
 
-  if main:
-    with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=1))
-  log = metrics_lib.MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None,
-                               before_error=ckpt.wait)
-  if main and t.tensorboard:  # Mirror every record as TensorBoard scalars too.
-    log = metrics_lib.TensorBoardLog(log, os.path.join(out_dir, 'tensorboard'))
-  start_step = step = int(state.step)
-  if start_step:
-    log.write({'event': 'resume', 'step': start_step})
-  tok = s.dataset.tokenizer
-  meta = {'model': s.model_cfg.to_dict(), 'tokenizer': tok.to_dict(),
-          'data': {k: s.dataset.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256',
-                                                   'shards_dir') if k in s.dataset.meta},
-          'config': json.loads(config.to_json_best_effort())}
-  tokens_per_step = t.batch_size * t.grad_accum_steps * s.model_cfg.block_size
-  peak, peak_src = metrics_lib.peak_flops(t.peak_flops)
-  if not peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already uses
-    peak *= len(jax.devices())             # every core, which simulated CPU devices share.
-  bar = tqdm(total=t.max_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
-             disable=None if main else True)
-  say = bar.write if not bar.disable else s.say
-  bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
-  summary, timer, evaluated = {'start_step': start_step}, metrics_lib.StepTimer(), None
+  `run()` alternates evals (each may save a checkpoint) and steps until max_steps or a stop request.
+  """
 
-  def save(step: int, val_loss: float) -> None:
-    ckpt.save(step, state, dict(meta, best_val_loss=best_val), val_loss)
+  def __init__(self, config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopRequest,
+               t_start: float):
+    self.config, self.out_dir, self.stop, self.t_start = config, out_dir, stop, t_start
+    t, main = config.train, distributed.is_main()
+    self.t = t
+    self.s = s = setup(config)
+    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), config.checkpoint,
+                                            set_aside_damaged=t.resume and t.resume_from_last_good)
+    self.state, self.best_val = restore_or_init(config, s, self.ckpt)
+    # Shardings of this state's own static fields (optimizer and apply_fn objects), which jit's
+    # in/out_shardings must match exactly.
+    state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
+    self.evaluator = Evaluator(config, s, state_sh.params)
+    self.schedule = optim.lr_schedule(t)
+    step_jit = dict(in_shardings=(state_sh, s.source.input_shardings(s.mesh)),
+                    out_shardings=(state_sh, rep), donate_argnums=0)
+    step_fn = functools.partial(train_step, model=GPT(s.model_cfg), draw=s.source.draw,
+                                batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps,
+                                schedule=self.schedule, mesh=s.mesh)
+    self.plain_step = jax.jit(step_fn, **step_jit)
+    if t.layer_stats_interval > 0:  # Every N steps the variant with per-layer statistics, compiled
+      # up front so that no step timing includes its compilation.
+      self.stats_step = jax.jit(functools.partial(step_fn, layer_stats=True), **step_jit).lower(
+          self.state, s.source.train_inputs(int(self.state.step))).compile()
 
-  try:
-    while True:
-      evaluated = None  # This step's val loss, once evaluated; a resumed step was evaluated before.
-      if (step % t.eval_interval == 0 or step == t.max_steps) and not step == start_step > 0:
-        rec = dict(evaluator(state.params, step), lr=float(schedule(step)),
-                   time=round(time.time() - t_start, 3))
-        _check_finite(rec['val_loss'], 'the validation loss', step, ckpt)
-        say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
-            f'({rec["eval_seconds"]:.1f}s)')
-        if 'sample' in rec:
-          say('  sample: ' + rec['sample'].replace('\n', '\n          ')[:1000])
-        log.write(rec)
-        improved, best_val, evaluated = rec['val_loss'] < best_val, min(best_val, rec['val_loss']), rec['val_loss']
-        reached = t.target_val_loss > 0 and rec['val_loss'] <= t.target_val_loss
-        if reached and 'target_reached' not in summary:
-          summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
-          log.write({'event': 'target_reached', 'step': step, 'time': rec['time'],
-                     'target_val_loss': t.target_val_loss})
-          say(f'  reached the target val loss {t.target_val_loss} at step {step}, '
-              f'{rec["time"] / 60:.1f} min after the start')
-        if step > start_step and (improved or config.checkpoint.save == 'always'):
-          save(step, rec['val_loss'])
-          say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
-        summary.update(final_train_loss=rec['train_loss'], final_val_loss=rec['val_loss'])
-        timer.restart()  # Evals don't count in step timing.
-      if step >= t.max_steps or stop.should_stop(step, after_eval=evaluated is not None):
-        break
+    if main:
+      with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
+        f.write(config.to_json_best_effort(indent=1))
+    self.log = metrics_lib.MetricsLog(os.path.join(out_dir, 'metrics.jsonl') if main else None,
+                                      before_error=self.ckpt.wait)
+    if main and t.tensorboard:  # Mirror every record as TensorBoard scalars too.
+      self.log = metrics_lib.TensorBoardLog(self.log, os.path.join(out_dir, 'tensorboard'))
+    self.start_step = self.step = int(self.state.step)
+    if self.start_step:
+      self.log.write({'event': 'resume', 'step': self.start_step})
+    self.meta = {'model': s.model_cfg.to_dict(), 'tokenizer': s.dataset.tokenizer.to_dict(),
+                 'data': {k: s.dataset.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256',
+                                                         'shards_dir') if k in s.dataset.meta},
+                 'config': json.loads(config.to_json_best_effort())}
+    self.tokens_per_step = t.batch_size * t.grad_accum_steps * s.model_cfg.block_size
+    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops)
+    if not self.peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already
+      self.peak *= len(jax.devices())             # uses every core, which simulated CPU devices share.
+    self.bar = tqdm(total=t.max_steps, initial=self.start_step, desc='train', unit='step',
+                    dynamic_ncols=True, disable=None if main else True)
+    self.say = self.bar.write if not self.bar.disable else s.say
+    self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
+    self.summary = {'start_step': self.start_step}
+    self.timer = metrics_lib.StepTimer()
 
-      with_stats = stats_every > 0 and (step + 1) % stats_every == 0
-      state, metrics = (stats_step if with_stats else plain_step)(state, s.source.train_inputs(step))
-      step += 1
-      timer.tick()
-      bar.update(1)
-      if bounded_dispatch and step % CPU_MAX_STEPS_IN_FLIGHT == 0:
-        metrics['loss'].block_until_ready()
-      if step == start_step + 1:  # The first step includes compilation.
-        metrics['loss'].block_until_ready()
-        say(f'compiled and ran the first step in {timer.seconds():.1f}s')
-        timer.restart()
-      elif step == start_step + 6:  # A few compiled steps tell how long the whole run will take.
-        metrics['loss'].block_until_ready()
-        metrics_lib.report_expected_time(say, timer.per_step(), t, step)
-      if step % t.log_interval == 0 or step == t.max_steps:
-        loss = float(metrics['loss'])  # Syncs with the device.
-        _check_finite(loss, 'the training loss', step, ckpt)
-        dt = timer.per_step()
-        rec = {'step': step, 'train_loss': loss, 'lr': float(metrics['lr']),
-               'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
-               'tokens_per_s': round(tokens_per_step / dt, 1),
-               'mfu': round(flops_per_token(s.model_cfg) * tokens_per_step / dt / peak, 5),
-               'time': round(time.time() - t_start, 3)}
-        log.write(rec)
-        say(f'step {step}: loss {loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
-            f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
-        bar.set_postfix(loss=f'{loss:.3f}')
-        timer.restart()
-      if with_stats:
-        log.write(layer_stats_lib.record(step, metrics, s.model_cfg, time.time() - t_start))
-  except KeyboardInterrupt:  # A second Ctrl-C: at once, without a checkpoint of this step.
+  def run(self) -> dict:
+    """Trains to max_steps; returns the summary. Raises `Stopped` after a stop request's checkpoint."""
+    t, evaluated = self.t, None
+    try:
+      while True:
+        evaluated = None  # This step's val loss, once evaluated; a resumed step was evaluated before.
+        step = self.step
+        if (step % t.eval_interval == 0 or step == t.max_steps) and not step == self.start_step > 0:
+          evaluated = self.evaluate()
+        if step >= t.max_steps or self.stop.should_stop(step, after_eval=evaluated is not None):
+          break
+        self.train_one_step()
+    except KeyboardInterrupt:  # A second Ctrl-C: at once, without a checkpoint of this step.
+      self.ckpt.close()
+      latest = self.ckpt.latest_step()
+      raise UserError(f'interrupted at step {self.step}. ' + (
+          f'Continue from checkpoint {latest} with --config.train.resume=True.' if latest is not None
+          else 'No checkpoint was written yet.')) from None
+    finally:
+      self.bar.close()
+    if self.step < t.max_steps:  # Left on a signal.
+      self.stop_with_checkpoint(evaluated)
+    return self.finish()
+
+  def save(self, val_loss: float) -> None:
+    self.ckpt.save(self.step, self.state, dict(self.meta, best_val_loss=self.best_val), val_loss)
+
+  def evaluate(self) -> float:
+    """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""
+    t, step, say = self.t, self.step, self.say
+    rec = dict(self.evaluator(self.state.params, step), lr=float(self.schedule(step)),
+               time=round(time.time() - self.t_start, 3))
+    _check_finite(rec['val_loss'], 'the validation loss', step, self.ckpt)
+    say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
+        f'({rec["eval_seconds"]:.1f}s)')
+    if 'sample' in rec:
+      say('  sample: ' + rec['sample'].replace('\n', '\n          ')[:1000])
+    self.log.write(rec)
+    improved = rec['val_loss'] < self.best_val
+    self.best_val = min(self.best_val, rec['val_loss'])
+    reached = t.target_val_loss > 0 and rec['val_loss'] <= t.target_val_loss
+    if reached and 'target_reached' not in self.summary:
+      self.summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
+      self.log.write({'event': 'target_reached', 'step': step, 'time': rec['time'],
+                      'target_val_loss': t.target_val_loss})
+      say(f'  reached the target val loss {t.target_val_loss} at step {step}, '
+          f'{rec["time"] / 60:.1f} min after the start')
+    if step > self.start_step and (improved or self.config.checkpoint.save == 'always'):
+      self.save(rec['val_loss'])
+      say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
+    self.summary.update(final_train_loss=rec['train_loss'], final_val_loss=rec['val_loss'])
+    self.timer.restart()  # Evals don't count in step timing.
+    return rec['val_loss']
+
+  def train_one_step(self) -> None:
+    """One jitted step; syncs only where timing, logging or the CPU dispatch bound needs it."""
+    t, timer = self.t, self.timer
+    with_stats = t.layer_stats_interval > 0 and (self.step + 1) % t.layer_stats_interval == 0
+    step_fn = self.stats_step if with_stats else self.plain_step
+    self.state, metrics = step_fn(self.state, self.s.source.train_inputs(self.step))
+    self.step = step = self.step + 1
+    timer.tick()
+    self.bar.update(1)
+    if self.bounded_dispatch and step % CPU_MAX_STEPS_IN_FLIGHT == 0:
+      metrics['loss'].block_until_ready()
+    if step == self.start_step + 1:  # The first step includes compilation.
+      metrics['loss'].block_until_ready()
+      self.say(f'compiled and ran the first step in {timer.seconds():.1f}s')
+      timer.restart()
+    elif step == self.start_step + 6:  # A few compiled steps tell how long the whole run will take.
+      metrics['loss'].block_until_ready()
+      metrics_lib.report_expected_time(self.say, timer.per_step(), t, step)
+    if step % t.log_interval == 0 or step == t.max_steps:
+      self.log_step(metrics)
+    if with_stats:
+      self.log.write(layer_stats_lib.record(step, metrics, self.s.model_cfg,
+                                            time.time() - self.t_start))
+
+  def log_step(self, metrics: dict) -> None:
+    step, model_cfg = self.step, self.s.model_cfg
+    loss = float(metrics['loss'])  # Syncs with the device.
+    _check_finite(loss, 'the training loss', step, self.ckpt)
+    dt = self.timer.per_step()
+    rec = {'step': step, 'train_loss': loss, 'lr': float(metrics['lr']),
+           'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
+           'tokens_per_s': round(self.tokens_per_step / dt, 1),
+           'mfu': round(flops_per_token(model_cfg) * self.tokens_per_step / dt / self.peak, 5),
+           'time': round(time.time() - self.t_start, 3)}
+    self.log.write(rec)
+    self.say(f'step {step}: loss {loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
+             f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {self.peak_src}')
+    self.bar.set_postfix(loss=f'{loss:.3f}')
+    self.timer.restart()
+
+  def stop_with_checkpoint(self, evaluated: float | None) -> None:
+    """After a stop request: saves this step (unless its eval just did), finalises, raises Stopped."""
+    step, ckpt = self.step, self.ckpt
+    if step > self.start_step and step not in ckpt.steps():
+      self.save(math.inf if evaluated is None else evaluated)  # Unevaluated: never the 'best'.
     ckpt.close()
-    latest = ckpt.latest_step()
-    raise UserError(f'interrupted at step {step}. ' + (
-        f'Continue from checkpoint {latest} with --config.train.resume=True.' if latest is not None
-        else 'No checkpoint was written yet.')) from None
-  finally:
-    bar.close()
-  if step < t.max_steps:  # Left on a signal: save this step (unless its eval just did), finalise.
-    if step > start_step and step not in ckpt.steps():
-      save(step, math.inf if evaluated is None else evaluated)  # Unevaluated: never the 'best'.
-    ckpt.close()
-    why = stop.signal_name or 'a signal to another process'
-    log.write({'event': 'stopped', 'step': step, 'signal': why})
+    why = self.stop.signal_name or 'a signal to another process'
+    self.log.write({'event': 'stopped', 'step': step, 'signal': why})
     latest = ckpt.latest_step()
     raise Stopped(f'{why}: stopped at step {step}; ' + (
         f'checkpoint {latest} is saved in {ckpt.directory}. Resume with: '
         f'{preemption.resume_command()}' if latest is not None else
         'no checkpoint was written yet: start the run again with the same command.'), step, why)
-  if ckpt.latest_step() is None:
-    # "best" mode only writes when val loss improves on an earlier eval; a run that never evaluated
-    # twice would otherwise end with nothing to sample from.
-    save(step, summary.get('final_val_loss', math.inf))
-  ckpt.close()
-  summary.update(final_step=step, best_val_loss=best_val, wall_seconds=round(time.time() - t_start, 2),
-                 out_dir=out_dir)
-  s.say(f'done: step {step}, best val loss {best_val:.4f}, {summary["wall_seconds"]:.1f}s; '
-        f'checkpoints in {ckpt.directory}')
-  if t.target_val_loss > 0:
-    hit = summary.get('target_reached')
-    s.say(f'time to target (val loss <= {t.target_val_loss}, as estimated at the evals): ' + (
-        f'{hit["time"] / 60:.1f} min, step {hit["step"]}' if hit else 'not reached') +
-        '; scripts/evaluate.py gives the full-pass figure of the best checkpoint')
-  return summary
+
+  def finish(self) -> dict:
+    """Makes sure a checkpoint exists, finalises the writes, prints and returns the summary."""
+    t, ckpt, summary = self.t, self.ckpt, self.summary
+    if ckpt.latest_step() is None:
+      # "best" mode only writes when val loss improves on an earlier eval; a run that never
+      # evaluated twice would otherwise end with nothing to sample from.
+      self.save(summary.get('final_val_loss', math.inf))
+    ckpt.close()
+    summary.update(final_step=self.step, best_val_loss=self.best_val,
+                   wall_seconds=round(time.time() - self.t_start, 2),
+                   out_dir=self.out_dir)
+    self.s.say(f'done: step {self.step}, best val loss {self.best_val:.4f}, '
+               f'{summary["wall_seconds"]:.1f}s; checkpoints in {ckpt.directory}')
+    if t.target_val_loss > 0:
+      hit = summary.get('target_reached')
+      self.s.say(f'time to target (val loss <= {t.target_val_loss}, as estimated at the evals): ' + (
+          f'{hit["time"] / 60:.1f} min, step {hit["step"]}' if hit else 'not reached') +
+          '; scripts/evaluate.py gives the full-pass figure of the best checkpoint')
+    return summary
 
 
 def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
