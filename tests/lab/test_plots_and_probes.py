@@ -190,7 +190,7 @@ def test_shape_flow_totals_match_the_models_counts(cfg):
 
 
 def test_inspect_model_script():
-  r = run('inspect_model.py', '--config', str(REPO / 'configs' / 'shakespeare.py') + ':cpu',
+  r = run('inspect_model.py', '--config', str(REPO / 'configs' / 'shakespeare.py') + ':nanogpt_cpu',
           '--config.model.vocab_size=65')
   assert r.returncode == 0, r.stderr
   assert '(matches)' in r.stdout and 'c_attn' in r.stdout and 'softmax(qk^T)v' in r.stdout
