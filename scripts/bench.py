@@ -85,7 +85,7 @@ def main(argv) -> None:
       rows.append((f'train {name} ({cfg.n_layer}/{cfg.n_head}/{cfg.n_embd}, T={cfg.block_size}, '
                    f'B={batch}, dropout {cfg.dropout}, {cfg.dtype}'
                    + ''.join(f', {o}' for o in cfg.non_gpt2_options())
-                   + (', Muon' if tcfg.get('optimizer') == 'muon' else '') + ')',
+                   + (', Muon' if tcfg.optimizer == 'muon' else '') + ')',
                    f'{j["ms_per_step"]:.1f} ms/step', r.get('torch', {}).get('ms_per_step'),
                    r.get('speedup'),
                    f'compile {j["compile_s"]:.1f}s, 1st step {j["first_step_s"]:.1f}s, '
