@@ -72,6 +72,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
                                # following the same schedule as learning_rate.
       muon_momentum=0.95,      # muon: Nesterov momentum of the matrices before orthogonalisation.
       muon_weight_decay=0.0,   # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
+      ema_decay=0.0,           # > 0: keep an EMA of the weights (in the optimizer state); evals and
+                               # the kept checkpoint use it. 0 = off (GPT-2 / nanoGPT).
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
       resume=False,

@@ -138,17 +138,26 @@ class Checkpointer:
     return meta
 
   # --- save / restore --------------------------------------------------------------------------
-  def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float) -> None:
-    """Saves the train state (params, opt_state, step, key) and metadata as checkpoint `step`."""
+  def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float, ema: Any = None) -> None:
+    """Saves the train state (params, opt_state, step, key) and metadata as checkpoint `step`.
+
+    With `ema` (the optimizer's `EmaState`, train.ema_decay > 0), its averaged weights are also saved
+    as the item `ema_params`, which inference reads instead of `params` (`restore_params`); the
+    training params and the whole optimizer state stay in the checkpoint for an exact resume.
+    """
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
                 val_loss=float(val_loss))
+    items = {}
+    if ema is not None:
+      meta['inference_params'] = 'ema_params'
+      items['ema_params'] = ocp.args.StandardSave(ema.ema)
     self.wait()  # A failure of the previous (background) save is reported as that step's.
     try:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(state.params),
           opt_state=ocp.args.StandardSave(state.opt_state),
           progress=ocp.args.StandardSave({'step': state.step, 'key': state.key}),
-          meta=ocp.args.JsonSave(meta),
+          meta=ocp.args.JsonSave(meta), **items,
       ), metrics={'val_loss': float(val_loss)}, force=True)
     except Exception as e:
       raise self._write_error(step, e) from None
@@ -186,11 +195,16 @@ class Checkpointer:
                                   step=r.progress['step'], key=r.progress['key'])
 
   def restore_params(self, step: int, abstract_params: Any = None) -> Any:
-    """Restores only the parameters (no optimizer state): what sampling and evaluation need."""
+    """Restores only the parameters (no optimizer state): what sampling and evaluation need.
+
+    Those are the weights the run evaluated: the `ema_params` item when it kept an average
+    (train.ema_decay > 0), else `params`.
+    """
     abstract_params = _placed(abstract_params)
+    item = self.meta(step).get('inference_params', 'params')
     try:
       return self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params))).params
+          **{item: ocp.args.StandardRestore(abstract_params)}))[item]
     except Exception as e:
       if _is_damage(e):
         raise DamagedCheckpoint(step, self.directory, _reason(e)) from None

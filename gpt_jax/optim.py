@@ -17,6 +17,10 @@ warmup + cosine ('cosine', the default) or warmup-stable-decay ('wsd').
 The scratch optimizer is exposed as an `optax.GradientTransformation(init, update)` so Flax's
 `TrainState.apply_gradients` uses it unchanged; its state is a `ScratchAdamWState` NamedTuple of
 arrays, which Orbax checkpoints like any other pytree.
+
+`train.ema_decay > 0` (a speedrun option, off by default) appends `ema_weights` to any of the three: an
+exponential moving average of the weights, kept in the optimizer state so that checkpoints carry it
+and a resumed run continues it exactly; evals and the kept checkpoint use it (`eval_params`).
 """
 
 from __future__ import annotations
@@ -119,7 +123,14 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer named by `train_cfg.optimizer` ('optax' if the field is absent)."""
+  """The optimizer named by `train_cfg.optimizer`, followed by `ema_weights` if train.ema_decay > 0."""
+  tx = _base_optimizer(train_cfg)
+  decay = float(train_cfg.ema_decay)
+  # Off: the chain (and so the state's structure and every bit of the run) is exactly as without EMA.
+  return optax.chain(tx, ema_weights(decay)) if decay > 0 else tx
+
+
+def _base_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   kind = train_cfg.optimizer
   if kind == 'optax':
     return make_optax_optimizer(train_cfg)
@@ -194,6 +205,56 @@ def make_muon_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientT
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
   parts.append(optax.partition({'muon': muon, 'adamw': _adamw(train_cfg)}, muon_labels))
   return optax.chain(*parts)
+
+
+class EmaState(NamedTuple):
+  """The weights' moving average, in the optimizer state (so Orbax saves and restores it)."""
+  count: jax.Array  # () int32: updates averaged so far.
+  ema: Any          # The debiased average of the weights after each update, shaped like the params.
+
+
+def ema_weights(decay: float) -> optax.GradientTransformation:
+  """An exponential moving average of the weights; the updates pass through unchanged.
+
+  It must come last in the chain, where `updates` are what `TrainState.apply_gradients` adds to the
+  params, so that p_t = params + updates is the weight after update t. It keeps the debiased average
+
+      ema_t = sum_i decay^(t-i) (1 - decay) p_i / (1 - decay^t)        (i = 1 .. t)
+
+  (Adam's bias correction applied to a zero-initialised EMA), updated as
+  ema_t = ema_{t-1} + a_t (p_t - ema_{t-1}) with a_t = (1 - decay) / (1 - decay^t). So the initial
+  random weights never enter it (a_1 = 1), and no decay warmup is needed; before the first update it
+  holds the initial weights, so an eval at step 0 sees what training starts from.
+  """
+  if not 0.0 < decay < 1.0:
+    raise UserError(f'train.ema_decay must be in (0, 1), 0 = off (got {decay})')
+
+  def init(params: Any) -> EmaState:
+    return EmaState(count=jnp.zeros((), jnp.int32), ema=jax.tree_util.tree_map(jnp.copy, params))
+
+  def update(updates: Any, state: EmaState, params: Any = None) -> tuple[Any, EmaState]:
+    if params is None:
+      raise ValueError('ema_weights needs the params: call update(updates, state, params)')
+    t = state.count + 1
+    a = jnp.float32(1.0 - decay) / bias_correction(decay, t)
+    ema = jax.tree_util.tree_map(
+        lambda e, p, u: e + (a * ((p + u) - e)).astype(e.dtype), state.ema, params, updates)
+    return updates, EmaState(count=t, ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_state(opt_state: Any) -> EmaState | None:
+  """The `EmaState` inside an optimizer state, or None when the run keeps no average."""
+  found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0] if found else None
+
+
+def eval_params(state: Any) -> Any:
+  """The weights evals and the kept checkpoint use: the EMA if the optimizer keeps one, else params."""
+  ema = ema_state(state.opt_state)
+  return state.params if ema is None else ema.ema
 
 
 def bias_correction(decay: float, count: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ tests/test_sample.py, the two attention backends under them in tests/test_attent
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -505,3 +506,120 @@ def test_wsd_without_warmup_starts_at_the_peak():
 def test_bad_schedule_is_a_user_error(bad, message):
   with pytest.raises(UserError, match=message):
     optim.lr_schedule(_wsd(**bad))
+
+
+# --- EMA of the weights ----------------------------------------------------------------------------
+
+
+def _ema_train_cfg(**overrides) -> ml_collections.ConfigDict:
+  t = shakespeare.get_config('tiny').train
+  t.update(warmup_steps=0, learning_rate=1e-2, min_learning_rate=1e-2, **overrides)
+  return t
+
+
+def test_ema_off_keeps_no_average_and_on_never_changes_the_training_weights():
+  """ema_decay = 0 builds exactly the optimizer of before (no EmaState, the same state tree); on, the
+  updates that reach the params are bit-identical to off (the average is only a bystander).
+  Mutations caught: an EMA that feeds its average back into the updates, or one always on."""
+  params = _params(CFG)
+  grads = jax.tree_util.tree_map(lambda p: 0.01 * jnp.ones_like(p), params)
+  off, on = optim.make_optimizer(_ema_train_cfg()), optim.make_optimizer(_ema_train_cfg(ema_decay=0.9))
+  s_off, s_on = off.init(params), on.init(params)
+  assert optim.ema_state(s_off) is None and isinstance(optim.ema_state(s_on), optim.EmaState)
+  plain = optim.make_optax_optimizer(_ema_train_cfg())
+  assert jax.tree_util.tree_structure(s_off) == jax.tree_util.tree_structure(plain.init(params))
+  for _ in range(3):
+    u_off, s_off = off.update(grads, s_off, params)
+    u_on, s_on = on.update(grads, s_on, params)
+    for a, b in zip(jax.tree_util.tree_leaves(u_off), jax.tree_util.tree_leaves(u_on)):
+      np.testing.assert_array_equal(a, b)
+    params = optax.apply_updates(params, u_on)
+
+
+def test_ema_follows_the_debiased_average_formula():
+  """After t updates the average is sum_i d^(t-i) (1 - d) p_i / (1 - d^t) of the weights p_i after
+  each update (float64 reference), and before any update it is the initial weights.
+  Mutations caught: a missing bias correction, the old weights averaged instead of the new, d and
+  1 - d swapped."""
+  d = 0.8
+  tx = optim.make_optimizer(_ema_train_cfg(ema_decay=d))
+  params = _params(CFG)
+  state = tx.init(params)
+  for a, b in zip(jax.tree_util.tree_leaves(optim.ema_state(state).ema), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  update = jax.jit(tx.update)
+  history = []
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64), params))
+  t = len(history)
+  want = jax.tree_util.tree_map(
+      lambda *ps: sum(d ** (t - 1 - i) * (1 - d) * p for i, p in enumerate(ps)) / (1 - d ** t), *history)
+  ema = optim.ema_state(state)
+  assert int(ema.count) == t
+  for got, ref in zip(jax.tree_util.tree_leaves(ema.ema), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # And it is not simply the last weights (which a decay ignored would give).
+  last = jax.tree_util.tree_leaves(params)[0]
+  assert not np.allclose(jax.tree_util.tree_leaves(ema.ema)[0], last, atol=1e-4)
+
+
+def test_bad_ema_decay_is_a_user_error():
+  with pytest.raises(UserError, match='ema_decay'):
+    optim.make_optimizer(_ema_train_cfg(ema_decay=1.0))
+
+
+@pytest.mark.slow
+def test_ema_run_evaluates_and_keeps_the_average_and_resumes_exactly(tiny_config, tmp_path):
+  """A tiny run with ema_decay: every eval's val loss is the EMA weights' (a direct eval_step on the
+  checkpoint's average agrees), the kept checkpoint gives inference the average, and a run stopped
+  half-way and resumed ends with bit-identical losses and average.
+  Mutations caught: evals or inference reading the training params, the average left out of the
+  checkpoint (a resumed average restarts)."""
+  from gpt_jax.data import text as text_lib
+  from gpt_jax.training import loop as loop_lib
+  tiny_config.train.update(max_steps=40, eval_interval=20, log_interval=1, ema_decay=0.9)
+  tiny_config.checkpoint.save = 'always'
+
+  def run(out_dir):
+    tiny_config.out_dir = str(out_dir)
+    loop_lib.train_and_evaluate(tiny_config)
+    return [json.loads(line) for line in open(out_dir / 'metrics.jsonl')]
+
+  straight = run(tmp_path / 'straight')
+  tiny_config.train.max_steps = 20
+  run(tmp_path / 'resumed')
+  tiny_config.train.update(max_steps=40, resume=True)
+  resumed = run(tmp_path / 'resumed')
+  losses = lambda recs, key: {r['step']: r[key] for r in recs if key in r}
+  for key in ('train_loss', 'val_loss'):
+    want, got = losses(straight, key), losses(resumed, key)
+    assert all(got[s] == want[s] for s in got) and 40 in got, key
+
+  ckpt_dir = str(tmp_path / 'straight')
+  cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, 40)
+  assert meta['inference_params'] == 'ema_params'
+  ckpt = checkpoint_lib.Checkpointer(f'{ckpt_dir}/checkpoints', read_only=True)
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(cfg, tiny_config.train))
+  state = ckpt.restore_state(40, abstract)
+  ckpt.close()
+  leaves = lambda t: jax.tree_util.tree_leaves(t)
+  for a, b in zip(leaves(params), leaves(optim.ema_state(state.opt_state).ema)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(params), leaves(state.params)))
+  # The logged val loss at step 40 is the average's, not the training weights'.
+  ds = text_lib.Dataset(tiny_config.data.data_dir)
+  from gpt_jax.data import batches as batches_lib
+  src = batches_lib.ResidentBatches({'train': ds.train, 'val': ds.val}, cfg.block_size,
+                                    tiny_config.train.batch_size, 1, None)
+  base = jax.random.fold_in(jax.random.PRNGKey(tiny_config.train.seed), batches_lib.EVAL_KEY_SALT)
+  ev = jax.jit(functools.partial(step_lib.eval_step, model=GPT(cfg), draw=src.draw,
+                                 batch_size=tiny_config.train.batch_size))
+  val = lambda p: float(sum(np.float32(ev(p, src.eval_inputs('val', i), jax.random.fold_in(base, i)))
+                            for i in range(tiny_config.train.eval_iters)) / tiny_config.train.eval_iters)
+  logged = losses(straight, 'val_loss')[40]
+  assert val(params) == pytest.approx(logged, abs=1e-6)
+  assert val(state.params) != pytest.approx(logged, abs=1e-6)

@@ -283,12 +283,14 @@ class Trainer:
     return self.finish()
 
   def save(self, val_loss: float) -> None:
-    self.ckpt.save(self.step, self.state, dict(self.meta, best_val_loss=self.best_val), val_loss)
+    self.ckpt.save(self.step, self.state, dict(self.meta, best_val_loss=self.best_val), val_loss,
+                   ema=optim.ema_state(self.state.opt_state))
 
   def evaluate(self) -> float:
     """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""
     t, step, say = self.t, self.step, self.say
-    rec = dict(self.evaluator(self.state.params, step), lr=float(self.schedule(step)),
+    # With train.ema_decay > 0 the evals (and so the best checkpoint) judge the averaged weights.
+    rec = dict(self.evaluator(optim.eval_params(self.state), step), lr=float(self.schedule(step)),
                time=round(time.time() - self.t_start, 3))
     _check_finite(rec['val_loss'], 'the validation loss', step, self.ckpt)
     say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
@@ -413,6 +415,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
   if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
     problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
+  if not 0.0 <= t.ema_decay < 1.0:
+    problems.append(f'train.ema_decay must be in [0, 1), 0 = off (got {t.ema_decay})')
   if t.lr_schedule not in optim.LR_SCHEDULES:
     problems.append(f'train.lr_schedule must be one of {optim.LR_SCHEDULES} (got {t.lr_schedule!r})')
   elif t.lr_schedule == 'wsd':
