@@ -1,4 +1,10 @@
-"""Orbax checkpoints: round trip, retention (best + latest), metadata, bad directories."""
+"""Orbax checkpoints: round trip, retention (best + latest), metadata, bad directories, a failed restore."""
+
+import asyncio
+import gc
+import logging
+import os
+import sys
 
 import jax
 import numpy as np
@@ -95,3 +101,47 @@ def test_model_mismatch_names_fields():
     checkpoint_lib.check_model_matches(meta, other, 'here')
   # Dropout does not change the parameters, so it alone is not a mismatch.
   checkpoint_lib.check_model_matches(meta, ModelConfig(**dict(CFG.to_dict(), dropout=0.3)), 'here')
+
+
+def test_a_failed_restore_awaits_its_other_reads_and_leaves_nothing_to_print_later(tmp_path,
+                                                                                  monkeypatch,
+                                                                                  caplog):
+  """One array of a checkpoint is cut short; the reads of the others are still in flight when it fails
+  (staged: each healthy read, once done, yields to the event loop until a read failed, then 100 times
+  more, which is many loop turns past the failure reaching Orbax). Before the fix, Orbax's closed loop
+  left them pending, and the garbage collector later printed 'Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>' for each, with a TensorStore spec."""
+  from orbax.checkpoint._src.serialization import serialization
+  directory = tmp_path / 'ck'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.close()
+  files = [p for p in (directory / '5' / 'params').rglob('*') if p.is_file() and '/d/' in str(p)]
+  big = max(files, key=lambda p: p.stat().st_size)  # The arrays' data (the others: B-tree nodes).
+  os.truncate(big, big.stat().st_size // 2)
+
+  real_read, failed, finished = serialization._read_shard, [], []
+
+  async def staged_read(**kwargs):
+    try:
+      shard = await real_read(**kwargs)
+    except BaseException:
+      failed.append(True)
+      raise
+    for _ in range(10_000):
+      if failed:
+        break
+      await asyncio.sleep(0)
+    for _ in range(100):
+      await asyncio.sleep(0)
+    finished.append(True)
+    return shard
+  monkeypatch.setattr(serialization, '_read_shard', staged_read)
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged'):
+    checkpoint_lib.Checkpointer(str(directory), read_only=True).restore_state(5, _abstract(_state()))
+  gc.collect()
+  assert failed and finished  # Reads of both kinds happened: the staging worked.
+  assert [str(u.object) for u in unraisable] == []
+  assert not [r for r in caplog.records if r.name == 'asyncio' and r.levelno >= logging.ERROR]
