@@ -412,9 +412,13 @@ def _is_damage(e: Exception) -> bool:
   """Unreadable files, as opposed to a well-formed checkpoint of another shape (a user's mismatch).
 
   Orbax reports a shape or tree mismatch as ValueError/KeyError/TypeError; garbled JSON surfaces as a
-  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError.
+  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError, except
+  when opening an array: then TensorStore's ValueError starts with its status, which names the damage (a
+  file cut short, undecodable, or gone).
   """
   if any(isinstance(c, (json.JSONDecodeError, UnicodeDecodeError)) for c in _chain(e)):
+    return True
+  if any(str(c).startswith(('OUT_OF_RANGE:', 'DATA_LOSS:', 'NOT_FOUND:')) for c in _chain(e)):
     return True
   return not isinstance(e, (ValueError, KeyError, TypeError))
 

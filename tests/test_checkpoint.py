@@ -145,3 +145,30 @@ def test_a_failed_restore_awaits_its_other_reads_and_leaves_nothing_to_print_lat
   assert failed and finished  # Reads of both kinds happened: the staging worked.
   assert [str(u.object) for u in unraisable] == []
   assert not [r for r in caplog.records if r.name == 'asyncio' and r.levelno >= logging.ERROR]
+
+
+def _cut(path):
+  os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize('damage', [
+    ('the arrays\' data', lambda d: _cut(max(d.glob('ocdbt.process_0/d/*'), key=lambda p: p.stat().st_size))),
+    ('the B-tree root', lambda d: [_cut(p) for p in d.glob('d/*')]),
+    ('the manifests', lambda d: [_cut(p) for p in d.rglob('manifest.ocdbt')]),
+    ('a missing manifest', lambda d: [p.unlink() for p in d.rglob('manifest.ocdbt')]),
+], ids=lambda d: d[0])
+def test_every_cut_or_missing_array_file_is_damage_not_a_model_mismatch(tmp_path, damage):
+  """Orbax's OCDBT keeps each item's arrays in data files under ocdbt.process_0/d/, indexed by a B-tree
+  whose root is under d/ and manifests; damage to any of them is a damaged checkpoint (which
+  resume_from_last_good sets aside), never 'does not fit the configured model'."""
+  directory = tmp_path / 'ck'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.close()
+  damage[1](directory / '5' / 'params')
+  ckpt = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged \((OUT_OF_RANGE|'
+                     r'DATA_LOSS|NOT_FOUND): '):
+    ckpt.restore_state(5, _abstract(_state()))
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint):
+    ckpt.restore_params(5, _abstract(_state()).params)
