@@ -46,6 +46,18 @@ def test_round_trip_restores_every_leaf(tmp_path):
   ckpt.close()
 
 
+def test_a_restored_state_has_the_types_of_a_fresh_one(tmp_path):
+  """Same dtypes, shapes and weak types: a resumed run then runs the very program a fresh run
+  compiled, which JAX's compilation cache holds (a weakly typed fresh step was compiled twice)."""
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ck'), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.wait()
+  restored = ckpt.restore_state(5, jax.eval_shape(_state))
+  ckpt.close()
+  types = lambda s: [(a.dtype, a.shape, a.weak_type) for a in jax.tree_util.tree_leaves(s)]
+  assert types(restored) == types(_state())
+
+
 def test_keeps_the_best_and_the_latest(tmp_path):
   cfg = shakespeare.get_config().checkpoint
   cfg.keep_last = 2
