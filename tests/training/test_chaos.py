@@ -101,32 +101,31 @@ def _chaos(tmp_path, rng, moments):
     run.proc.kill()
     return finish(run, what, -signal.SIGKILL)
 
-  # The reference, the same run uninterrupted, runs beside the others once it has compiled its steps
-  # (into the tests' shared compilation cache, where the others find them).
+  # 1. A fresh start, frozen (SIGSTOP) as soon as it holds the run directory, while a second run is
+  #    started on it, which the lock refuses in one line. Meanwhile the reference, the same run
+  #    uninterrupted, compiles the steps into the tests' compilation cache, where the others find them.
   reference = Run(train_flags(straight, text, *RUN, f'--config.train.max_steps={N}'))
-  reference.wait_for(r'^compiled and ran the first step')
-
-  # 1. A fresh start, killed at a step.
-  kill_at_a_step(Run(args), 0, 'segment 1')
-
-  # 2. Resumed and frozen (SIGSTOP) while a second run is started on the same directory: the lock
-  #    refuses it in one line. Thawed, it is stopped by SIGTERM inside an eval or the save after it:
-  #    once the log shows an eval's step, the run is frozen, and if what it printed stops short of
-  #    'saved checkpoint', the signal sent now must stop it at that very step (the stop is checked
-  #    after the save). Else it is thawed and caught at the next eval.
-  resume = RESUME if _complete_steps(ckpt_dir) else []  # Killed before its first save was complete:
-  if not resume:                                       # an operator starts again, as the refusal says.
-    moments.append('segment 1: killed before its first checkpoint was complete; segment 2 starts anew')
-  run = Run(args + resume)
-  run.wait_for(r'^compiled and ran the first step')
+  run = Run(args)
+  run.wait_for(r'^JAX ')  # Printed once the lock is held.
   run.freeze()
-  moments.append('segment 2: frozen after its first step; a second run started on its directory')
+  moments.append('segment 1: frozen while setting up; a second run started on its directory')
   o, e = finish(Run(args + RESUME), 'second run on the same directory', 1)
   errors = [l for l in e.splitlines() if l.strip()]
   assert len(errors) == 1 and errors[0].startswith(f'error: {out} is in use by another training run '
                                                    f'(pid {run.proc.pid} on host '), e
   assert 'model:' not in o  # Refused before loading anything.
+  reference.wait_for(r'^compiled and ran the first step')
   run.thaw()
+  kill_at_a_step(run, 0, 'segment 1')
+
+  # 2. Resumed, and stopped by SIGTERM inside an eval or the save after it: once the log shows an
+  #    eval's step, the run is frozen, and if what it printed stops short of 'saved checkpoint', the
+  #    signal sent now must stop it at that very step (the stop is checked after the save). Else it is
+  #    thawed and caught at the next eval.
+  resume = RESUME if _complete_steps(ckpt_dir) else []  # Killed before its first save was complete:
+  if not resume:                                       # an operator starts again, as the refusal says.
+    moments.append('segment 1: killed before its first checkpoint was complete; segment 2 starts anew')
+  run = Run(args + resume)
   start = resumed_from(''.join(run.lines), 'segment 2') if resume else 0
   eval_step = (start // 10 + rng.randint(3, 4)) * 10  # Three checkpoints at least before damage.
   for _ in range(5):
@@ -153,10 +152,6 @@ def _chaos(tmp_path, rng, moments):
   resume_cmd = shlex.split(stop[0][2])
   assert resume_cmd[1] == TRAIN and resume_cmd[-1] == '--config.train.resume=True', resume_cmd
 
-  # 3. Resumed with the command the stop printed, and killed; then its newest checkpoint loses half
-  #    of an array file.
-  o, _ = kill_at_a_step(Run(None, cmd=[sys.executable, *resume_cmd[1:]]), eval_step, 'segment 3')
-  assert resumed_from(o, 'segment 3') == eval_step
   damaged = []  # (step, its files as damaged)
 
   def damage(how, what):
@@ -175,28 +170,28 @@ def _chaos(tmp_path, rng, moments):
     assert resumed_from(o, what) == int(m.group(1)), f'{what}: {o}'
     return int(m.group(1))
 
-  damage(truncate_largest_array, 'after segment 3')
-
-  # 4. Resumed from the last good checkpoint, which sets the damaged one aside in one line; killed.
-  #    Then its newest checkpoint's metadata is garbled, and train.bin cut short.
-  run = Run(args + RESUME + LAST_GOOD)
+  # 3. The newest checkpoint loses half of an array file. The command the stop printed, asked to go on
+  #    from the last good checkpoint, sets it aside in one line; killed. Then its newest checkpoint's
+  #    metadata is garbled, and train.bin cut short.
+  damage(truncate_largest_array, 'after segment 2')
+  run = Run(None, cmd=[sys.executable, *resume_cmd[1:], *LAST_GOOD])
   run.wait_for(r'^resumed from step')
-  good = set_aside_line(''.join(run.lines), 'segment 4')
-  kill_at_a_step(run, good, 'segment 4')
-  damage(garble_meta, 'after segment 4')
+  good = set_aside_line(''.join(run.lines), 'segment 3')
+  kill_at_a_step(run, good, 'segment 3')
+  damage(garble_meta, 'after segment 3')
   train_bin = chaos / 'data' / 'train.bin'
   tokens = train_bin.read_bytes()
   os.truncate(train_bin, len(tokens) // 2)
-  moments.append(f'after segment 4: train.bin cut to {len(tokens) // 2} of {len(tokens)} bytes')
+  moments.append(f'after segment 3: train.bin cut to {len(tokens) // 2} of {len(tokens)} bytes')
 
-  # 5. The last resume (to the end of the run) prepares the data again, sets the damaged checkpoint
+  # 4. The last resume (to the end of the run) prepares the data again, sets the damaged checkpoint
   #    aside, and finishes.
   o, e = finish(Run(args[:-1] + [f'--config.train.max_steps={N}'] + RESUME + LAST_GOOD),
-                'segment 5', 0)
+                'segment 4', 0)
   assert len(re.findall(rf'^re-preparing {chaos / "data"}: train\.bin has the wrong size '
                         r'\(truncated\?\)$', o, re.M)) == 1, o
   assert train_bin.read_bytes() == tokens
-  set_aside_line(o, 'segment 5')
+  set_aside_line(o, 'segment 4')
   assert f'done: step {N}, ' in o, o
   o, e = finish(reference, 'uninterrupted run', 0)
 
