@@ -151,12 +151,18 @@ def test_a_failed_restore_awaits_its_other_reads_and_leaves_nothing_to_print_lat
   monkeypatch.setattr(serialization, '_read_shard', staged_read)
   unraisable = []
   monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
-  with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged'):
-    checkpoint_lib.Checkpointer(str(directory), read_only=True).restore_state(5, _abstract(_state()))
-  gc.collect()
-  assert failed and finished  # Reads of both kinds happened: the staging worked.
-  assert [str(u.object) for u in unraisable] == []
-  assert not [r for r in caplog.records if r.name == 'asyncio' and r.levelno >= logging.ERROR]
+  ckpt = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+  # Training's restore, then sampling's and evaluation's (parameters only).
+  for restore in (lambda: ckpt.restore_state(5, _abstract(_state())),
+                  lambda: ckpt.restore_params(5, _abstract(_state()).params)):
+    failed.clear()
+    finished.clear()
+    with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged'):
+      restore()
+    gc.collect()
+    assert failed and finished  # Reads of both kinds happened: the staging worked.
+    assert [str(u.object) for u in unraisable] == []
+    assert not [r for r in caplog.records if r.name == 'asyncio' and r.levelno >= logging.ERROR]
 
 
 def _cut(path):
