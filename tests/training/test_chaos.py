@@ -7,7 +7,6 @@ message names the seed and the moments. What is checked does not depend on them.
 """
 
 import os
-import pathlib
 import random
 import re
 import shlex
@@ -22,8 +21,10 @@ from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax.training import preemption
 from train_procs import TRAIN, Run, garble_meta, metrics, train_flags, truncate_largest_array
 
-N = 120  # Steps of the whole run. Interrupted segments are started for far more, so that none can
-BIG = 100_000  # finish before its signal; the lr schedule depends on lr_decay_steps only.
+N = 120  # Steps of the whole run.
+# The interrupted segments are started for far more steps, so that none can finish before its signal
+# (the lr schedule depends on lr_decay_steps only); the last one goes to N.
+BIG = 100_000
 # dropout and 2 micro-batches: the resumed PRNG stream and accumulation must match too; a checkpoint
 # at every eval, 3 kept besides the best, so that a damaged newest one leaves an older one to use.
 RUN = ['--config.model.dropout=0.1', '--config.train.grad_accum_steps=2',
