@@ -15,17 +15,21 @@ such leftovers when it opens the directory. A failed save stops the run with `Ch
 
 A damaged checkpoint (a truncated array file, garbled JSON) raises `DamagedCheckpoint` naming the step;
 nothing here ever deletes it. `resume_state` can continue from the newest readable step instead, after
-moving the damaged ones to `damaged_checkpoints/` beside the checkpoints folder.
+moving the damaged ones to `damaged_checkpoints/` beside the checkpoints folder. Every restore awaits all
+of its reads, even after one of them failed (`_reads_awaited`): a failed restore leaves nothing behind
+that prints a traceback later.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno as errno_lib
 import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,9 @@ from gpt_jax.errors import UserError
 FORMAT = 'gpt_jax'
 FORMAT_VERSION = 1
 DAMAGED_DIR = 'damaged_checkpoints'  # Beside `checkpoints/`: where damaged steps are moved on request.
+# A failed restore waits this long for its other reads to finish (they do within milliseconds: each one
+# reads one array or fails); past it they are cancelled, so a hung filesystem cannot hang the run.
+READS_GRACE_SECONDS = 60
 
 
 class DamagedCheckpoint(UserError):
@@ -127,7 +134,8 @@ class Checkpointer:
   def meta(self, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step` (raises UserError if it isn't a gpt_jax checkpoint)."""
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      with _reads_awaited():
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
       if _is_damage(e):
         raise DamagedCheckpoint(step, self.directory, f'meta: {_reason(e)}') from None
@@ -181,11 +189,12 @@ class Checkpointer:
     """Restores a full train state shaped (and sharded) like `abstract_state`."""
     abstract_state = _placed(abstract_state)
     try:
-      r = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_state.params),
-          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-          progress=ocp.args.StandardRestore({'step': abstract_state.step, 'key': abstract_state.key}),
-      ))
+      with _reads_awaited():
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            progress=ocp.args.StandardRestore({'step': abstract_state.step, 'key': abstract_state.key}),
+        ))
     except Exception as e:
       if _is_damage(e):
         raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
@@ -203,8 +212,9 @@ class Checkpointer:
     abstract_params = _placed(abstract_params)
     item = self.meta(step).get('inference_params', 'params')
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          **{item: ocp.args.StandardRestore(abstract_params)}))[item]
+      with _reads_awaited():
+        return self.manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(abstract_params)}))[item]
     except Exception as e:
       if _is_damage(e):
         raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
@@ -334,6 +344,54 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
   return model_cfg, params, meta
 
 
+class _AwaitingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  """Event loops that, when closed, first await the tasks still pending in them (see `_reads_awaited`)."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    loop = super().new_event_loop()
+    pending: set[asyncio.Task] = set()
+
+    def task_factory(loop, coro, **kwargs):  # Tracks this loop's own tasks: no global task registry.
+      task = asyncio.Task(coro, loop=loop, **kwargs)
+      pending.add(task)
+      task.add_done_callback(pending.discard)
+      return task
+
+    def close(close=loop.close) -> None:
+      if pending and not loop.is_running() and not loop.is_closed():
+        tasks = list(pending)
+        _, late = loop.run_until_complete(asyncio.wait(tasks, timeout=READS_GRACE_SECONDS))
+        for task in late:
+          task.cancel()
+        if late:
+          loop.run_until_complete(asyncio.wait(late))
+        for task in tasks:  # Their errors are the failed restore's, already reported by it.
+          if not task.cancelled():
+            task.exception()
+      close()
+
+    loop.set_task_factory(task_factory)
+    loop.close = close
+    return loop
+
+
+@contextlib.contextmanager
+def _reads_awaited() -> Iterator[None]:
+  """Orbax runs a restore's reads (one asyncio task per array) in an event loop of its own, which it
+  closes as soon as one read fails. The other reads are then left pending in a closed loop: each is
+  destroyed whenever the garbage collector finds it, in whatever thread, and prints a traceback with a
+  TensorStore spec ('Exception ignored in: <coroutine object _read_array_index_and_device_put ...>'),
+  long after gpt_jax reported the damage in one line. Inside this block the loops Orbax creates await
+  their pending tasks before closing, so a failed restore is over when it returns.
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_AwaitingLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 def _placed(abstract: Any) -> Any:
   """Leaves without a target sharding go to this process's first device.
 
@@ -368,9 +426,13 @@ def _is_damage(e: Exception) -> bool:
   """Unreadable files, as opposed to a well-formed checkpoint of another shape (a user's mismatch).
 
   Orbax reports a shape or tree mismatch as ValueError/KeyError/TypeError; garbled JSON surfaces as a
-  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError.
+  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError, except
+  when opening an array: then TensorStore's ValueError starts with its status, which names the damage (a
+  file cut short, undecodable, or gone).
   """
   if any(isinstance(c, (json.JSONDecodeError, UnicodeDecodeError)) for c in _chain(e)):
+    return True
+  if any(str(c).startswith(('OUT_OF_RANGE:', 'DATA_LOSS:', 'NOT_FOUND:')) for c in _chain(e)):
     return True
   return not isinstance(e, (ValueError, KeyError, TypeError))
 

@@ -1,4 +1,10 @@
-"""Orbax checkpoints: round trip, retention (best + latest), metadata, bad directories."""
+"""Orbax checkpoints: round trip, retention (best + latest), metadata, bad directories, a failed restore."""
+
+import asyncio
+import gc
+import logging
+import os
+import sys
 
 import jax
 import numpy as np
@@ -38,6 +44,18 @@ def test_round_trip_restores_every_leaf(tmp_path):
   meta = ckpt.meta(5)
   assert meta['model'] == CFG.to_dict() and meta['val_loss'] == 2.5 and meta['step'] == 5
   ckpt.close()
+
+
+def test_a_restored_state_has_the_types_of_a_fresh_one(tmp_path):
+  """Same dtypes, shapes and weak types: a resumed run then runs the very program a fresh run
+  compiled, which JAX's compilation cache holds (a weakly typed fresh step was compiled twice)."""
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ck'), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.wait()
+  restored = ckpt.restore_state(5, jax.eval_shape(_state))
+  ckpt.close()
+  types = lambda s: [(a.dtype, a.shape, a.weak_type) for a in jax.tree_util.tree_leaves(s)]
+  assert types(restored) == types(_state())
 
 
 def test_keeps_the_best_and_the_latest(tmp_path):
@@ -95,3 +113,80 @@ def test_model_mismatch_names_fields():
     checkpoint_lib.check_model_matches(meta, other, 'here')
   # Dropout does not change the parameters, so it alone is not a mismatch.
   checkpoint_lib.check_model_matches(meta, ModelConfig(**dict(CFG.to_dict(), dropout=0.3)), 'here')
+
+
+def test_a_failed_restore_awaits_its_other_reads_and_leaves_nothing_to_print_later(tmp_path,
+                                                                                  monkeypatch,
+                                                                                  caplog):
+  """One array of a checkpoint is cut short; the reads of the others are still in flight when it fails
+  (staged: each healthy read, once done, yields to the event loop until a read failed, then 100 times
+  more, which is many loop turns past the failure reaching Orbax). Before the fix, Orbax's closed loop
+  left them pending, and the garbage collector later printed 'Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>' for each, with a TensorStore spec."""
+  from orbax.checkpoint._src.serialization import serialization
+  directory = tmp_path / 'ck'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.close()
+  files = [p for p in (directory / '5' / 'params').rglob('*') if p.is_file() and '/d/' in str(p)]
+  big = max(files, key=lambda p: p.stat().st_size)  # The arrays' data (the others: B-tree nodes).
+  os.truncate(big, big.stat().st_size // 2)
+
+  real_read, failed, finished = serialization._read_shard, [], []
+
+  async def staged_read(**kwargs):
+    try:
+      shard = await real_read(**kwargs)
+    except BaseException:
+      failed.append(True)
+      raise
+    for _ in range(10_000):
+      if failed:
+        break
+      await asyncio.sleep(0)
+    for _ in range(100):
+      await asyncio.sleep(0)
+    finished.append(True)
+    return shard
+  monkeypatch.setattr(serialization, '_read_shard', staged_read)
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  ckpt = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+  # Training's restore, then sampling's and evaluation's (parameters only).
+  for restore in (lambda: ckpt.restore_state(5, _abstract(_state())),
+                  lambda: ckpt.restore_params(5, _abstract(_state()).params)):
+    failed.clear()
+    finished.clear()
+    with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged'):
+      restore()
+    gc.collect()
+    assert failed and finished  # Reads of both kinds happened: the staging worked.
+    assert [str(u.object) for u in unraisable] == []
+    assert not [r for r in caplog.records if r.name == 'asyncio' and r.levelno >= logging.ERROR]
+
+
+def _cut(path):
+  os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize('damage', [
+    ('the arrays\' data', lambda d: _cut(max(d.glob('ocdbt.process_0/d/*'), key=lambda p: p.stat().st_size))),
+    ('the B-tree root', lambda d: [_cut(p) for p in d.glob('d/*')]),
+    ('the manifests', lambda d: [_cut(p) for p in d.rglob('manifest.ocdbt')]),
+    ('a missing manifest', lambda d: [p.unlink() for p in d.rglob('manifest.ocdbt')]),
+], ids=lambda d: d[0])
+def test_every_cut_or_missing_array_file_is_damage_not_a_model_mismatch(tmp_path, damage):
+  """Orbax's OCDBT keeps each item's arrays in data files under ocdbt.process_0/d/, indexed by a B-tree
+  whose root is under d/ and manifests; damage to any of them is a damaged checkpoint (which
+  resume_from_last_good sets aside), never 'does not fit the configured model'."""
+  directory = tmp_path / 'ck'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.close()
+  damage[1](directory / '5' / 'params')
+  ckpt = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint, match=r'checkpoint 5 in .* is damaged \((OUT_OF_RANGE|'
+                     r'DATA_LOSS|NOT_FOUND): '):
+    ckpt.restore_state(5, _abstract(_state()))
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint):
+    ckpt.restore_params(5, _abstract(_state()).params)

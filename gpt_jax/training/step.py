@@ -47,7 +47,10 @@ def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDic
     base = jax.random.PRNGKey(train_cfg.seed)
     init_key = jax.random.fold_in(base, -1 & 0xFFFFFFFF)  # Distinct from every step's key.
     params = model.init(init_key, jnp.zeros((1, model_cfg.block_size), jnp.int32))['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=base)
+    # Flax's step 0 is a Python int, which jit makes a weakly typed int32; a restored step is a plain
+    # int32, so a resumed run compiled another train step than a fresh one (no compilation cache hit).
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=base).replace(
+        step=jnp.zeros((), jnp.int32))
 
   if mesh is None:
     return jax.jit(init)()

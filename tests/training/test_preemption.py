@@ -3,17 +3,13 @@ directory; a full disk; damaged checkpoints. Signals and locks are tested on rea
 scripts/train.py; the multi-process agreement is in tests/test_multihost.py."""
 
 import errno
-import json
 import os
 import pathlib
-import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 import jax
@@ -26,62 +22,16 @@ from gpt_jax.training import runlock
 from gpt_jax import sampling
 from gpt_jax.training import loop as loop_lib
 from gpt_jax.errors import Stopped, UserError
+from train_procs import REPO, TRAIN, Run  # Shared with test_chaos.py.
+from train_procs import garble_meta as _garble_meta, garble_metrics as _garble_metrics
+from train_procs import metrics as _metrics, train_flags as _flags
+from train_procs import truncate_largest_array as _truncate_largest_array
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-TRAIN = str(REPO / 'scripts' / 'train.py')
 # Steps slow enough (8 micro-batches) for a signal to land inside one, evals long enough (1000 batches
 # per split) for one to land inside an eval; 'best' mode, where the stop checkpoint is an extra one.
 RUN = ['--config.train.max_steps=30', '--config.train.eval_interval=10', '--config.train.log_interval=1',
        '--config.train.grad_accum_steps=8', '--config.train.eval_iters=1000',
        '--config.checkpoint.save=best', '--config.sample.eval_tokens=0']
-
-
-def _flags(root, text_path, *extra):
-  return ['--config', str(REPO / 'configs' / 'shakespeare.py') + ':tiny',
-          f'--config.out_dir={root / "out"}', f'--config.data.text_path={text_path}',
-          f'--config.data.data_dir={root / "data"}', '--config.train.peak_flops=1e12', *extra]
-
-
-class Run:
-  """scripts/train.py in a subprocess; stdout is read as it comes, so a test can act on a line."""
-
-  def __init__(self, args, cmd=None):
-    self.err = tempfile.TemporaryFile('w+')  # A file, not a pipe nobody reads while it runs.
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    self.proc = subprocess.Popen(cmd or [sys.executable, TRAIN, *args], stdout=subprocess.PIPE,
-                                 stderr=self.err, text=True, env=env, cwd=REPO)
-    self.lines, self._queue = [], queue.Queue()
-    self._pump = threading.Thread(target=self._read, daemon=True)
-    self._pump.start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.append(line)
-      self._queue.put(line)
-    self._queue.put(None)
-
-  def wait_for(self, pattern, timeout=300):
-    deadline = time.monotonic() + timeout
-    while True:
-      line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
-      if line is None:
-        raise AssertionError(f'exited before {pattern!r}:\n' + ''.join(self.lines) + self.stderr())
-      if re.search(pattern, line):
-        return line
-
-  def finish(self, timeout=300):
-    rc = self.proc.wait(timeout)
-    self._pump.join(timeout)
-    return rc, ''.join(self.lines), self.stderr()
-
-  def stderr(self):
-    self.err.seek(0)
-    return self.err.read()
-
-
-def _metrics(out_dir):
-  with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f]
 
 
 def _check_same_run(straight_dir, resumed_dir):
@@ -291,20 +241,6 @@ def test_permission_denied_on_save_is_one_clear_message(tiny_config, monkeypatch
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------
-
-def _truncate_largest_array(step_dir):
-  files = [p for p in (step_dir / 'params').rglob('*') if p.is_file() and '/d/' in str(p)]
-  big = max(files, key=lambda p: p.stat().st_size)
-  os.truncate(big, big.stat().st_size // 2)
-
-
-def _garble_meta(step_dir):
-  (step_dir / 'meta' / 'metadata').write_text('{"model": {"n_layer": 2,', encoding='utf-8')
-
-
-def _garble_metrics(step_dir):
-  (step_dir / 'metrics' / 'metrics').write_text('{"val_lo', encoding='utf-8')
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize('damage', [_truncate_largest_array, _garble_meta, _garble_metrics])
