@@ -248,9 +248,7 @@ class Trainer:
                                                          'shards_dir') if k in s.dataset.meta},
                  'config': json.loads(config.to_json_best_effort())}
     self.tokens_per_step = t.batch_size * t.grad_accum_steps * s.model_cfg.block_size
-    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops)
-    if not self.peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already
-      self.peak *= len(jax.devices())             # uses every core, which simulated CPU devices share.
+    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops, s.model_cfg.dtype)  # All devices.
     self.bar = tqdm(total=t.max_steps, initial=self.start_step, desc='train', unit='step',
                     dynamic_ncols=True, disable=None if main else True)
     self.say = self.bar.write if not self.bar.disable else s.say
