@@ -27,8 +27,10 @@ Options that leave GPT-2 (issue 14's speedrun levers; all off by default, see Mo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -261,12 +263,27 @@ def cudnn_problem(cfg: ModelConfig, platform: str) -> Optional[str]:
   return None
 
 
+# The platform programs are being built for, when it is not JAX's default backend (`target_platform`).
+_TARGET_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    'gpt_jax_target_platform', default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Traces inside choose attention for `platform` (e.g. 'cuda' while lowering for a GPU on a CPU)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
 def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optional[str] = None,
                              ) -> str:
   """The one place that decides which kernel a full forward (or prefill) uses: 'manual', 'xla', 'cudnn'.
 
   `drop_probs`: this call drops attention probabilities (training, dropout > 0, attention_dropout).
-  `platform`: the backend the program is for (default: JAX's default backend).
+  `platform`: the backend the program is for (default: `target_platform`'s, else JAX's default).
     manual  the written-out softmax (block-causal for long sequences): always.
     xla     jax.nn.dot_product_attention(implementation='xla'), except when attention probabilities
             are dropped, which only the written-out softmax can do with the step's own key.
@@ -279,7 +296,7 @@ def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optio
   want = cfg.attention
   if want == 'manual':
     return 'manual'
-  platform = platform or jax.default_backend()
+  platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
   problem = cudnn_problem(cfg, platform)
   if want == 'cudnn':
     if problem:
