@@ -89,10 +89,11 @@ class Linear(nn.Module):
     # Multiply as one 2-D (B*T, in) @ (in, out) GEMM: the same maths as a (B, T, in) contraction, but
     # it hands XLA the canonical matmul for the forward *and* for the weight gradient, which on CPU is
     # several times faster than a contraction over two batch-like axes.
-    # Products accumulate in float32 whatever the compute dtype (on CPUs with AMX, a bfloat16
-    # product with a float32 result is also the fast path).
+    # The result is in the compute dtype, as under torch.autocast (GPUs accumulate a bf16 GEMM in
+    # float32 inside the kernel either way). Asking for a float32 result instead would make the
+    # gradient's cotangent float32, and so run both backward GEMMs in float32 (tf32 on a GPU).
     y = jnp.dot(x.reshape(-1, n_in).astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32).astype(self.dtype)
+                preferred_element_type=self.dtype)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y.reshape(*x.shape[:-1], self.features)
@@ -466,7 +467,7 @@ class GPT(nn.Module):
     x = self.ln_f(x)
     # Weight tying: the output layer is the token embedding, transposed (saves V*C parameters).
     logits = jnp.dot(x.reshape(B * T, -1).astype(dtype), self.wte.astype(dtype).T,
-                     preferred_element_type=jnp.float32).reshape(B, T, cfg.vocab_size)
+                     preferred_element_type=dtype).reshape(B, T, cfg.vocab_size)  # (See Linear.)
     return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
 
   def __call__(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:
