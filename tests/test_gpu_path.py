@@ -248,32 +248,33 @@ def test_default_run_is_pinned_to_the_cpu():
 BF16_TOLERANCE = 2e-3
 
 
-@pytest.mark.slow
-def test_bf16_training_tracks_float32():
+def train_losses(dtype: str, steps: int = 60) -> np.ndarray:
+  """Per-step losses of the `tiny` model with the `gpu` preset's model settings (dropout 0.1)."""
   from conftest import make_synthetic_text
   from gpt_jax import optim
   from gpt_jax.training.step import init_train_state, train_step
   text = make_synthetic_text()
   chars = sorted(set(text))
   data = jnp.asarray(np.array([chars.index(c) for c in text], np.uint16))
+  c = shakespeare.get_config('tiny')
+  gpu = shakespeare.get_config('gpu').model
+  c.model.update(dtype=dtype, attention=gpu.attention, attention_dropout=gpu.attention_dropout,
+                 dropout=0.1)
+  c.train.update(max_steps=steps, lr_decay_steps=steps, learning_rate=3e-3)
+  m = model_config_from(c, len(chars))
+  state = init_train_state(m, c.train)
+  step = jax.jit(functools.partial(train_step, model=GPT(m), batch_size=c.train.batch_size,
+                                   grad_accum_steps=1, schedule=optim.lr_schedule(c.train)))
+  out = []
+  for _ in range(steps):
+    state, met = step(state, data)
+    out.append(float(met['loss']))
+  return np.array(out)
 
-  def losses(dtype, steps=60):
-    c = shakespeare.get_config('tiny')
-    gpu = shakespeare.get_config('gpu').model
-    c.model.update(dtype=dtype, attention=gpu.attention, attention_dropout=gpu.attention_dropout,
-                   dropout=0.1)
-    c.train.update(max_steps=steps, lr_decay_steps=steps, learning_rate=3e-3)
-    m = model_config_from(c, len(chars))
-    state = init_train_state(m, c.train)
-    step = jax.jit(functools.partial(train_step, model=GPT(m), batch_size=c.train.batch_size,
-                                     grad_accum_steps=1, schedule=optim.lr_schedule(c.train)))
-    out = []
-    for _ in range(steps):
-      state, met = step(state, data)
-      out.append(float(met['loss']))
-    return np.array(out)
 
-  f32, bf16 = losses('float32'), losses('bfloat16')
+@pytest.mark.slow
+def test_bf16_training_tracks_float32():
+  f32, bf16 = train_losses('float32'), train_losses('bfloat16')
   print(f'max |bf16 - f32| = {np.abs(bf16 - f32).max():.2e}')
   assert f32[-1] < f32[0] - 1.0  # It learns.
   assert np.abs(bf16 - f32).max() < BF16_TOLERANCE
