@@ -231,6 +231,7 @@ def test_no_preload_on_a_gpu(monkeypatch):
   if allocator.library_path() is None or os.uname().machine not in ('x86_64', 'aarch64'):
     return  # No mimalloc here: the CPU case below has nothing to preload.
   monkeypatch.setattr(allocator, 'accelerator_backend', lambda: None)
+  monkeypatch.setattr(sys, 'argv', [allocator.__file__])  # A script file (xdist workers run `-c`).
   run_as_main()  # The CPU: re-executes on mimalloc (execve is the fake here).
   assert len(execs) == 1 and 'mimalloc' in execs[0][2]['LD_PRELOAD']
 
