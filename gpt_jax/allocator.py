@@ -17,7 +17,8 @@ tcmalloc. `os.execve` keeps the process id, stdin/stdout/stderr and the exit sta
   GPT_JAX_ALLOCATOR=system   turns it off (glibc malloc)
   GPT_JAX_ALLOCATOR=/path/libtcmalloc.so.4   preloads another allocator instead
 
-Elsewhere than Linux on x86_64 or aarch64 (where the wheel exists) nothing happens. If the library
+Elsewhere than Linux on x86_64 or aarch64 (where the wheel exists), and where JAX will run on a GPU or
+TPU (`accelerator_backend`: malloc serves only the host side there), nothing happens. If the library
 is missing or cannot be loaded, the script runs on the system allocator after one note line on
 stderr. Processes the script starts inherit LD_PRELOAD, so a script started by a script does not
 execute again.
@@ -70,6 +71,31 @@ def loaded_allocator() -> str | None:
   return None
 
 
+def accelerator_backend(environ: dict[str, str] | None = None) -> str | None:
+  """'gpu' or 'tpu' when JAX will run on one here, else None (decided before jax is imported).
+
+  On an accelerator the preload buys nothing: XLA's device memory and pinned host buffers do not go
+  through malloc. JAX takes a GPU when a CUDA plugin is installed and the machine has an NVIDIA
+  device, a TPU when libtpu is installed and a TPU is attached, unless JAX_PLATFORMS says cpu only.
+  """
+  environ = os.environ if environ is None else environ
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').lower().split(',') if p.strip()]
+  if platforms and platforms[0] == 'cpu':
+    return None
+  import glob
+  gpu = bool(glob.glob('/dev/nvidia[0-9]*'))  # Device nodes first: cheap, and usually absent.
+  tpu = bool(glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'))
+  if not (gpu or tpu):
+    return None
+  from importlib import metadata
+  names = {(d.metadata['Name'] or '').lower().replace('_', '-') for d in metadata.distributions()}
+  if gpu and any(re.fullmatch(r'jax-cuda\d+-plugin', n) for n in names):
+    return 'gpu'
+  if tpu and 'libtpu' in names:
+    return 'tpu'
+  return None
+
+
 def _note(msg: str) -> None:
   print(f'note: {msg}; running on the system allocator ({ENV_VAR}=system hides this note)',
         file=sys.stderr)
@@ -89,7 +115,7 @@ def preload() -> None:
   if choice not in ('', 'mimalloc') and not os.path.isabs(choice):
     sys.exit(f"error: {ENV_VAR}={choice!r}: use 'mimalloc' (the default), 'system', "
              'or the absolute path of a malloc library to preload')
-  if loaded_allocator():
+  if loaded_allocator() or accelerator_backend():
     return
   if os.environ.get(_REEXEC_VAR) == str(os.getpid()):
     _note('the dynamic loader did not preload the allocator')

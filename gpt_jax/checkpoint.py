@@ -309,7 +309,7 @@ def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str
   # field's default, which is the behaviour the checkpoint was trained with.)
   def shape_only(c: ModelConfig) -> dict:
     d = c.to_dict()
-    for k in ('dropout', 'attention', 'dtype', 'remat', 'zero_init_proj'):
+    for k in ('dropout', 'attention', 'attention_dropout', 'dtype', 'remat', 'zero_init_proj'):
       d.pop(k)
     return d
   a, b = shape_only(saved), shape_only(model_cfg)

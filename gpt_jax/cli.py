@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -101,9 +102,40 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   sys.exit(2)
 
 
+CACHE_ENV_VAR = 'GPT_JAX_COMPILATION_CACHE'
+
+
+def compilation_cache_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+  """Where the scripts keep JAX's persistent compilation cache; None = leave JAX's setting alone.
+
+  Compiled steps (and, on GPUs, XLA's autotuning of them) are reused across runs. On by default in
+  $XDG_CACHE_HOME/gpt_jax/jax_compilation_cache (~/.cache/...). GPT_JAX_COMPILATION_CACHE=off turns
+  it off, =DIR puts it elsewhere; a JAX_COMPILATION_CACHE_DIR already set (the test-suite's) wins.
+  """
+  environ = os.environ if environ is None else environ
+  choice = environ.get(CACHE_ENV_VAR, '').strip()
+  if environ.get('JAX_COMPILATION_CACHE_DIR') or choice.lower() in ('off', '0', 'false', 'none'):
+    return None
+  if choice and choice.lower() not in ('on', '1', 'true'):
+    return os.path.abspath(os.path.expanduser(choice))
+  root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'gpt_jax', 'jax_compilation_cache')
+
+
+def enable_compilation_cache() -> Optional[str]:
+  """Turns on JAX's persistent compilation cache as `compilation_cache_dir` says; returns the folder."""
+  path = compilation_cache_dir()
+  if path is not None:
+    import jax  # Lazily: --help and flag errors stay instant.
+    jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
 def run_main(fn: Callable[[], object]) -> None:
-  """Runs `fn` with quiet logs; a UserError becomes one line on stderr and exit status 1."""
+  """Runs `fn` with quiet logs and the compilation cache on; a UserError becomes one line on stderr
+  and exit status 1."""
   quiet_library_logs()
+  enable_compilation_cache()
   try:
     with exit_on_user_error():
       fn()

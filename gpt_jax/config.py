@@ -17,7 +17,7 @@ import ml_collections
 
 from gpt_jax.errors import UserError
 
-ATTENTION_BACKENDS = ('manual', 'xla')
+ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See model.attention_implementation.
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSITIONS = ('learned', 'rotary')
 ACTIVATIONS = ('gelu', 'relu2')
@@ -34,9 +34,14 @@ class ModelConfig:
   dropout: float = 0.2
   bias: bool = False            # Biases in Linear and LayerNorm (GPT-2: True; nanoGPT char: False).
   gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
-  attention: str = 'manual'     # 'manual' (written out) or 'xla' (jax.nn.dot_product_attention) for
-                                # full forwards and prefills; decode steps use model.cached_attention.
-  dtype: str = 'float32'        # Compute dtype; parameters always stay float32.
+  attention: str = 'manual'     # Full forwards and prefills: 'manual' (written out), 'xla' / 'cudnn'
+                                # (jax.nn.dot_product_attention's implementations) or 'auto' (cuDNN
+                                # where it applies, else XLA); model.attention_implementation decides.
+                                # Decode steps always use model.cached_attention.
+  attention_dropout: bool = True  # Dropout on the attention probabilities (GPT-2). False keeps only the
+                                # embedding and residual dropout, which lets fused kernels train.
+  dtype: str = 'float32'        # Compute dtype of the matmuls; parameters and the residual stream
+                                # always stay float32 (as torch.autocast keeps them).
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
   # Speedrun options (issue 14), all off by default: the defaults are GPT-2 / nanoGPT exactly, and a
   # saved config without these fields (an older checkpoint) means exactly that model.

@@ -27,8 +27,10 @@ Options that leave GPT-2 (issue 14's speedrun levers; all off by default, see Mo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt_jax.config import ModelConfig
+from gpt_jax.errors import UserError
 
 # A KV cache: for every layer a dict with 'k' and 'v' of shape (B, H, S, D) (head-major, as attention).
 Cache = tuple[dict[str, jax.Array], ...]
@@ -86,10 +89,11 @@ class Linear(nn.Module):
     # Multiply as one 2-D (B*T, in) @ (in, out) GEMM: the same maths as a (B, T, in) contraction, but
     # it hands XLA the canonical matmul for the forward *and* for the weight gradient, which on CPU is
     # several times faster than a contraction over two batch-like axes.
-    # Products accumulate in float32 whatever the compute dtype (on CPUs with AMX, a bfloat16
-    # product with a float32 result is also the fast path).
+    # The result is in the compute dtype, as under torch.autocast (GPUs accumulate a bf16 GEMM in
+    # float32 inside the kernel either way). Asking for a float32 result instead would make the
+    # gradient's cotangent float32, and so run both backward GEMMs in float32 (tf32 on a GPU).
     y = jnp.dot(x.reshape(-1, n_in).astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32).astype(self.dtype)
+                preferred_element_type=self.dtype)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y.reshape(*x.shape[:-1], self.features)
@@ -241,6 +245,86 @@ def _after(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(y), jnp.zeros_like(x), x)
 
 
+# cuDNN's fused (flash) attention, as jax.nn.dot_product_attention(implementation='cudnn') checks it
+# (jax/_src/cudnn/fused_attention_stablehlo.py): bf16/fp16 inputs and a head size that is a multiple of
+# 8, at most 128 (256 from Hopper on; 128 is the bound that holds on every GPU).
+CUDNN_DTYPES = ('bfloat16', 'float16')
+CUDNN_MAX_HEAD_SIZE = 128
+
+
+def cudnn_problem(cfg: ModelConfig, platform: str) -> Optional[str]:
+  """Why cuDNN flash attention cannot run this model on `platform` ('cpu', 'gpu', ...); None if it can."""
+  if platform not in ('gpu', 'cuda'):
+    return f'it needs an NVIDIA GPU (this run is on {platform})'
+  if cfg.dtype not in CUDNN_DTYPES:
+    return f'it takes only bfloat16/float16 inputs (model.dtype={cfg.dtype!r})'
+  if cfg.head_size % 8 or cfg.head_size > CUDNN_MAX_HEAD_SIZE:
+    return (f'it needs a head size (n_embd // n_head) that is a multiple of 8 and at most '
+            f'{CUDNN_MAX_HEAD_SIZE} (got {cfg.head_size})')
+  return None
+
+
+# The platform programs are being built for, when it is not JAX's default backend (`target_platform`).
+_TARGET_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    'gpt_jax_target_platform', default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Traces inside choose attention for `platform` (e.g. 'cuda' while lowering for a GPU on a CPU)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optional[str] = None,
+                             ) -> str:
+  """The one place that decides which kernel a full forward (or prefill) uses: 'manual', 'xla', 'cudnn'.
+
+  `drop_probs`: this call drops attention probabilities (training, dropout > 0, attention_dropout).
+  `platform`: the backend the program is for (default: `target_platform`'s, else JAX's default).
+    manual  the written-out softmax (block-causal for long sequences): always.
+    xla     jax.nn.dot_product_attention(implementation='xla'), except when attention probabilities
+            are dropped, which only the written-out softmax can do with the step's own key.
+    cudnn   implementation='cudnn' (flash attention), or a UserError saying why it cannot run here.
+    auto    cuDNN where it applies (cudnn_problem), else as 'xla'.
+  No fused kernel drops attention probabilities: jax.nn.dot_product_attention has no dropout, and
+  cuDNN's in-kernel dropout takes its seed as a compile-time constant and advances its own counter,
+  so a step would no longer be a pure function of (seed, step) and resumed runs would not repeat.
+  """
+  want = cfg.attention
+  if want == 'manual':
+    return 'manual'
+  platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
+  problem = cudnn_problem(cfg, platform)
+  if want == 'cudnn':
+    if problem:
+      raise UserError(f"model.attention='cudnn': cuDNN flash attention cannot run this model: "
+                      f"{problem}. Use model.attention='auto' (cuDNN where it applies, else XLA).")
+    if drop_probs:
+      raise UserError("model.attention='cudnn' cannot drop attention probabilities (see "
+                      "docs/gpu.md); set model.attention_dropout=False (embedding and residual "
+                      "dropout stay), or model.attention='auto' to train on the written-out softmax.")
+    return 'cudnn'
+  if drop_probs:
+    return 'manual'
+  return 'cudnn' if want == 'auto' and problem is None else 'xla'
+
+
+def describe_attention(cfg: ModelConfig, platform: Optional[str] = None) -> str:
+  """What a run uses, in words, e.g. 'cudnn (training and evals)' (printed at start-up)."""
+  train = attention_implementation(cfg, cfg.dropout > 0 and cfg.attention_dropout, platform)
+  evals = attention_implementation(cfg, False, platform)
+  why = ''
+  if cfg.attention != 'manual' and train == 'manual':
+    why = ' (attention dropout needs the written-out softmax; model.attention_dropout=False lifts it)'
+  if train == evals:
+    return f'{train} (training and evals; model.attention={cfg.attention!r})'
+  return f'{train} in training{why}, {evals} in evals (model.attention={cfg.attention!r})'
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention with an optional KV cache for generation.
 
@@ -278,24 +362,25 @@ class CausalSelfAttention(nn.Module):
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
 
     use_dropout = not deterministic and cfg.dropout > 0.0
+    drop_probs = use_dropout and cfg.attention_dropout  # Dropout on the attention probabilities.
     prefill = cache is not None and isinstance(pos, int) and pos == 0  # Nothing cached to read yet.
+    impl = attention_implementation(cfg, drop_probs)
     if cache is not None and not prefill:
       # Generation: the new tokens attend over the cache's past and, causally, over each other.
       y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
-    elif cfg.attention == 'xla' and not use_dropout:
-      # jax.nn.dot_product_attention picks cuDNN flash attention on NVIDIA GPUs; it has no
-      # attention-probability dropout, so training with dropout > 0 stays on the manual path.
-      # It takes and returns (B, T, H, D).
+    elif impl in ('xla', 'cudnn') and not self.record_probs:
+      # jax.nn.dot_product_attention with the implementation named explicitly (its default, None,
+      # is XLA in every JAX so far). It takes and returns (B, T, H, D).
       q_, k_, v_ = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-      y = jax.nn.dot_product_attention(q_, k_, v_, is_causal=True, implementation=None)
+      y = jax.nn.dot_product_attention(q_, k_, v_, is_causal=True, implementation=impl)
       y = y.transpose(0, 2, 1, 3)  # (B, H, T, D)
     elif T > QUERY_BLOCK and not self.record_probs:
       # Training / full forward of a long sequence: skip the fully masked blocks.
       y = block_causal_attention(q, k, v, QUERY_BLOCK, cfg.dropout,
-                                 self.make_rng('dropout') if use_dropout else None)
+                                 self.make_rng('dropout') if drop_probs else None)
     else:
       y = causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)), cfg.dropout,
-                           self.make_rng('dropout') if use_dropout else None,
+                           self.make_rng('dropout') if drop_probs else None,
                            probs_hook=(lambda p: self.sow('intermediates', 'attn_probs', p))
                            if self.record_probs else None)
     if cache is not None:
@@ -371,7 +456,9 @@ class GPT(nn.Module):
     x = jnp.take(self.wte, idx, axis=0)  # (B, T, C)
     if cfg.position == 'learned':
       x = x + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)
-    x = self.drop(x.astype(dtype), deterministic=deterministic)
+    # The residual stream stays float32 whatever the compute dtype (as under torch.autocast): each
+    # Linear casts its input to `dtype` and its bf16 output is added back in float32.
+    x = self.drop(x, deterministic=deterministic)
     self.sow('intermediates', 'embed', x)  # Residual stream entering h_0 (no-op unless mutable).
     new_cache = []
     for i, block in enumerate(self.h):
@@ -379,8 +466,8 @@ class GPT(nn.Module):
       new_cache.append(layer_cache)
     x = self.ln_f(x)
     # Weight tying: the output layer is the token embedding, transposed (saves V*C parameters).
-    logits = jnp.dot(x.reshape(B * T, -1), self.wte.astype(dtype).T,
-                     preferred_element_type=jnp.float32).reshape(B, T, cfg.vocab_size)
+    logits = jnp.dot(x.reshape(B * T, -1).astype(dtype), self.wte.astype(dtype).T,
+                     preferred_element_type=dtype).reshape(B, T, cfg.vocab_size)  # (See Linear.)
     return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
 
   def __call__(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:

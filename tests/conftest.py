@@ -27,6 +27,30 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
+
+def gpu_tier(markexpr: str) -> bool:
+  """True for the opt-in GPU tier (`pytest -m gpu`, or an expression selecting gpu, not `not gpu`)."""
+  return 'gpu' in markexpr and 'not gpu' not in markexpr
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  """The default run pins JAX to the CPU, where every float32 tolerance, golden loss and parity test
+  was set: on a GPU, float32 matmuls would run as tf32. The GPU tier (`pytest -m gpu`) keeps the GPU
+  and asks for full float32 matmuls. Both make XLA allocate GPU memory as needed instead of 75% per
+  process up front, so xdist workers and the scripts' subprocesses can share one GPU.
+  Environment variables reach workers and subprocesses; jax.config covers a jax imported already."""
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  if gpu_tier(config.option.markexpr or ''):
+    os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+    settings = {'jax_default_matmul_precision': os.environ['JAX_DEFAULT_MATMUL_PRECISION']}
+  else:
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    settings = {'jax_platforms': 'cpu'}
+  if 'jax' in sys.modules:
+    for name, value in settings.items():
+      sys.modules['jax'].config.update(name, value)
+
+
 from configs import shakespeare  # noqa: E402
 from gpt_jax.data import text as text_lib  # noqa: E402
 from skip_policy import pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401

@@ -11,6 +11,8 @@ Where the settings come from, first match wins for each of them:
   3. JAX's own cluster auto-detection (Slurm, Open MPI, Cloud TPU pods, ...) for whatever is still
      unset, when a launcher is visible in the environment.
 With none of these, the run is a single process and nothing is initialised.
+`distributed.local_device_ids` (or JAX_LOCAL_DEVICE_IDS) gives a process its own GPUs: several
+processes on one host, one per GPU, without a launcher, each claim only theirs.
 
 On CPU, cross-process collectives use gloo over TCP (JAX's default in this version; set explicitly
 below so that an older default of 'none' cannot silently break a CPU multi-process run).
@@ -70,24 +72,45 @@ def initialize(dist_cfg: Any = None, environ: Optional[dict[str, str]] = None) -
     return False  # A single process: nothing to connect.
   if num == 1:
     return False
-  from jax._src import xla_bridge  # No public query for "has a backend been created yet".
-  if xla_bridge.backends_are_initialized():
-    raise UserError('multi-process settings were given (distributed.* or JAX_COORDINATOR_ADDRESS / '
-                    'JAX_NUM_PROCESSES / JAX_PROCESS_ID), but JAX was already used in this process; '
-                    'start the run in a fresh process.')
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-  except (ValueError, TypeError, RuntimeError) as e:
-    raise UserError(
-        f'could not start the multi-process runtime ({str(e).strip().splitlines()[0]}). Give every '
-        'process the same --config.distributed.coordinator_address=HOST:PORT (process 0\'s host and a '
-        'free port) and --config.distributed.num_processes=N, and each its own '
-        '--config.distributed.process_id (0 .. N-1), or the JAX_COORDINATOR_ADDRESS / '
-        'JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables'
-        + (f' (or let {launcher} provide them)' if launcher else '') + '.') from None
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                               local_device_ids=_local_device_ids(dist_cfg))
+  except RuntimeError as e:
+    # JAX refuses once a backend exists (there is no public query for that beforehand).
+    if 'must be called before' in str(e):
+      raise UserError('multi-process settings were given (distributed.* or JAX_COORDINATOR_ADDRESS / '
+                      'JAX_NUM_PROCESSES / JAX_PROCESS_ID), but JAX was already used in this process; '
+                      'start the run in a fresh process.') from None
+    raise _init_error(e, launcher) from None
+  except (ValueError, TypeError) as e:
+    raise _init_error(e, launcher) from None
   return jax.process_count() > 1
+
+
+def _local_device_ids(dist_cfg: Any) -> Optional[list[int]]:
+  """distributed.local_device_ids ('0' or '0,1'): this process's GPUs. '' = JAX's choice:
+  JAX_LOCAL_DEVICE_IDS, or one GPU per process under Slurm / Open MPI, or else every GPU of the host."""
+  ids = str(dist_cfg['local_device_ids'] if dist_cfg is not None and 'local_device_ids' in dist_cfg
+            else '').strip()
+  if not ids:
+    return None
+  try:
+    return [int(i) for i in ids.split(',')]
+  except ValueError:
+    raise UserError(f'distributed.local_device_ids={ids!r}: give this process\'s device numbers, '
+                    'e.g. 0 or 0,1 (one process per GPU: process i takes GPU i).') from None
+
+
+def _init_error(e: Exception, launcher: Optional[str]) -> UserError:
+  return UserError(
+      f'could not start the multi-process runtime ({str(e).strip().splitlines()[0]}). Give every '
+      'process the same --config.distributed.coordinator_address=HOST:PORT (process 0\'s host and a '
+      'free port) and --config.distributed.num_processes=N, and each its own '
+      '--config.distributed.process_id (0 .. N-1), or the JAX_COORDINATOR_ADDRESS / '
+      'JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables'
+      + (f' (or let {launcher} provide them)' if launcher else '') + '.')
 
 
 def is_main() -> bool:

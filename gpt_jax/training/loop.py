@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import model as model_lib
 from gpt_jax import optim
 from gpt_jax import sampling
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
@@ -89,6 +90,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       f'block {model_cfg.block_size}, vocab {model_cfg.vocab_size}: '
       f'{num_params(model_cfg) / 1e6:.2f}M parameters '
       f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
+  say(f'compute: {model_cfg.dtype} matmuls, float32 parameters and residual stream; attention: '
+      f'{model_lib.describe_attention(model_cfg)}')
   return Setup(mesh, source, ds, model_cfg, say)
 
 
@@ -162,19 +165,26 @@ class Evaluator:
                  for i in range(t.eval_iters)]
     self.prompt = mesh_lib.put_replicated(np.array(
         [text_lib.encode_text(s.dataset.tokenizer, self.cfg_s.prompt or '\n')], np.int32), s.mesh)
+    self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
 
-  def split_loss(self, params: Any, split: str) -> float:
-    """Mean loss over the split's eval batches, summed in float32 (synced per batch, which also bounds
-    the CPU dispatch queue)."""
-    total = np.float32(0)
+  def split_loss(self, params: Any, split: str) -> jax.Array:
+    """Sum of the loss over the split's eval batches, added up on the device in float32 (in batch
+    order, as a host sum would): no host sync per batch, so the batches run back to back. Only
+    multi-device CPU runs wait every CPU_MAX_STEPS_IN_FLIGHT batches (see there)."""
+    total = None
     for i in range(self.eval_iters):
-      total += np.float32(self.step(params, self.s.source.eval_inputs(split, i), self.keys[i]))
-    return float(total / np.float32(self.eval_iters))
+      loss = self.step(params, self.s.source.eval_inputs(split, i), self.keys[i])
+      total = loss if total is None else total + loss
+      if self.bounded_dispatch and (i + 1) % CPU_MAX_STEPS_IN_FLIGHT == 0:
+        total.block_until_ready()
+    return total
 
   def __call__(self, params: Any, step: int) -> dict:
     t0 = time.perf_counter()
-    rec = {'step': step, **{f'{split}_loss': self.split_loss(params, split)
-                            for split in ('train', 'val')}}
+    totals = {split: self.split_loss(params, split) for split in ('train', 'val')}
+    # The one host sync of the eval; the mean is taken on the host, in float32.
+    rec = {'step': step, **{f'{split}_loss': float(np.float32(total) / np.float32(self.eval_iters))
+                            for split, total in totals.items()}}
     rec['eval_seconds'] = round(time.perf_counter() - t0, 3)
     c = self.cfg_s
     if c.eval_tokens > 0:
@@ -248,9 +258,7 @@ class Trainer:
                                                          'shards_dir') if k in s.dataset.meta},
                  'config': json.loads(config.to_json_best_effort())}
     self.tokens_per_step = t.batch_size * t.grad_accum_steps * s.model_cfg.block_size
-    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops)
-    if not self.peak_src.startswith('measured'):  # A per-device peak; a measured CPU matmul already
-      self.peak *= len(jax.devices())             # uses every core, which simulated CPU devices share.
+    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops, s.model_cfg.dtype)  # All devices.
     self.bar = tqdm(total=t.max_steps, initial=self.start_step, desc='train', unit='step',
                     dynamic_ncols=True, disable=None if main else True)
     self.say = self.bar.write if not self.bar.disable else s.say

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,25 +15,46 @@ import ml_collections
 from gpt_jax.errors import UserError
 
 
-_PEAK_FLOPS = {  # Dense bf16/fp16 tensor-core peaks, per device (float32 runs will read low).
-    'a100': 312e12, 'h100': 989e12, 'h200': 989e12, 'v100': 125e12, 'a10': 125e12, 'l4': 121e12,
-    'rtx 4090': 165e12, 'rtx 3090': 71e12, 'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5': 459e12,
+# Dense (no sparsity) peak TFLOP/s of one device from the vendors' datasheets, by the exact name JAX
+# reports as `device_kind`: (bf16/fp16 tensor cores, tf32 tensor cores, plain fp32). Exact names,
+# because substrings mislead: 'NVIDIA L4' is inside 'NVIDIA L40S', and the H100 PCIe and NVL are
+# slower parts than the H100 SXM. V100 has no tf32 (its fp32 figure stands in), and fp16 instead of
+# bf16. TPUs: bf16 only; at default precision XLA multiplies float32 there in one bf16 pass.
+_PEAK_TFLOPS: dict[str, tuple[float, float, Optional[float]]] = {
+    'NVIDIA A100-SXM4-40GB': (312, 156, 19.5), 'NVIDIA A100-SXM4-80GB': (312, 156, 19.5),
+    'NVIDIA A100-PCIE-40GB': (312, 156, 19.5), 'NVIDIA A100 80GB PCIe': (312, 156, 19.5),
+    'NVIDIA H100 80GB HBM3': (989, 495, 67), 'NVIDIA H100 PCIe': (756, 378, 51),
+    'NVIDIA H100 NVL': (835, 418, 60), 'NVIDIA H200': (989, 495, 67), 'NVIDIA H200 NVL': (835, 418, 60),
+    'NVIDIA GH200 480GB': (989, 495, 67),
+    'NVIDIA L4': (121, 60, 30.3), 'NVIDIA L40': (181, 90.5, 90.5), 'NVIDIA L40S': (362, 183, 91.6),
+    'NVIDIA A10': (125, 62.5, 31.2),
+    'NVIDIA GeForce RTX 4090': (165, 82.6, 82.6), 'NVIDIA GeForce RTX 3090': (71, 35.6, 35.6),
+    'Tesla V100-SXM2-16GB': (125, 15.7, 15.7), 'Tesla V100-SXM2-32GB': (125, 15.7, 15.7),
+    'Tesla V100-PCIE-16GB': (112, 14, 14), 'Tesla V100-PCIE-32GB': (112, 14, 14),
+    'TPU v4': (275, 275, None), 'TPU v5 lite': (197, 197, None), 'TPU v5': (459, 459, None),
+    'TPU v5p': (459, 459, None), 'TPU v6 lite': (918, 918, None),
 }
+PRECISIONS = ('bf16', 'tf32', 'fp32')
 
 
-def peak_flops(configured: float) -> tuple[float, str]:
-  """Peak FLOP/s of one device for MFU: configured, known by name, or a measured matmul (CPU)."""
-  if configured > 0:
-    return configured, 'configured'
-  dev = jax.devices()[0]
-  kind = dev.device_kind.lower()
-  for name, flops in _PEAK_FLOPS.items():
-    if name in kind:
-      return flops, dev.device_kind
-  # Unknown device (e.g. a CPU): time a large float32 matmul; MFU is then relative to what XLA
-  # itself reaches on a plain GEMM on this machine.
+def matmul_precision(dtype: str) -> str:
+  """How the run's matmuls use the hardware: 'bf16' (bf16/fp16 compute), 'tf32' or 'fp32'.
+
+  float32 matmuls at JAX's default precision run on tf32 tensor cores on NVIDIA GPUs from Ampere on;
+  jax_default_matmul_precision='highest' (or 'float32'), or NVIDIA_TF32_OVERRIDE=0, makes them fp32.
+  """
+  if dtype in ('bfloat16', 'float16'):
+    return 'bf16'
+  setting = str(jax.config.jax_default_matmul_precision or '').lower()
+  if setting in ('highest', 'float32') or os.environ.get('NVIDIA_TF32_OVERRIDE') == '0':
+    return 'fp32'
+  return 'tf32'
+
+
+def _measure_matmul(dtype: str, device: Any) -> float:
+  """FLOP/s of the best of 5 jitted (n, n) @ (n, n) GEMMs in `dtype` on `device`."""
   n = 1024
-  a = jnp.ones((n, n), jnp.float32)
+  a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
   mm = jax.jit(lambda a: a @ a)
   mm(a).block_until_ready()
   best = math.inf
@@ -40,7 +62,32 @@ def peak_flops(configured: float) -> tuple[float, str]:
     t0 = time.perf_counter()
     mm(a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best, 'measured float32 matmul'
+  return 2 * n ** 3 / best
+
+
+def peak_flops(configured: float, dtype: str = 'float32', devices: Optional[Sequence[Any]] = None,
+               ) -> tuple[float, str]:
+  """(peak FLOP/s of all the run's devices together, where the figure comes from), for MFU.
+
+  Per device: `configured` if > 0; else the datasheet peak of the device's exact name at the run's
+  matmul precision (`matmul_precision`); else a measured GEMM in the run's dtype. Every per-device
+  figure is multiplied by the device count, except a GEMM measured on a CPU: it already uses every
+  core, which simulated CPU devices (--xla_force_host_platform_device_count) share.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  n, dev = len(devices), devices[0]
+  each = '' if n == 1 else f'{n} x '
+  if configured > 0:
+    return configured * n, f'{each}configured peak'
+  precision = matmul_precision(dtype)
+  known = _PEAK_TFLOPS.get(dev.device_kind)
+  if known is not None and known[PRECISIONS.index(precision)] is not None:
+    return known[PRECISIONS.index(precision)] * 1e12 * n, f'{each}{dev.device_kind} {precision} peak'
+  # Unknown device (e.g. a CPU): MFU is then relative to what XLA itself reaches on a plain GEMM.
+  measured = _measure_matmul(dtype, dev)
+  if dev.platform == 'cpu':
+    return measured, f'measured {dtype} matmul'
+  return measured * n, f'{each}measured {dtype} matmul ({dev.device_kind})'
 
 
 class MetricsLog:

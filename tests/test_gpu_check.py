@@ -1,0 +1,44 @@
+"""scripts/gpu_check.sh: the one-command GPU check, gone through with --dry_run on this CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO, 'scripts', 'gpu_check.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_environment_names_what_is_missing(monkeypatch):
+  gc = _module()
+  real = gc.version
+  monkeypatch.setattr(gc, 'version', lambda name: None if name == 'ml_collections' else real(name))
+  info = gc.environment(type('Args', (), {'dry_run': True, 'no_install': True})())
+  assert not info['ok'] and info['ml_collections'] is None
+  assert info['problems'] == ['missing packages: ml_collections (pip install ml_collections)']
+
+
+@pytest.mark.slow
+def test_dry_run_goes_through_every_stage(tmp_path):
+  out = tmp_path / 'check'
+  proc = subprocess.run(['bash', os.path.join(REPO, 'scripts', 'gpu_check.sh'), '--dry_run',
+                         '--out', str(out)], env=dict(os.environ, PYTHON=sys.executable),
+                        capture_output=True, text=True, check=False, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((out / 'gpu_check.json').read_text())
+  stages = ('environment', 'gpu_tests', 'train', 'step_gpu', 'step_gpt2')
+  assert result['dry_run'] is True and all(result[s]['ok'] for s in stages)
+  assert result['train']['preset'] == 'tiny' and result['train']['full_pass_val_loss'] > 0
+  assert result['step_gpu']['tokens_per_s'] > 0 and result['step_gpt2']['mfu'] > 0
+  assert 'skipped' in result['gpu_tests']['summary']  # No GPU here: the tier skips, as allowed.
+  table = proc.stdout[proc.stdout.index('stage '):]
+  assert all(s in table for s in stages)
