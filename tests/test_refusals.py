@@ -63,14 +63,19 @@ def test_resume_of_a_parameters_only_checkpoint(tiny_config):
 @pytest.mark.slow
 def test_restoring_a_checkpoint_whose_shapes_do_not_fit(trained):
   config, before = trained
-  config.model.n_embd = 48  # The arrays on disk are 32 wide.
-  model_cfg = config_lib.model_config_from(config, 30)
-  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, config.train))
   ckpt = checkpoint_lib.Checkpointer(f'{config.out_dir}/checkpoints', config.checkpoint)
+  vocab = ckpt.meta(10)['model']['vocab_size']  # The data's own: only the width below differs.
+
+  def abstract():
+    model_cfg = config_lib.model_config_from(config, vocab)
+    return jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, config.train))
+
+  ckpt.restore_params(10, abstract().params)  # As configured, the checkpoint fits.
+  config.model.n_embd = 48  # The arrays on disk are 32 wide.
   with pytest.raises(UserError, match='checkpoint 10 .* does not fit the configured model'):
-    ckpt.restore_state(10, abstract)
+    ckpt.restore_state(10, abstract())
   with pytest.raises(UserError, match='checkpoint 10 .* cannot restore parameters'):
-    ckpt.restore_params(10, abstract.params)
+    ckpt.restore_params(10, abstract().params)
   ckpt.close()
   assert _files(config.out_dir) == before
 
