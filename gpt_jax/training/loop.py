@@ -389,6 +389,9 @@ class Trainer:
 
 def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
   if not math.isfinite(value):
+    # A background save still in flight is the last good checkpoint: finish it before naming it (an
+    # exception would otherwise leave it as a temporary directory that no resume sees).
+    ckpt.wait()
     latest = ckpt.latest_step()
     where = (f'the last good checkpoint (step {latest}) is untouched in {ckpt.directory}'
              if latest is not None else 'no checkpoint had been written yet')

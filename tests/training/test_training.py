@@ -231,6 +231,31 @@ def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_
   assert after == before and any(k.startswith('20/') for k in before)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('save', ['best', 'always'])
+def test_a_nan_val_loss_alone_stops_the_run_without_a_checkpoint(tiny_config, monkeypatch, save):
+  # Only the val loss of the third eval (step 20) is NaN; every train loss stays finite, so it is the
+  # val-loss guard, not the train-loss one, that must stop the run before step 20 is saved.
+  tiny_config.train.update(max_steps=30, eval_interval=10, log_interval=1)
+  tiny_config.checkpoint.save = save
+  real, calls = loop_lib.Evaluator.split_loss, []
+
+  def split_loss(self, params, split):
+    calls.append(split)
+    return math.nan if split == 'val' and calls.count('val') == 3 else real(self, params, split)
+
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss', split_loss)
+  with pytest.raises(UserError, match=r'the validation loss is nan at step 20: training diverged.*'
+                                      r'last good checkpoint \(step 10\) is untouched'):
+    loop_lib.train_and_evaluate(tiny_config)
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == [10]
+  ckpt.close()
+  recs = _read_metrics(tiny_config.out_dir)
+  assert all(math.isfinite(r['train_loss']) for r in recs if 'train_loss' in r)
+  assert max(r['step'] for r in recs) == 20
+
+
 @pytest.mark.parametrize('key,value,match', [
     ('batch_size', 0, 'train.batch_size'),
     ('learning_rate', -1.0, 'learning_rate'),
