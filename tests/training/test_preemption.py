@@ -229,22 +229,28 @@ def _mount_tmpfs(path, size):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('kind', ['tmpfs', 'injected'])
 def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, kind):
   """A real full filesystem where this machine lets the test mount one (root: a 1 MB tmpfs holds one
-  or two checkpoints of the tiny model); else ENOSPC injected at the second Orbax save."""
+  or two checkpoints of the tiny model); else, and always as `injected`, ENOSPC raised inside the
+  background write of the second checkpoint, after Orbax has made its temporary step directory, as a
+  full disk would."""
   disk = tmp_path / 'disk'
-  mounted = _mount_tmpfs(disk, '1m')
+  mounted = _mount_tmpfs(disk, '1m') if kind == 'tmpfs' else disk.mkdir() and False
   if not mounted:
-    import orbax.checkpoint as ocp
-    real_save, calls = ocp.CheckpointManager.save, []
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    handler = json_checkpoint_handler.JsonCheckpointHandler
+    real_write, steps = handler._save_fn, []
 
-    def failing_save(self, step, *args, **kwargs):
-      calls.append(step)
-      if len(calls) == 2:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-      return real_save(self, step, *args, **kwargs)
-    monkeypatch.setattr(ocp.CheckpointManager, 'save', failing_save)
+    async def failing_write(self, x, directory):  # Runs in the asynchronous commit.
+      step = pathlib.Path(str(directory)).parent.name.split('.')[0]  # <step>.orbax-checkpoint-tmp/<item>
+      if step not in steps:
+        steps.append(step)
+      if steps.index(step) == 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+      return await real_write(self, x, directory)
+    monkeypatch.setattr(handler, '_save_fn', failing_write)
   try:
     config = _small_run(tiny_config)
     config.out_dir = str(disk / 'out')
@@ -259,8 +265,8 @@ def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config,
     ckpt_dir = disk / 'out' / 'checkpoints'
     # The half-written step is no step: a fresh reader lists only the complete ones.
     assert checkpoint_lib.Checkpointer(str(ckpt_dir), read_only=True).steps() == good
+    assert f'{failed}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)  # Orbax's unfinished folder.
     if mounted:
-      assert f'{failed}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)  # Orbax's unfinished folder.
       subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)  # Space freed.
     else:
       monkeypatch.undo()
