@@ -256,6 +256,19 @@ def test_a_nan_val_loss_alone_stops_the_run_without_a_checkpoint(tiny_config, mo
   assert max(r['step'] for r in recs) == 20
 
 
+def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch):
+  # "At or under": a val loss exactly at the target reaches it (a `<` would wait for the next eval).
+  tiny_config.train.update(max_steps=3, eval_interval=1, log_interval=1, target_val_loss=2.5)
+  tiny_config.sample.eval_tokens = 0
+  vals = iter([3.0, 2.5, 2.5, 2.0])
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+                      lambda self, params, split: next(vals) if split == 'val' else 3.0)
+  summary = loop_lib.train_and_evaluate(tiny_config)
+  assert summary['target_reached']['step'] == 1 and summary['target_reached']['val_loss'] == 2.5
+  reached = [r for r in _read_metrics(tiny_config.out_dir) if r.get('event') == 'target_reached']
+  assert [r['step'] for r in reached] == [1]
+
+
 @pytest.mark.parametrize('key,value,match', [
     ('batch_size', 0, 'train.batch_size'),
     ('learning_rate', -1.0, 'learning_rate'),
