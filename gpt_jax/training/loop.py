@@ -93,8 +93,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 
 def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoint_lib.Checkpointer,
-                    ) -> tuple[TrainState, float]:
-  """(state, best val loss so far): the newest checkpoint if train.resume, else a fresh state.
+                    ) -> tuple[TrainState, float, dict]:
+  """(state, best val loss so far, checkpoint metadata): the newest checkpoint if train.resume (with
+  its metadata), else a fresh state (and {}).
 
   A fresh run refuses a directory that already holds checkpoints; a resumed one checks that the
   checkpoint is of this model and vocabulary before reading a byte of its arrays.
@@ -116,7 +117,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
       params = hf.init_params_from(config.init_from, s.model_cfg)
       state = state.replace(params=mesh_lib.put_global(params, shardings.params))
       s.say(f'initialised the parameters from {config.init_from}')
-    return state, math.inf
+    return state, math.inf, {}
   if latest is None:
     raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
                     'run without --config.train.resume=True to start a new run.')
@@ -142,7 +143,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
     best_step = ckpt.best_step()
     best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
   s.say(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
-  return state, best_val
+  return state, best_val, meta
 
 
 class Evaluator:
@@ -216,7 +217,10 @@ class Trainer:
     self.s = s = setup(config)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), config.checkpoint,
                                             set_aside_damaged=t.resume and t.resume_from_last_good)
-    self.state, self.best_val = restore_or_init(config, s, self.ckpt)
+    self.state, self.best_val, resumed_meta = restore_or_init(config, s, self.ckpt)
+    # A resumed run's clock goes on from its checkpoint: every `time` it logs, its time to target and
+    # its wall_seconds count the earlier segments up to that checkpoint (not the time it lay idle).
+    self.t_start -= resumed_meta.get('elapsed_seconds', 0.0)
     # Shardings of this state's own static fields (optimizer and apply_fn objects), which jit's
     # in/out_shardings must match exactly.
     state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
@@ -256,6 +260,8 @@ class Trainer:
     self.say = self.bar.write if not self.bar.disable else s.say
     self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
     self.summary = {'start_step': self.start_step}
+    if 'target_reached' in resumed_meta:  # Reached in an earlier segment: logged there, once.
+      self.summary['target_reached'] = resumed_meta['target_reached']
     self.timer = metrics_lib.StepTimer()
 
   def run(self) -> dict:
@@ -283,7 +289,11 @@ class Trainer:
     return self.finish()
 
   def save(self, val_loss: float) -> None:
-    self.ckpt.save(self.step, self.state, dict(self.meta, best_val_loss=self.best_val), val_loss)
+    meta = dict(self.meta, best_val_loss=self.best_val,
+                elapsed_seconds=round(time.time() - self.t_start, 3))
+    if 'target_reached' in self.summary:
+      meta['target_reached'] = self.summary['target_reached']
+    self.ckpt.save(self.step, self.state, meta, val_loss)
 
   def evaluate(self) -> float:
     """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""

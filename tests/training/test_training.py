@@ -269,6 +269,44 @@ def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch)
   assert [r['step'] for r in reached] == [1]
 
 
+class _Clock:
+  """loop.py's `time` module with a wall clock that advances 1 s per reading: time counted by calls."""
+
+  def __init__(self, now: float):
+    self.now = now
+    self.perf_counter = __import__('time').perf_counter
+
+  def time(self) -> float:
+    self.now += 1.0
+    return self.now
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_clock_and_reaches_the_target_once(tiny_config, monkeypatch):
+  clock = _Clock(1000.0)
+  monkeypatch.setattr(loop_lib, 'time', clock)
+  vals = iter([4.0, 3.0, 2.9, 2.8, 2.7])  # Evals at 0, 10, 20, then (resumed) 30, 40.
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+                      lambda self, params, split: next(vals) if split == 'val' else 3.5)
+  tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=5, target_val_loss=3.0)
+  tiny_config.checkpoint.save = 'always'
+  tiny_config.sample.eval_tokens = 0
+  first = loop_lib.train_and_evaluate(tiny_config)
+  assert first['target_reached']['step'] == 10
+  at_checkpoint = max(r['time'] for r in _read_metrics(tiny_config.out_dir) if 'time' in r)
+
+  clock.now += 1e6  # The run lay idle before it was resumed: that time is not the run's.
+  tiny_config.train.update(resume=True, max_steps=40)
+  second = loop_lib.train_and_evaluate(tiny_config)
+  recs = _read_metrics(tiny_config.out_dir)
+  assert [r['step'] for r in recs if r.get('event') == 'target_reached'] == [10]
+  assert second['target_reached'] == first['target_reached']
+  resumed = recs[[r.get('event') for r in recs].index('resume') + 1:]
+  times = [r['time'] for r in resumed if 'time' in r]
+  assert times and at_checkpoint < min(times) and max(times) < at_checkpoint + 1000
+  assert first['wall_seconds'] < second['wall_seconds'] < first['wall_seconds'] + 1000
+
+
 @pytest.mark.parametrize('key,value,match', [
     ('batch_size', 0, 'train.batch_size'),
     ('learning_rate', -1.0, 'learning_rate'),
