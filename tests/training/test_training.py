@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -305,6 +306,38 @@ def test_a_resumed_run_keeps_its_clock_and_reaches_the_target_once(tiny_config, 
   times = [r['time'] for r in resumed if 'time' in r]
   assert times and at_checkpoint < min(times) and max(times) < at_checkpoint + 1000
   assert first['wall_seconds'] < second['wall_seconds'] < first['wall_seconds'] + 1000
+
+
+def test_every_config_problem_is_reported_in_one_message(tiny_config):
+  t = tiny_config.train
+  t.update(batch_size=0, max_steps=0, eval_interval=0, eval_iters=0, log_interval=0, grad_accum_steps=0,
+           target_val_loss=-1.0, learning_rate=0.0, optimizer='sgd', seed=-1)
+  tiny_config.data.shards_dir = '/nowhere'  # Only the seed's check reads it: nothing is opened.
+  tiny_config.checkpoint.save = 'sometimes'
+  with pytest.raises(UserError) as e:
+    loop_lib.train_and_evaluate(tiny_config)
+  problems = str(e.value).removeprefix('invalid config: ').split('; ')
+  assert problems == [
+      *(f'train.{k} must be >= 1 (got 0)' for k in ('batch_size', 'max_steps', 'eval_interval',
+                                                   'eval_iters', 'log_interval', 'grad_accum_steps')),
+      'train.target_val_loss must be >= 0, 0 = none (got -1.0)',
+      'train.learning_rate must be > 0 (got 0.0)',
+      "train.optimizer must be one of ('optax', 'scratch', 'muon') (got 'sgd')",
+      'train.seed must be >= 0 with data.shards_dir (got -1)',
+      "checkpoint.save must be 'best' or 'always' (got 'sometimes')"]
+  assert not pathlib.Path(tiny_config.out_dir).exists()  # Refused before anything is written.
+
+
+@pytest.mark.parametrize('overrides,problem', [
+    ({'optimizer': 'muon', 'muon_learning_rate': 0.0}, 'train.muon_learning_rate must be > 0 (got 0.0)'),
+    ({'lr_schedule': 'step'}, "train.lr_schedule must be one of ('cosine', 'wsd') (got 'step')"),
+    ({'lr_schedule': 'wsd', 'cooldown_fraction': 1.5}, 'train.cooldown_fraction must be in (0, 1] (got 1.5)'),
+])
+def test_each_optimizer_and_schedule_problem_is_named(tiny_config, overrides, problem):
+  tiny_config.train.update(overrides)
+  with pytest.raises(UserError) as e:
+    loop_lib.train_and_evaluate(tiny_config)
+  assert str(e.value) == f'invalid config: {problem}'
 
 
 @pytest.mark.parametrize('key,value,match', [
