@@ -340,6 +340,41 @@ def test_each_optimizer_and_schedule_problem_is_named(tiny_config, overrides, pr
   assert str(e.value) == f'invalid config: {problem}'
 
 
+@pytest.mark.parametrize('max_steps,note', [(7_000, False), (8_000, True)])
+def test_a_gpu_sized_run_on_a_cpu_is_told_how_long_it_would_take(max_steps, note):
+  from gpt_jax.training import metrics as metrics_lib
+  from ml_collections import ConfigDict
+  lines = []
+  # 1.2 s/step from step 1000: 7,200 s left (two hours exactly: no note) or 8,400 s (2.3 h: the note).
+  metrics_lib.report_expected_time(lines.append, 1.2, ConfigDict({'max_steps': max_steps}), 1000)
+  assert lines[0].startswith('1200 ms/step: expect about')
+  assert jax.default_backend() == 'cpu'
+  assert (len(lines) == 2) == note
+  if note:
+    assert lines[1].startswith('note: this preset would take about 2.3 h on this CPU; it is sized for a '
+                               'GPU') and 'configs/shakespeare.py:speedrun' in lines[1]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_to_continue_from(tiny_config,
+                                                                                 monkeypatch):
+  tiny_config.train.update(max_steps=30, eval_interval=10, log_interval=1)
+  tiny_config.checkpoint.save = 'always'
+  real = loop_lib.Trainer.train_one_step
+
+  def train_one_step(self):
+    if self.step == 15:  # As the StopRequest handler does on a second SIGINT.
+      raise KeyboardInterrupt
+    real(self)
+  monkeypatch.setattr(loop_lib.Trainer, 'train_one_step', train_one_step)
+  with pytest.raises(UserError, match=r'^interrupted at step 15\. Continue from checkpoint 10 with '
+                                      r'--config\.train\.resume=True\.$'):
+    loop_lib.train_and_evaluate(tiny_config)
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == [10]  # No checkpoint of the interrupted step.
+  ckpt.close()
+
+
 @pytest.mark.parametrize('key,value,match', [
     ('batch_size', 0, 'train.batch_size'),
     ('learning_rate', -1.0, 'learning_rate'),
