@@ -7,8 +7,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
-from absl import flags
-from absl import logging as absl_logging
+from absl import flags, logging as absl_logging
 
 from gpt_jax.errors import exit_on_user_error
 

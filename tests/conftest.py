@@ -29,6 +29,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 from configs import shakespeare  # noqa: E402
 from gpt_jax.data import text as text_lib  # noqa: E402
+
 from skip_policy import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 
 

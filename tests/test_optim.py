@@ -11,8 +11,7 @@ import optax
 import pytest
 
 from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import optim
+from gpt_jax import checkpoint as checkpoint_lib, optim
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT

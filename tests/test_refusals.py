@@ -5,13 +5,10 @@ import pathlib
 import jax
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sampling
 from gpt_jax.data import text as text_lib
-from gpt_jax import sampling
-from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import step as step_lib
 from gpt_jax.errors import UserError
+from gpt_jax.training import loop as loop_lib, step as step_lib
 
 
 def _files(out_dir: str) -> dict[str, tuple[int, int]]:

@@ -16,18 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import gpt2 as gpt2_configs
-from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import hf
-from gpt_jax import model as model_lib
-from gpt_jax import optim
-from gpt_jax.lab import shape_flow
-from gpt_jax import config as config_lib
-from gpt_jax.training import step as step_lib
+from configs import gpt2 as gpt2_configs, shakespeare
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, hf, model as model_lib, optim
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
+from gpt_jax.lab import shape_flow
 from gpt_jax.model import GPT
+from gpt_jax.training import step as step_lib
 
 CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 OPTIONS = {  # One model per option, and all of them at once.

@@ -26,20 +26,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import optim
-from gpt_jax import sampling
+from gpt_jax import checkpoint as checkpoint_lib, optim, sampling
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
-from gpt_jax.data import batches as batches_lib
-from gpt_jax.data import shards as shards_lib
-from gpt_jax.data import text as text_lib
+from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
-from gpt_jax.parallel import distributed
-from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import layer_stats as layer_stats_lib
-from gpt_jax.training import metrics as metrics_lib
-from gpt_jax.training import preemption, runlock
+from gpt_jax.parallel import distributed, mesh as mesh_lib
+from gpt_jax.training import layer_stats as layer_stats_lib, metrics as metrics_lib, preemption, runlock
 from gpt_jax.training.step import TrainState, eval_step, init_train_state, train_step
 
 # XLA:CPU with several devices (simulated with --xla_force_host_platform_device_count, or one process

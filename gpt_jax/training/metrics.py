@@ -13,7 +13,6 @@ import ml_collections
 
 from gpt_jax.errors import UserError
 
-
 _PEAK_FLOPS = {  # Dense bf16/fp16 tensor-core peaks, per device (float32 runs will read low).
     'a100': 312e12, 'h100': 989e12, 'h200': 989e12, 'v100': 125e12, 'a10': 125e12, 'l4': 121e12,
     'rtx 4090': 165e12, 'rtx 3090': 71e12, 'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5': 459e12,

@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO, make_synthetic_text
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import batches as batches_lib
-from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.data import shards
-from gpt_jax.training import loop as loop_lib
+from gpt_jax.data import batches as batches_lib, shards, text as text_lib
 from gpt_jax.errors import UserError
+from gpt_jax.parallel import mesh as mesh_lib
+from gpt_jax.training import loop as loop_lib
+
+from conftest import REPO, make_synthetic_text
 
 
 @pytest.fixture
@@ -248,11 +247,12 @@ def test_host_fed_step_is_the_device_drawn_step():
   unused) makes the resident-split update, with accumulation (2 micro-batches) and dropout (the same
   dropout keys)."""
   import jax.numpy as jnp
+
   from configs import shakespeare
   from gpt_jax import optim
-  from gpt_jax.training import step as step_lib
   from gpt_jax.config import ModelConfig
   from gpt_jax.model import GPT
+  from gpt_jax.training import step as step_lib
   model_cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
   train_cfg = shakespeare.get_config('tiny').train
   kw = dict(model=GPT(model_cfg), schedule=optim.lr_schedule(train_cfg), batch_size=4,

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import batches as batches_lib
+from gpt_jax.data import batches as batches_lib, text as text_lib
 from gpt_jax.errors import UserError
 
 SHAKESPEARE_SHA = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'

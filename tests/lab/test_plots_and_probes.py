@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_synthetic_text
-from gpt_jax.lab import plots, probes, shape_flow
-from gpt_jax.model import GPT
 from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import metrics as metrics_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.data.tokenizer import CharTokenizer
+from gpt_jax.lab import plots, probes, shape_flow
+from gpt_jax.model import GPT
+from gpt_jax.training import loop as loop_lib, metrics as metrics_lib
+
+from conftest import make_synthetic_text
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

@@ -56,6 +56,7 @@ def worker(spec: dict, process_id: int) -> dict:
 
   import jax
   from jax.experimental import multihost_utils
+
   from gpt_jax.data import shards
   from gpt_jax.parallel import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -82,8 +83,8 @@ def test_settings_come_from_config_then_environment():
 
 
 def test_single_process_needs_no_runtime_and_late_settings_are_a_clear_error():
-  from gpt_jax.parallel import distributed
   from gpt_jax.errors import UserError
+  from gpt_jax.parallel import distributed
   assert distributed.initialize(None, environ={}) is False  # Nothing asked for: one process.
   assert distributed.initialize({'num_processes': 1}, environ={}) is False
   import jax

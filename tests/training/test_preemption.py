@@ -20,12 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.training import preemption
-from gpt_jax.training import runlock
-from gpt_jax import sampling
-from gpt_jax.training import loop as loop_lib
+from gpt_jax import checkpoint as checkpoint_lib, sampling
 from gpt_jax.errors import Stopped, UserError
+from gpt_jax.training import loop as loop_lib, preemption, runlock
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / 'scripts' / 'train.py')
@@ -392,6 +389,7 @@ def test_orbax_errors_come_one_line_each_and_closed_loop_noise_is_dropped():
   """What a full disk prints besides gpt_jax's own line (scripts only: gpt_jax/cli.py)."""
   import logging
   import types
+
   from gpt_jax import cli
   keep = cli._DropOrbaxChatter()
   rec = logging.LogRecord('absl', logging.ERROR, '/x/orbax/checkpoint/future.py', 1, 'failed: %s\nmore',

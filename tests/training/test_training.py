@@ -10,15 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.data import text as text_lib
-from gpt_jax import optim
-from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import step as step_lib
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, optim
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
+from gpt_jax.training import loop as loop_lib, step as step_lib
 
 
 def _read_metrics(out_dir):
@@ -342,8 +339,9 @@ def test_each_optimizer_and_schedule_problem_is_named(tiny_config, overrides, pr
 
 @pytest.mark.parametrize('max_steps,note', [(7_000, False), (8_000, True)])
 def test_a_gpu_sized_run_on_a_cpu_is_told_how_long_it_would_take(max_steps, note):
-  from gpt_jax.training import metrics as metrics_lib
   from ml_collections import ConfigDict
+
+  from gpt_jax.training import metrics as metrics_lib
   lines = []
   # 1.2 s/step from step 1000: 7,200 s left (two hours exactly: no note) or 8,400 s (2.3 h: the note).
   metrics_lib.report_expected_time(lines.append, 1.2, ConfigDict({'max_steps': max_steps}), 1000)
