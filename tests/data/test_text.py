@@ -1,6 +1,5 @@
 """Data preparation (real file and synthetic), staleness checks, download, on-device batches."""
 
-import json
 import os
 import pathlib
 

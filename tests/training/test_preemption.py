@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint as checkpoint_lib, sampling
-from gpt_jax.errors import Stopped, UserError
+from gpt_jax.errors import UserError
 from gpt_jax.training import loop as loop_lib, preemption, runlock
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
