@@ -363,10 +363,10 @@ def _two_gradients():
   out = []
   for seed in (11, 12):
     x, y = _tokens((4, 16), seed), _tokens((4, 16), seed + 100)
-    g = jax.jit(jax.grad(lambda p: step_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
+    g = jax.jit(jax.grad(lambda p, x=x, y=y: step_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
     out.append(g)
   # Norms at init are about 1: make the first unclipped and the second clipped (grad_clip = 1).
-  out = [jax.tree_util.tree_map(lambda a: f * a, g) for f, g in zip((0.5, 30.0), out)]
+  out = [jax.tree_util.tree_map(lambda a, f=f: f * a, g) for f, g in zip((0.5, 30.0), out)]
   return p, out
 
 

@@ -51,7 +51,7 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
   records: list[dict] = []
   offset = 0.0  # Wall-clock seconds already spent before the current process started.
   with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+    for line in f:
       if not line.strip():
         continue
       try:

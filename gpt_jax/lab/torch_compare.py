@@ -217,7 +217,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
   if n_seeds == 1:
     state = state0.replace(params=jax.tree_util.tree_map(jnp.asarray, nudge_one_ulp(params0, cfg_t.seed)))
     nudged_losses = []
-    for s in range(steps):
+    for _ in range(steps):
       state, metrics, _, _ = step_fn(state, train_data, state0.key)
       nudged_losses.append(float(metrics['loss']))
 
