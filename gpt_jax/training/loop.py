@@ -239,7 +239,9 @@ class Trainer:
       self.log = metrics_lib.TensorBoardLog(self.log, os.path.join(out_dir, 'tensorboard'))
     self.start_step = self.step = int(self.state.step)
     if self.start_step:
-      self.log.write({'event': 'resume', 'step': self.start_step})
+      # With the time of the clock that goes on from the checkpoint (plots read the times as they are).
+      self.log.write({'event': 'resume', 'step': self.start_step,
+                      'time': round(time.time() - self.t_start, 3)})
     self.meta = {'model': s.model_cfg.to_dict(), 'tokenizer': s.dataset.tokenizer.to_dict(),
                  'data': {k: s.dataset.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256',
                                                          'shards_dir') if k in s.dataset.meta},

@@ -126,6 +126,17 @@ def test_read_run_resolves_resumes(tmp_path):
   assert list(r.series('train', 'lr')[1]) == [1e-3, 9e-4]
 
 
+def test_read_run_takes_the_times_of_a_run_whose_clock_went_on(tmp_path):
+  """A resume record with a time (the clock continued from the checkpoint's): times are kept as is."""
+  _write_jsonl(tmp_path / 'r' / 'metrics.jsonl', [
+      {'step': 10, 'train_loss': 3.1, 'val_loss': 3.2, 'time': 11.0},
+      {'step': 20, 'train_loss': 2.5, 'lr': 1e-3, 'grad_norm': 1.0, 'time': 20.0},  # Abandoned.
+      {'event': 'resume', 'step': 10, 'time': 12.0},
+      {'step': 20, 'train_loss': 2.6, 'lr': 9e-4, 'grad_norm': 1.0, 'time': 17.0},
+  ])
+  assert plots.read_run(str(tmp_path / 'r')).train[20]['time'] == 17.0
+
+
 def test_loss_panels_draw_the_runs_target(tmp_path):
   """A run whose config sets train.target_val_loss gets a dashed line at it; one without gets none."""
   import matplotlib.pyplot as plt
