@@ -44,7 +44,7 @@ def bits_key() -> dict:
   """What decides the bits of the losses: the CPU's feature flags, the jaxlib build, XLA_FLAGS."""
   flags = ''
   try:
-    for line in open('/proc/cpuinfo', encoding='utf-8'):
+    for line in pathlib.Path('/proc/cpuinfo').read_text(encoding='utf-8').splitlines():
       if line.startswith(('flags', 'Features')):  # x86, ARM.
         flags = ' '.join(sorted(line.split(':', 1)[1].split()))
         break
@@ -75,7 +75,7 @@ def run_losses(name: str, workdir: str) -> dict:
     section, field = key.split('.')
     c[section][field] = value
   loop_lib.train_and_evaluate(c)
-  recs = [json.loads(l) for l in open(f'{c.out_dir}/metrics.jsonl', encoding='utf-8')]
+  recs = [json.loads(l) for l in pathlib.Path(f'{c.out_dir}/metrics.jsonl').read_text('utf-8').splitlines()]
   losses = {r['step']: r['train_loss'] for r in recs if 'ms_per_step' in r}
   assert sorted(losses) == list(range(1, STEPS + 1))
   val = {r['step']: r['val_loss'] for r in recs if 'val_loss' in r}

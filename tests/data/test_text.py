@@ -117,7 +117,7 @@ def test_lookup_order_text_path_then_shipped_then_cache(tmp_path, synthetic_text
     text_lib.find_text(cfg)
   assert 'does not match its SHA-256' in capsys.readouterr().out
   assert not any((tmp_path / 'cache').glob('*'))  # No partial download left behind.
-  (tmp_path / 'cache' / 'input.txt').write_bytes(open(shipped, 'rb').read())
+  (tmp_path / 'cache' / 'input.txt').write_bytes(pathlib.Path(shipped).read_bytes())
   assert text_lib.find_text(cfg) == str(tmp_path / 'cache' / 'input.txt')
   # Another text (another sha256) never picks up the shipped TinyShakespeare.
   monkeypatch.setattr(text_lib, 'ASSETS_DIR', pathlib.Path(shipped).parent)
