@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tracemalloc
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: conftest, also as a script.
+# Also run as a script: tests/ (conftest, multidevice) and the checkout (gpt_jax) must be importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
