@@ -170,9 +170,12 @@ def _spawn(spec: dict, root: str) -> list:
               PYTHONUNBUFFERED='1')
   envs = [base, dict(base, JAX_COORDINATOR_ADDRESS=f'localhost:{spec["port"]}',
                      JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')]
-  return [subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=open(os.path.join(root, f'err{i}'), 'w+'))
-          for i, env in enumerate(envs)]
+  procs = []
+  for i, env in enumerate(envs):
+    with open(os.path.join(root, f'err{i}'), 'w+') as err:  # The child keeps its own descriptor.
+      procs.append(subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=err))
+  return procs
 
 
 def _finish(procs: list, root: str) -> list:

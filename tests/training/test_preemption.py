@@ -101,9 +101,15 @@ class Run:
   def finish(self, timeout=300):
     rc = self.proc.wait(timeout)
     self._pump.join(timeout)
-    return rc, ''.join(self.lines), self.stderr()
+    err = self.stderr()
+    self.proc.stdout.close()
+    self.err.close()
+    self._err_text = err
+    return rc, ''.join(self.lines), err
 
   def stderr(self):
+    if self.err.closed:
+      return self._err_text
     self.err.seek(0)
     return self.err.read()
 
