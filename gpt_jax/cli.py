@@ -8,8 +8,7 @@ import re
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
-from absl import flags
-from absl import logging as absl_logging
+from absl import flags, logging as absl_logging
 
 from gpt_jax.errors import exit_on_user_error
 
@@ -89,7 +88,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     for name in list(flags.FLAGS):
       value = flags.FLAGS[name].value
       if type(value).__name__ == '_ErrorConfig':  # ml_collections defers config-file errors.
-        getattr(value, 'to_dict')  # Raises the deferred error now, while we can report it.
+        _ = value.to_dict  # Raises the deferred error now, while we can report it.
     return args
   except flags.Error as e:
     sys.stderr.write(f'error: {_without_traceback(str(e))}\nPass --help to see the flags.\n')

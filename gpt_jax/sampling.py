@@ -153,8 +153,7 @@ def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt:
                            seed: int = 1337, window_shift: int = 0, verbose: bool = True) -> list[str]:
   """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt."""
   from gpt_jax import checkpoint as checkpoint_lib
-  from gpt_jax.data import text as text_lib
-  from gpt_jax.data import tokenizer as tokenizer_lib
+  from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
   from gpt_jax.errors import UserError
 
   if prompt_file:

@@ -37,9 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
 

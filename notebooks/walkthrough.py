@@ -49,22 +49,18 @@ warnings.filterwarnings('ignore', message='IProgress not found')  # tqdm in a no
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 from absl import logging as absl_logging
 from IPython.display import Image, display
 
 from configs import shakespeare
-from gpt_jax import config as config_lib
-from gpt_jax import model as model_lib
-from gpt_jax import optim, sampling
-from gpt_jax.data import batches, bpe
-from gpt_jax.data import text as text_lib
+from gpt_jax import config as config_lib, model as model_lib, optim, sampling
+from gpt_jax.data import batches, bpe, text as text_lib
 from gpt_jax.lab import plots, probes, shape_flow, torch_compare, torch_ref
-from gpt_jax.training import layer_stats, loop
-from gpt_jax.training import step as step_lib
+from gpt_jax.training import layer_stats, loop, step as step_lib
 
-import matplotlib.pyplot as plt
 # gpt_jax.lab.plots selected matplotlib's file-only Agg backend; draw in the notebook instead:
 # %matplotlib inline
 
@@ -475,7 +471,7 @@ jax_step = jax.jit(functools.partial(torch_compare.jax_step, model=model, batch_
 torch_ref.require_torch().set_num_threads(1)
 trainer = torch_ref.TorchTrainer(model_cfg, config.train, init)
 js, losses = state, []
-for s in range(20):
+for _ in range(20):
   js, jm, xs, ys = jax_step(js, train_data, state.key)  # train_step's batch and update, plus the batch.
   tm, _ = trainer.step(np.asarray(xs), np.asarray(ys), float(jm['lr']))
   losses.append((float(jm['loss']), tm['loss']))

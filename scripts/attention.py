@@ -9,6 +9,7 @@ Row t of a heatmap is where the token at position t looks: the probabilities ove
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')

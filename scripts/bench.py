@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
@@ -47,10 +47,10 @@ _TORCH_GEN_BATCHES = flags.DEFINE_string('torch_gen_batches', '1',
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax.lab import bench  # Imported after flag parsing so --help is instant.
   from gpt_jax import config as config_lib
   from gpt_jax.config import load_config_file
   from gpt_jax.errors import UserError
+  from gpt_jax.lab import bench  # Imported after flag parsing so --help is instant.
   # nanoGPT's shakespeare_char optimizer settings (the speed does not depend on them).
   train_cfg = load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                             'shakespeare.py')).train

@@ -26,6 +26,7 @@ import sys
 import time
 
 import _bootstrap  # (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import allocator
 
 _ALLOCATOR_ENV = ('LD_PRELOAD', 'MALLOC_CONF', allocator.ENV_VAR, *allocator.MIMALLOC_ENV)

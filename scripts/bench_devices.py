@@ -35,12 +35,10 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   import numpy as np
 
   from configs import shakespeare
-  from gpt_jax import config as config_lib
-  from gpt_jax.training import loop as loop_lib
-  from gpt_jax import optim
-  from gpt_jax.training import step as step_lib
-  from gpt_jax.parallel import mesh as sharding
+  from gpt_jax import config as config_lib, optim
   from gpt_jax.model import GPT
+  from gpt_jax.parallel import mesh as sharding
+  from gpt_jax.training import loop as loop_lib, step as step_lib
 
   n = jax.device_count()
   cfg = shakespeare.get_config(preset)

@@ -16,8 +16,10 @@ import time
 # Lets `python scripts/bench_tokenizer.py` import gpt_jax from the checkout without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt_jax.data import bpe  # noqa: E402
-from gpt_jax.data import text as text_lib  # noqa: E402
+from gpt_jax.data import (
+  bpe,  # noqa: E402
+  text as text_lib,  # noqa: E402
+)
 from gpt_jax.errors import UserError, exit_on_user_error  # noqa: E402
 
 

@@ -14,11 +14,11 @@ Needs PyTorch (a dev requirement): pip install torch==2.13.0
 """
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).

@@ -17,6 +17,7 @@ import os
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 flags.DEFINE_enum('direction', 'import', ['import', 'export'],

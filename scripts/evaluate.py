@@ -12,6 +12,7 @@ if it is missing). Results are printed and written to <run dir>/eval.json (or --
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).

@@ -13,6 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,8 +42,8 @@ def _vocab_size(config) -> tuple[int, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax.lab import shape_flow  # Imported after flag parsing so --help is instant.
   from gpt_jax.config import model_config_from
+  from gpt_jax.lab import shape_flow  # Imported after flag parsing so --help is instant.
 
   def run():
     config = _CONFIG.value

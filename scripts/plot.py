@@ -11,6 +11,7 @@ Panels: loss, loss_time, lr, grad_norm (every run overlaid) and, from the record
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 flags.DEFINE_string('out', None, 'PNG file to write (default: RUN_DIR/plots.png of the first run).')
@@ -23,6 +24,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give one or more run directories (a training run\'s out_dir)')
   import os
+
   from gpt_jax.lab import plots  # Imported after flag parsing so --help is instant.
 
   def run():

@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -10,6 +10,7 @@ Streams: memory stays flat however big the corpus (see gpt_jax/data/shards.py).
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 flags.DEFINE_string('source', '', 'A text file or a folder of *.txt files (searched recursively).')

@@ -10,6 +10,7 @@ Whitespace is escaped ('\\n'); a token with leading or trailing spaces is quoted
 from absl import app, flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import cli
 
 flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')
@@ -24,8 +25,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax.lab import probes  # Imported after flag parsing so --help is instant.
   from gpt_jax.errors import UserError
+  from gpt_jax.lab import probes  # Imported after flag parsing so --help is instant.
 
   def run():
     if FLAGS.top_k < 1:

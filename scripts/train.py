@@ -10,6 +10,7 @@ from absl import app
 from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
+
 from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).

@@ -53,7 +53,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 from configs import shakespeare  # noqa: E402
 from gpt_jax.data import text as text_lib  # noqa: E402
-from skip_policy import pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
+
+from skip_policy import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 
 
 def shipped_file(*parts: str) -> pathlib.Path:

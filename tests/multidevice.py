@@ -6,8 +6,9 @@ The workers run a test file as a script, so this module is imported by path (tes
 import json
 import os
 
-from conftest import make_synthetic_text
 from configs import shakespeare
+
+from conftest import make_synthetic_text
 
 STEPS = 20
 RESULT = 'RESULT '  # A worker prints one line `RESULT {json}` that the test parses.

@@ -12,9 +12,9 @@ import pytest
 
 from configs import shakespeare
 from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
+from gpt_jax.training import step as step_lib
 
 CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
 

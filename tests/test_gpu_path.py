@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax import allocator, cli
-from gpt_jax import model as model_lib
+from gpt_jax import allocator, cli, model as model_lib
 from gpt_jax.config import ModelConfig, model_config_from
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -251,9 +250,10 @@ BF16_TOLERANCE = 2e-3
 
 def train_losses(dtype: str, steps: int = 60) -> np.ndarray:
   """Per-step losses of the `tiny` model with the `gpu` preset's model settings (dropout 0.1)."""
-  from conftest import make_synthetic_text
   from gpt_jax import optim
   from gpt_jax.training.step import init_train_state, train_step
+
+  from conftest import make_synthetic_text
   text = make_synthetic_text()
   chars = sorted(set(text))
   data = jnp.asarray(np.array([chars.index(c) for c in text], np.uint16))

@@ -9,17 +9,16 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, make_synthetic_text
 from configs import gpt2 as gpt2_configs
-from gpt_jax import hf
-from gpt_jax import model as model_lib
+from gpt_jax import hf, model as model_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
+
+from conftest import REPO, make_synthetic_text
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -309,10 +308,8 @@ def test_scripts_convert_then_sample(bpe_hf_dir, tmp_path):
 @pytest.mark.slow
 def test_training_can_start_from_hf_weights(tmp_path, tiny_config):
   """`init_from` (nanoGPT's finetune): the run's step-0 eval scores the imported weights."""
-  from gpt_jax.data import text as text_lib
-  from gpt_jax.data import batches as batches_lib
-  from gpt_jax.training import loop as loop_lib
-  from gpt_jax.training import step as step_lib
+  from gpt_jax.data import batches as batches_lib, text as text_lib
+  from gpt_jax.training import loop as loop_lib, step as step_lib
   vocab = text_lib.prepare(tiny_config.data, verbose=False)['vocab_size']
   hf_model = _hf_model(seed=3, vocab_size=vocab, n_positions=tiny_config.model.block_size,
                        n_embd=tiny_config.model.n_embd, n_layer=tiny_config.model.n_layer,

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import shakespeare
-from gpt_jax import optim, sampling
-from gpt_jax import model as model_lib
+from gpt_jax import model as model_lib, optim, sampling
 from gpt_jax.config import model_config_from
 from gpt_jax.model import GPT
 from gpt_jax.parallel import mesh as mesh_lib

@@ -11,8 +11,7 @@ import optax
 import pytest
 
 from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import optim
+from gpt_jax import checkpoint as checkpoint_lib, optim
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -230,7 +229,8 @@ def test_clipping_caps_the_scratch_update_like_optax():
   def run(optimizer, **overrides):
     state = _state(optimizer, warmup_steps=0, **overrides)
     for i, scale in enumerate(scales):
-      g = jax.tree_util.tree_map(lambda d: d * (scale * 0.8 / unit) * (1 + 0.1 * i), direction)
+      g = jax.tree_util.tree_map(lambda d, scale=scale, i=i: d * (scale * 0.8 / unit) * (1 + 0.1 * i),
+                                 direction)
       state = _apply(state, g)
     return jax.tree_util.tree_map(jnp.subtract, state.params, _init_params())  # The total update.
 

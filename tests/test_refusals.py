@@ -5,13 +5,10 @@ import pathlib
 import jax
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sampling
 from gpt_jax.data import text as text_lib
-from gpt_jax import sampling
-from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import step as step_lib
 from gpt_jax.errors import UserError
+from gpt_jax.training import loop as loop_lib, step as step_lib
 
 
 def _files(out_dir: str) -> dict[str, tuple[int, int]]:
@@ -63,14 +60,19 @@ def test_resume_of_a_parameters_only_checkpoint(tiny_config):
 @pytest.mark.slow
 def test_restoring_a_checkpoint_whose_shapes_do_not_fit(trained):
   config, before = trained
-  config.model.n_embd = 48  # The arrays on disk are 32 wide.
-  model_cfg = config_lib.model_config_from(config, 30)
-  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, config.train))
   ckpt = checkpoint_lib.Checkpointer(f'{config.out_dir}/checkpoints', config.checkpoint)
+  vocab = ckpt.meta(10)['model']['vocab_size']  # The data's own: only the width below differs.
+
+  def abstract():
+    model_cfg = config_lib.model_config_from(config, vocab)
+    return jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, config.train))
+
+  ckpt.restore_params(10, abstract().params)  # As configured, the checkpoint fits.
+  config.model.n_embd = 48  # The arrays on disk are 32 wide.
   with pytest.raises(UserError, match='checkpoint 10 .* does not fit the configured model'):
-    ckpt.restore_state(10, abstract)
+    ckpt.restore_state(10, abstract())
   with pytest.raises(UserError, match='checkpoint 10 .* cannot restore parameters'):
-    ckpt.restore_params(10, abstract.params)
+    ckpt.restore_params(10, abstract().params)
   ckpt.close()
   assert _files(config.out_dir) == before
 

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model as model_lib
-from gpt_jax import sampling
+from gpt_jax import model as model_lib, sampling
 from gpt_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)

@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 
 from configs import shakespeare, shakespeare_bpe_compact
-from conftest import make_synthetic_text
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.data import text as text_lib
-from gpt_jax import scoring
-from gpt_jax import sampling
-from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import step as step_lib
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sampling, scoring
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, init_params
+from gpt_jax.training import loop as loop_lib, step as step_lib
+
+from conftest import make_synthetic_text
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -75,7 +75,8 @@ def test_prepare_data_script(tmp_path, synthetic_text_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--config.train.max_stepz=5'], 'there is no config field \'max_stepz\'. Did you mean "max_steps"'),
-    (['--config.train.max_steps=abc'], 'max_steps'),
+    (['--config.train.max_steps=abc'],
+     "error: flag --config.train.max_steps=abc: invalid literal for int() with base 10: 'abc'"),
     (['--config.model.n_head=5'], 'n_embd (32) must be divisible by model.n_head (5)'),
     (['--config.data.text_path=/no/such/file.txt'], 'does not exist'),
 ])

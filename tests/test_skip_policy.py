@@ -22,28 +22,50 @@ SKIPPING = textwrap.dedent('''
 ''')
 
 
-def _run(pytester, monkeypatch, body, *args):
-  """A separate pytest process (the policy's record of skips is per process)."""
+SKIPPED_FILE = textwrap.dedent('''
+    import pytest
+
+    pytest.importorskip('no_such_module_anywhere')
+
+    def test_never_collected():
+        assert True
+''')
+
+
+def _run(pytester, monkeypatch, files, *args):
+  """A separate pytest process (the policy's record of skips is per process), with the suite's own
+  tests/conftest.py loaded as a plugin: the policy under test is the one that conftest installs."""
   monkeypatch.setenv('PYTHONPATH', str(TESTS))
-  pytester.makeconftest('from skip_policy import pytest_runtest_logreport, pytest_sessionfinish\n')
   pytester.makeini('[pytest]\nmarkers =\n  gpu: needs a GPU\n')
-  pytester.makepyfile(body)
-  return pytester.runpytest_subprocess('-q', '-p', 'no:cacheprovider', *args)
+  pytester.makepyfile(**files)
+  return pytester.runpytest_subprocess('-q', '-p', 'no:cacheprovider', '-p', 'conftest', *args)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('workers', [(), ('-n', '2')], ids=['serial', 'xdist'])
 def test_a_quiet_skip_fails_the_session(pytester, monkeypatch, workers):
   # CI runs the suite on pytest-xdist workers, whose skips reach the controlling process as reports.
-  result = _run(pytester, monkeypatch, SKIPPING, *workers)
+  result = _run(pytester, monkeypatch, {'test_skipping': SKIPPING}, *workers)
   assert result.ret == 1
-  result.stdout.fnmatch_lines(['*1 test(s) skipped; only @pytest.mark.gpu tests may skip*',
+  result.stdout.fnmatch_lines(['*1 test(s) or file(s) skipped; only @pytest.mark.gpu tests may skip*',
                                '*test_needs_a_missing_module*no_such_module_anywhere*'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('workers', [(), ('-n', '2')], ids=['serial', 'xdist'])
+def test_a_file_skipped_at_collection_fails_the_session(pytester, monkeypatch, workers):
+  # A module-level importorskip skips during collection: a collect report, not a test report.
+  result = _run(pytester, monkeypatch, {'test_skipped_file': SKIPPED_FILE,
+                                        'test_fine': 'def test_passes():\n  assert True\n'}, *workers)
+  assert result.ret == 1
+  result.stdout.fnmatch_lines(['*1 test(s) or file(s) skipped; only @pytest.mark.gpu tests may skip*',
+                               '*test_skipped_file.py (the whole file, at collection)*'
+                               'no_such_module_anywhere*'])
 
 
 @pytest.mark.slow
 def test_gpu_only_skips_are_allowed(pytester, monkeypatch):
   result = _run(pytester, monkeypatch,
-                SKIPPING.replace("pytest.importorskip('no_such_module_anywhere')", 'pass'))
+                {'test_skipping': SKIPPING.replace("pytest.importorskip('no_such_module_anywhere')", 'pass')})
   assert result.ret == 0
   result.assert_outcomes(passed=2, skipped=1)

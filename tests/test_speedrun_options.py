@@ -17,18 +17,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import gpt2 as gpt2_configs
-from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import hf
-from gpt_jax import model as model_lib
-from gpt_jax import optim
-from gpt_jax.lab import shape_flow
-from gpt_jax import config as config_lib
-from gpt_jax.training import step as step_lib
+from configs import gpt2 as gpt2_configs, shakespeare
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, hf, model as model_lib, optim
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
+from gpt_jax.lab import shape_flow
 from gpt_jax.model import GPT
+from gpt_jax.training import step as step_lib
 
 CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 OPTIONS = {  # One model per option, and all of them at once.
@@ -369,10 +364,10 @@ def _two_gradients():
   out = []
   for seed in (11, 12):
     x, y = _tokens((4, 16), seed), _tokens((4, 16), seed + 100)
-    g = jax.jit(jax.grad(lambda p: step_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
+    g = jax.jit(jax.grad(lambda p, x=x, y=y: step_lib.loss_fn(p, GPT(MUON_CFG), x, y, None)))(p)
     out.append(g)
   # Norms at init are about 1: make the first unclipped and the second clipped (grad_clip = 1).
-  out = [jax.tree_util.tree_map(lambda a: f * a, g) for f, g in zip((0.5, 30.0), out)]
+  out = [jax.tree_util.tree_map(lambda a, f=f: f * a, g) for f, g in zip((0.5, 30.0), out)]
   return p, out
 
 

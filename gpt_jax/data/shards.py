@@ -45,8 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import tokenizer as tokenizer_lib
+from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
 FORMAT = 'gpt_jax.shards'

@@ -23,13 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gpt_jax import optim
-from gpt_jax import sampling
-from gpt_jax import config as config_lib
-from gpt_jax.training import metrics as metrics_lib
-from gpt_jax.training import step as step_lib
+from gpt_jax import config as config_lib, optim, sampling
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.model import GPT, init_params
+from gpt_jax.training import metrics as metrics_lib, step as step_lib
 
 SETTINGS = {
     'baby': (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0), 12),

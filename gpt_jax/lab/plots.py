@@ -3,8 +3,10 @@
 `read_run` turns a run directory's metrics.jsonl into per-step tables, resolving resumes: a
 {'event': 'resume', 'step': s} line means the run restarted from its checkpoint at step s, so records
 written earlier for steps after s belong to the abandoned timeline and are dropped; for the same step,
-later records win. Wall-clock time restarts at 0 in a resumed process; it is shifted to continue from
-the time of the checkpoint step, so 'loss vs time' reads as the training time to reach each step.
+later records win. A resume record with a 'time' comes from a run whose clock goes on from its
+checkpoint (gpt_jax/training/loop.py), so its times are read as they are. In older runs the clock
+restarted at 0 in a resumed process; their times are shifted to continue from the time of the
+checkpoint step. Either way 'loss vs time' reads as the training time to reach each step.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
   records: list[dict] = []
   offset = 0.0  # Wall-clock seconds already spent before the current process started.
   with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+    for line in f:
       if not line.strip():
         continue
       try:
@@ -62,7 +64,7 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
         s = int(rec['step'])
         records = [r for r in records if r['step'] <= s]  # Drop the abandoned timeline.
         times = [r['time'] for r in records if 'time' in r]
-        offset = max(times) if times else 0.0
+        offset = 0.0 if 'time' in rec else max(times) if times else 0.0
         continue
       if 'step' not in rec or 'event' in rec:
         continue

@@ -141,8 +141,7 @@ def _fmt(n: Optional[int]) -> str:
 
 def format_table(rows: list[Row], cfg: ModelConfig) -> str:
   """The rows as one aligned text table, with totals and the model's own counts beside them."""
-  from gpt_jax.config import num_params
-  from gpt_jax.config import flops_per_token
+  from gpt_jax.config import flops_per_token, num_params
   head = ('module', 'type', 'input', 'output', 'params', 'FLOPs/token (fwd+bwd)')
   body = []
   for r in rows:

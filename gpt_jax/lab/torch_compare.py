@@ -38,13 +38,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt_jax.data import text as text_lib
-from gpt_jax import optim
+from gpt_jax import config as config_lib, optim
+from gpt_jax.data import batches as batches_lib, text as text_lib
 from gpt_jax.lab import torch_ref
-from gpt_jax.data import batches as batches_lib
-from gpt_jax import config as config_lib
-from gpt_jax.training import step as step_lib
 from gpt_jax.model import GPT
+from gpt_jax.training import step as step_lib
 
 LOSS_TOL = 1e-4  # |loss_jax - loss_torch| above this counts as "the runs have come apart".
 SIDES = ('jax', 'torch')
@@ -219,7 +217,7 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
   if n_seeds == 1:
     state = state0.replace(params=jax.tree_util.tree_map(jnp.asarray, nudge_one_ulp(params0, cfg_t.seed)))
     nudged_losses = []
-    for s in range(steps):
+    for _ in range(steps):
       state, metrics, _, _ = step_fn(state, train_data, state0.key)
       nudged_losses.append(float(metrics['loss']))
 

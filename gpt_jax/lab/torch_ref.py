@@ -379,8 +379,9 @@ def compare_at_init(params: Any, model_cfg: ModelConfig, x: np.ndarray, y: np.nd
   each side.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from gpt_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+
   from gpt_jax.model import GPT  # pylint: disable=import-outside-toplevel
+  from gpt_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
 
   torch = require_torch()
   jmodel = GPT(model_cfg)

@@ -26,21 +26,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax import model as model_lib
-from gpt_jax import optim
-from gpt_jax import sampling
+from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, sampling
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
-from gpt_jax.data import batches as batches_lib
-from gpt_jax.data import shards as shards_lib
-from gpt_jax.data import text as text_lib
+from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
-from gpt_jax.parallel import distributed
-from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import layer_stats as layer_stats_lib
-from gpt_jax.training import metrics as metrics_lib
-from gpt_jax.training import preemption, runlock
+from gpt_jax.parallel import distributed, mesh as mesh_lib
+from gpt_jax.training import layer_stats as layer_stats_lib, metrics as metrics_lib, preemption, runlock
 from gpt_jax.training.step import TrainState, eval_step, init_train_state, train_step
 
 # XLA:CPU with several devices (simulated with --xla_force_host_platform_device_count, or one process
@@ -96,8 +88,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 
 def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoint_lib.Checkpointer,
-                    ) -> tuple[TrainState, float]:
-  """(state, best val loss so far): the newest checkpoint if train.resume, else a fresh state.
+                    ) -> tuple[TrainState, float, dict]:
+  """(state, best val loss so far, checkpoint metadata): the newest checkpoint if train.resume (with
+  its metadata), else a fresh state (and {}).
 
   A fresh run refuses a directory that already holds checkpoints; a resumed one checks that the
   checkpoint is of this model and vocabulary before reading a byte of its arrays.
@@ -119,7 +112,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
       params = hf.init_params_from(config.init_from, s.model_cfg)
       state = state.replace(params=mesh_lib.put_global(params, shardings.params))
       s.say(f'initialised the parameters from {config.init_from}')
-    return state, math.inf
+    return state, math.inf, {}
   if latest is None:
     raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
                     'run without --config.train.resume=True to start a new run.')
@@ -145,7 +138,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
     best_step = ckpt.best_step()
     best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
   s.say(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
-  return state, best_val
+  return state, best_val, meta
 
 
 class Evaluator:
@@ -226,7 +219,10 @@ class Trainer:
     self.s = s = setup(config)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), config.checkpoint,
                                             set_aside_damaged=t.resume and t.resume_from_last_good)
-    self.state, self.best_val = restore_or_init(config, s, self.ckpt)
+    self.state, self.best_val, resumed_meta = restore_or_init(config, s, self.ckpt)
+    # A resumed run's clock goes on from its checkpoint: every `time` it logs, its time to target and
+    # its wall_seconds count the earlier segments up to that checkpoint (not the time it lay idle).
+    self.t_start -= resumed_meta.get('elapsed_seconds', 0.0)
     # Shardings of this state's own static fields (optimizer and apply_fn objects), which jit's
     # in/out_shardings must match exactly.
     state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
@@ -252,7 +248,9 @@ class Trainer:
       self.log = metrics_lib.TensorBoardLog(self.log, os.path.join(out_dir, 'tensorboard'))
     self.start_step = self.step = int(self.state.step)
     if self.start_step:
-      self.log.write({'event': 'resume', 'step': self.start_step})
+      # With the time of the clock that goes on from the checkpoint (plots read the times as they are).
+      self.log.write({'event': 'resume', 'step': self.start_step,
+                      'time': round(time.time() - self.t_start, 3)})
     self.meta = {'model': s.model_cfg.to_dict(), 'tokenizer': s.dataset.tokenizer.to_dict(),
                  'data': {k: s.dataset.meta[k] for k in ('tokenizer', 'vocab_size', 'source_sha256',
                                                          'shards_dir') if k in s.dataset.meta},
@@ -264,6 +262,8 @@ class Trainer:
     self.say = self.bar.write if not self.bar.disable else s.say
     self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
     self.summary = {'start_step': self.start_step}
+    if 'target_reached' in resumed_meta:  # Reached in an earlier segment: logged there, once.
+      self.summary['target_reached'] = resumed_meta['target_reached']
     self.timer = metrics_lib.StepTimer()
 
   def run(self) -> dict:
@@ -291,8 +291,11 @@ class Trainer:
     return self.finish()
 
   def save(self, val_loss: float) -> None:
-    self.ckpt.save(self.step, self.state, dict(self.meta, best_val_loss=self.best_val), val_loss,
-                   ema=optim.ema_state(self.state.opt_state))
+    meta = dict(self.meta, best_val_loss=self.best_val,
+                elapsed_seconds=round(time.time() - self.t_start, 3))
+    if 'target_reached' in self.summary:
+      meta['target_reached'] = self.summary['target_reached']
+    self.ckpt.save(self.step, self.state, meta, val_loss, ema=optim.ema_state(self.state.opt_state))
 
   def evaluate(self) -> float:
     """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""
@@ -399,6 +402,9 @@ class Trainer:
 
 def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
   if not math.isfinite(value):
+    # A background save still in flight is the last good checkpoint: finish it before naming it (an
+    # exception would otherwise leave it as a temporary directory that no resume sees).
+    ckpt.wait()
     latest = ckpt.latest_step()
     where = (f'the last good checkpoint (step {latest}) is untouched in {ckpt.directory}'
              if latest is not None else 'no checkpoint had been written yet')

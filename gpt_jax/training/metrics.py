@@ -14,7 +14,6 @@ import ml_collections
 
 from gpt_jax.errors import UserError
 
-
 # Dense (no sparsity) peak TFLOP/s of one device from the vendors' datasheets, by the exact name JAX
 # reports as `device_kind`: (bf16/fp16 tensor cores, tf32 tensor cores, plain fp32). Exact names,
 # because substrings mislead: 'NVIDIA L4' is inside 'NVIDIA L40S', and the H100 PCIe and NVL are

@@ -24,8 +24,8 @@ import sys
 import threading
 from typing import Optional
 
-from gpt_jax.parallel import distributed
 from gpt_jax.errors import Stopped  # Raised by the loop; the scripts exit with its status.
+from gpt_jax.parallel import distributed
 
 EX_TEMPFAIL = Stopped.exit_status  # 75: stopped by a signal after saving a resumable checkpoint.
 # Multi-process runs: steps between agreements on stopping. Each agreement waits for the steps queued

@@ -20,8 +20,8 @@ import socket
 import time
 from typing import Iterator, Optional
 
-from gpt_jax.parallel import distributed
 from gpt_jax.errors import UserError
+from gpt_jax.parallel import distributed
 
 LOCK_NAME = 'train.lock'
 _UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)

@@ -68,11 +68,9 @@ def shakespeare() -> str:
 
 @pytest.fixture(scope='module')
 def trained(shakespeare) -> bpe.BPETokenizer:
-  start = time.perf_counter()
-  tok = bpe.train_bpe(shakespeare, 1024, progress=False)
-  # "Well under a minute" on 2 cores (README); generous, as the machine may be busy.
-  assert time.perf_counter() - start < 60
-  return tok
+  # No time limit here (a busy machine would fail every test that uses it): the training speed is
+  # scripts/bench_tokenizer.py's to measure.
+  return bpe.train_bpe(shakespeare, 1024, progress=False)
 
 
 # --- byte <-> unicode table ------------------------------------------------------------------------
@@ -142,7 +140,8 @@ def test_gpt2_matches_tiktoken_and_round_trips_on_arbitrary_unicode(gpt2, tiktok
 def test_long_pieces_are_linear_and_exact(gpt2, tiktoken_gpt2):
   """One regex piece of 200k characters: a per-merge rescan would be quadratic here.
 
-  Timed as a ratio (10x the text must take well under 100x the time), so a busy machine can't flake it.
+  Timed as a ratio of the best of three runs each (10x the text must take well under 100x the time), so
+  neither a busy machine nor one slow run can flake it.
   """
   import random
   rng = random.Random(0)
@@ -156,8 +155,10 @@ def test_long_pieces_are_linear_and_exact(gpt2, tiktoken_gpt2):
     ids = gpt2.encode(text)
     return time.perf_counter() - start, ids
 
-  small, _ = min(seconds(piece(10_000)) for _ in range(3))
-  big, ids = seconds(text := piece(100_000))
+  small_text, text = piece(10_000), piece(100_000)
+  small = min(seconds(small_text)[0] for _ in range(3))
+  big = min(seconds(text)[0] for _ in range(3))
+  ids = seconds(text)[1]
   assert big < 30 * small, (big, small)  # Linear gives ~10x; quadratic ~100x.
   assert ids == tiktoken_gpt2.encode(text)
 

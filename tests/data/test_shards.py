@@ -15,20 +15,21 @@ import subprocess
 import sys
 import tracemalloc
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: conftest, also as a script.
+# Also run as a script: tests/ (conftest, multidevice) and the checkout (gpt_jax) must be importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO, make_synthetic_text
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import batches as batches_lib
-from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.data import shards
-from gpt_jax.training import loop as loop_lib
+from gpt_jax.data import batches as batches_lib, shards, text as text_lib
 from gpt_jax.errors import UserError
+from gpt_jax.parallel import mesh as mesh_lib
+from gpt_jax.training import loop as loop_lib
+
+from conftest import REPO, make_synthetic_text
 
 
 @pytest.fixture
@@ -248,11 +249,12 @@ def test_host_fed_step_is_the_device_drawn_step():
   unused) makes the resident-split update, with accumulation (2 micro-batches) and dropout (the same
   dropout keys)."""
   import jax.numpy as jnp
+
   from configs import shakespeare
   from gpt_jax import optim
-  from gpt_jax.training import step as step_lib
   from gpt_jax.config import ModelConfig
   from gpt_jax.model import GPT
+  from gpt_jax.training import step as step_lib
   model_cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
   train_cfg = shakespeare.get_config('tiny').train
   kw = dict(model=GPT(model_cfg), schedule=optim.lr_schedule(train_cfg), batch_size=4,
@@ -284,6 +286,31 @@ def test_training_from_shards_learns_and_resumes_exactly(corpus, tmp_path):
   straight = run_losses(cfg.out_dir)
   assert straight['val']['0'] > straight['val']['30'] + 0.3  # It learns.
   assert straight['train']['30'] < straight['train']['1'] - 0.3
+
+  # The step-0 evals are of the initial parameters on the val shards' and the train shards' own
+  # batches: a direct eval_step on each split gives the logged figures, and the two differ.
+  from gpt_jax import config as config_lib
+  from gpt_jax.model import GPT
+  from gpt_jax.training import step as step_lib
+  ds = shards.load(cfg.data, seed=cfg.train.seed, verbose=False)
+  model_cfg = config_lib.model_config_from(cfg, ds.tokenizer.vocab_size)
+  params = step_lib.init_train_state(model_cfg, cfg.train).params
+  sharding = mesh_lib.batch_sharding(mesh_lib.make_mesh(cfg.mesh, jax.devices()))
+  eval_seed = cfg.train.seed + (batches_lib.EVAL_KEY_SALT << 32)
+  eval_step = jax.jit(functools.partial(step_lib.eval_step, model=GPT(model_cfg),
+                                        batch_size=cfg.train.batch_size, draw=lambda b, key, rows: b))
+
+  def direct(split):
+    tokens = getattr(ds, split).with_seed(eval_seed)
+    total = np.float32(0)
+    for i in range(cfg.train.eval_iters):
+      batch = tokens.global_batch(i, cfg.train.batch_size, model_cfg.block_size, sharding)
+      total += np.float32(eval_step(params, batch, jax.random.PRNGKey(0)))
+    return float(total / np.float32(cfg.train.eval_iters))
+
+  val, train = direct('val'), direct('train')
+  assert abs(val - train) > 1e-3  # Distinct batches, or the comparison below could not tell.
+  assert abs(straight['val']['0'] - val) <= 1e-6
 
   # The same run as if it had stopped after its checkpoint at step 15, continued by a new run.
   resumed_dir = tmp_path / 'resumed'

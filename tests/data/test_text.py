@@ -1,6 +1,5 @@
 """Data preparation (real file and synthetic), staleness checks, download, on-device batches."""
 
-import json
 import os
 import pathlib
 
@@ -10,8 +9,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax.data import text as text_lib
-from gpt_jax.data import batches as batches_lib
+from gpt_jax.data import batches as batches_lib, text as text_lib
 from gpt_jax.errors import UserError
 
 SHAKESPEARE_SHA = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
@@ -119,7 +117,7 @@ def test_lookup_order_text_path_then_shipped_then_cache(tmp_path, synthetic_text
     text_lib.find_text(cfg)
   assert 'does not match its SHA-256' in capsys.readouterr().out
   assert not any((tmp_path / 'cache').glob('*'))  # No partial download left behind.
-  (tmp_path / 'cache' / 'input.txt').write_bytes(open(shipped, 'rb').read())
+  (tmp_path / 'cache' / 'input.txt').write_bytes(pathlib.Path(shipped).read_bytes())
   assert text_lib.find_text(cfg) == str(tmp_path / 'cache' / 'input.txt')
   # Another text (another sha256) never picks up the shipped TinyShakespeare.
   monkeypatch.setattr(text_lib, 'ASSETS_DIR', pathlib.Path(shipped).parent)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import shakespeare, shakespeare_bpe, shakespeare_bpe_compact
-from conftest import make_synthetic_text, shipped_file
-from gpt_jax.data import bpe
-from gpt_jax.data import text as text_lib
+from gpt_jax.data import bpe, text as text_lib
 from gpt_jax.errors import UserError
+
+from conftest import make_synthetic_text, shipped_file
 
 SHAKESPEARE_SHA = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 

@@ -32,7 +32,7 @@ def test_json_round_trip(tmp_path):
   tok = tokenizer_lib.CharTokenizer.from_text('ça va? 🎉\n')
   path = str(tmp_path / 'tok.json')
   tokenizer_lib.save_tokenizer(tok, path)
-  assert json.loads(open(path, encoding='utf-8').read())['type'] == 'char'
+  assert json.loads((tmp_path / 'tok.json').read_text(encoding='utf-8'))['type'] == 'char'
   again = tokenizer_lib.load_tokenizer(path)
   assert again.to_dict() == tok.to_dict()
   assert again.decode(again.encode('ça va? 🎉')) == 'ça va? 🎉'

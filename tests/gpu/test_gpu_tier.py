@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model as model_lib
-from gpt_jax import sampling
+from gpt_jax import model as model_lib, sampling
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
 

@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_synthetic_text
-from gpt_jax.lab import plots, probes, shape_flow
-from gpt_jax.model import GPT
 from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import metrics as metrics_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.data.tokenizer import CharTokenizer
+from gpt_jax.lab import plots, probes, shape_flow
+from gpt_jax.model import GPT
+from gpt_jax.training import loop as loop_lib, metrics as metrics_lib
+
+from conftest import make_synthetic_text
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -124,6 +124,17 @@ def test_read_run_resolves_resumes(tmp_path):
   assert r.train[20]['time'] == 16.0  # 11 s (the checkpoint's eval) + 5 s in the resumed process.
   assert sorted(r.evals) == [0, 10] and not r.layer_stats
   assert list(r.series('train', 'lr')[1]) == [1e-3, 9e-4]
+
+
+def test_read_run_takes_the_times_of_a_run_whose_clock_went_on(tmp_path):
+  """A resume record with a time (the clock continued from the checkpoint's): times are kept as is."""
+  _write_jsonl(tmp_path / 'r' / 'metrics.jsonl', [
+      {'step': 10, 'train_loss': 3.1, 'val_loss': 3.2, 'time': 11.0},
+      {'step': 20, 'train_loss': 2.5, 'lr': 1e-3, 'grad_norm': 1.0, 'time': 20.0},  # Abandoned.
+      {'event': 'resume', 'step': 10, 'time': 12.0},
+      {'step': 20, 'train_loss': 2.6, 'lr': 9e-4, 'grad_norm': 1.0, 'time': 17.0},
+  ])
+  assert plots.read_run(str(tmp_path / 'r')).train[20]['time'] == 17.0
 
 
 def test_loss_panels_draw_the_runs_target(tmp_path):

@@ -11,14 +11,18 @@ import pytest
 torch = pytest.importorskip('torch')
 torch.set_num_threads(2)
 
-from gpt_jax.lab import torch_compare  # noqa: E402
-from gpt_jax import model as model_lib  # noqa: E402
-from gpt_jax.lab import torch_ref  # noqa: E402
-from gpt_jax import config as config_lib
-from gpt_jax import optim
-from gpt_jax.training import step as step_lib  # noqa: E402
+from gpt_jax import (
+  config as config_lib,
+  model as model_lib,  # noqa: E402
+  optim,
+)
 from gpt_jax.config import ModelConfig  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
+from gpt_jax.lab import (
+  torch_compare,  # noqa: E402
+  torch_ref,  # noqa: E402
+)
+from gpt_jax.training import step as step_lib  # noqa: E402
 
 CFGS = {
     'nanogpt': ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0),

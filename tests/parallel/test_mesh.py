@@ -24,16 +24,21 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config  # noqa: E402
 from configs import shakespeare  # noqa: E402
-from gpt_jax import checkpoint as checkpoint_lib  # noqa: E402
-from gpt_jax import optim  # noqa: E402
-from gpt_jax.parallel import mesh as mesh_lib  # noqa: E402
-from gpt_jax.training import loop as loop_lib  # noqa: E402
-from gpt_jax.training import step as step_lib  # noqa: E402
+from gpt_jax import (
+  checkpoint as checkpoint_lib,  # noqa: E402
+  optim,  # noqa: E402
+)
 from gpt_jax.config import ModelConfig  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 from gpt_jax.model import GPT  # noqa: E402
+from gpt_jax.parallel import mesh as mesh_lib  # noqa: E402
+from gpt_jax.training import (
+  loop as loop_lib,  # noqa: E402
+  step as step_lib,  # noqa: E402
+)
+
+from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config  # noqa: E402
 
 MESHES = {'dp4': (4, 1), 'fsdp4': (1, 4), 'dp2_fsdp2': (2, 2)}
 RESUMED = 'dp2_fsdp2'  # This one continues the 1-device run from its step-10 checkpoint (1 -> 4).

@@ -56,6 +56,7 @@ def worker(spec: dict, process_id: int) -> dict:
 
   import jax
   from jax.experimental import multihost_utils
+
   from gpt_jax.data import shards
   from gpt_jax.parallel import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -82,8 +83,8 @@ def test_settings_come_from_config_then_environment():
 
 
 def test_single_process_needs_no_runtime_and_late_settings_are_a_clear_error():
-  from gpt_jax.parallel import distributed
   from gpt_jax.errors import UserError
+  from gpt_jax.parallel import distributed
   assert distributed.initialize(None, environ={}) is False  # Nothing asked for: one process.
   assert distributed.initialize({'num_processes': 1}, environ={}) is False
   import jax
@@ -169,9 +170,12 @@ def _spawn(spec: dict, root: str) -> list:
               PYTHONUNBUFFERED='1')
   envs = [base, dict(base, JAX_COORDINATOR_ADDRESS=f'localhost:{spec["port"]}',
                      JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')]
-  return [subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=open(os.path.join(root, f'err{i}'), 'w+'))
-          for i, env in enumerate(envs)]
+  procs = []
+  for i, env in enumerate(envs):
+    with open(os.path.join(root, f'err{i}'), 'w+') as err:  # The child keeps its own descriptor.
+      procs.append(subprocess.Popen([sys.executable, __file__, spec_path, str(i)], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=err))
+  return procs
 
 
 def _finish(procs: list, root: str) -> list:

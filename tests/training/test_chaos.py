@@ -16,10 +16,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from train_procs import TRAIN, Run, garble_meta, metrics, train_flags, truncate_largest_array
 
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax.training import preemption
-from train_procs import TRAIN, Run, garble_meta, metrics, train_flags, truncate_largest_array
 
 N = 120  # Steps of the whole run.
 # The interrupted segments are started for far more steps, so that none can finish before its signal

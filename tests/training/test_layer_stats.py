@@ -11,12 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from gpt_jax.data import batches as batches_lib
-from gpt_jax.training import layer_stats as layer_stats_lib
 from gpt_jax import optim
-from gpt_jax.training import step as step_lib
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import batches as batches_lib
 from gpt_jax.model import GPT, Block, LayerNorm, Linear
+from gpt_jax.training import layer_stats as layer_stats_lib, step as step_lib
 
 CFG = ModelConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 BATCH = 4

@@ -3,21 +3,19 @@
 import functools
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib
-from gpt_jax.data import text as text_lib
-from gpt_jax import optim
-from gpt_jax import config as config_lib
-from gpt_jax.training import loop as loop_lib
-from gpt_jax.training import step as step_lib
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, optim
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
+from gpt_jax.training import loop as loop_lib, step as step_lib
 
 
 def _read_metrics(out_dir):
@@ -75,16 +73,33 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 @pytest.mark.slow
-def test_step_is_deterministic_and_keys_change_with_step():
+def test_step_is_deterministic():
   model_cfg, train_cfg = _setup(cfg_overrides={'dropout': 0.1})
   data = jnp.asarray(np.random.RandomState(2).randint(0, 20, 5000), jnp.uint16)
   step = _step_fn(model_cfg, train_cfg, 4, 1)
   s1, m1 = step(step_lib.init_train_state(model_cfg, train_cfg), data)
   s2, m2 = step(step_lib.init_train_state(model_cfg, train_cfg), data)
   assert float(m1['loss']) == float(m2['loss'])
-  _, m3 = step(s1, data)
-  assert float(m3['loss']) != float(m1['loss'])
   assert int(s1.step) == 1
+
+
+def test_dropout_key_changes_with_step_on_a_fixed_batch():
+  # The same parameters and the same batch at steps 0 and 1: only the step's dropout key differs, so
+  # the masks and the loss must differ (a dropout key that ignores the step would give equal losses).
+  model_cfg, train_cfg = _setup(cfg_overrides={'dropout': 0.1})
+  x = jnp.asarray(np.random.RandomState(2).randint(0, 20, (4, 16)), jnp.int32)
+  fixed = lambda inputs, key, rows: (x, jnp.roll(x, -1, axis=1))  # Ignores the batch key.
+  step = jax.jit(functools.partial(step_lib.train_step, model=GPT(model_cfg), batch_size=4,
+                                   grad_accum_steps=1, schedule=optim.lr_schedule(train_cfg),
+                                   draw=fixed))
+  state = step_lib.init_train_state(model_cfg, train_cfg)
+  losses = [float(step(state.replace(step=jnp.asarray(s, state.step.dtype)), None)[1]['loss'])
+            for s in (0, 1, 0)]
+  assert losses[0] == losses[2]  # Deterministic: the batch really is fixed.
+  assert losses[0] != losses[1]
+  masks = [jax.random.bernoulli(step_lib.step_keys(state.replace(step=s))[1], 0.9, (64,))
+           for s in (0, 1)]
+  assert not np.array_equal(masks[0], masks[1])
 
 
 def test_lr_reported_follows_schedule():
@@ -212,6 +227,150 @@ def test_divergence_stops_without_touching_the_good_checkpoint(tiny_config, tmp_
     loop_lib.train_and_evaluate(tiny_config)
   after = {str(p.relative_to(ckpt_dir)): p.stat().st_mtime_ns for p in ckpt_dir.rglob('*')}
   assert after == before and any(k.startswith('20/') for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('save', ['best', 'always'])
+def test_a_nan_val_loss_alone_stops_the_run_without_a_checkpoint(tiny_config, monkeypatch, save):
+  # Only the val loss of the third eval (step 20) is NaN; every train loss stays finite, so it is the
+  # val-loss guard, not the train-loss one, that must stop the run before step 20 is saved.
+  tiny_config.train.update(max_steps=30, eval_interval=10, log_interval=1)
+  tiny_config.checkpoint.save = save
+  real, calls = loop_lib.Evaluator.split_loss, []
+
+  def split_loss(self, params, split):
+    calls.append(split)
+    return math.nan if split == 'val' and calls.count('val') == 3 else real(self, params, split)
+
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss', split_loss)
+  with pytest.raises(UserError, match=r'the validation loss is nan at step 20: training diverged.*'
+                                      r'last good checkpoint \(step 10\) is untouched'):
+    loop_lib.train_and_evaluate(tiny_config)
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == [10]
+  ckpt.close()
+  recs = _read_metrics(tiny_config.out_dir)
+  assert all(math.isfinite(r['train_loss']) for r in recs if 'train_loss' in r)
+  assert max(r['step'] for r in recs) == 20
+
+
+def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch):
+  # "At or under": a val loss exactly at the target reaches it (a `<` would wait for the next eval).
+  tiny_config.train.update(max_steps=3, eval_interval=1, log_interval=1, target_val_loss=2.5)
+  tiny_config.sample.eval_tokens = 0
+  vals = iter([3.0, 2.5, 2.5, 2.0])
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+                      lambda self, params, split: next(vals) if split == 'val' else 3.0)
+  summary = loop_lib.train_and_evaluate(tiny_config)
+  assert summary['target_reached']['step'] == 1 and summary['target_reached']['val_loss'] == 2.5
+  reached = [r for r in _read_metrics(tiny_config.out_dir) if r.get('event') == 'target_reached']
+  assert [r['step'] for r in reached] == [1]
+
+
+class _Clock:
+  """loop.py's `time` module with a wall clock that advances 1 s per reading: time counted by calls."""
+
+  def __init__(self, now: float):
+    self.now = now
+    self.perf_counter = __import__('time').perf_counter
+
+  def time(self) -> float:
+    self.now += 1.0
+    return self.now
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_clock_and_reaches_the_target_once(tiny_config, monkeypatch):
+  clock = _Clock(1000.0)
+  monkeypatch.setattr(loop_lib, 'time', clock)
+  vals = iter([4.0, 3.0, 2.9, 2.8, 2.7])  # Evals at 0, 10, 20, then (resumed) 30, 40.
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+                      lambda self, params, split: next(vals) if split == 'val' else 3.5)
+  tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=5, target_val_loss=3.0)
+  tiny_config.checkpoint.save = 'always'
+  tiny_config.sample.eval_tokens = 0
+  first = loop_lib.train_and_evaluate(tiny_config)
+  assert first['target_reached']['step'] == 10
+  at_checkpoint = max(r['time'] for r in _read_metrics(tiny_config.out_dir) if 'time' in r)
+
+  clock.now += 1e6  # The run lay idle before it was resumed: that time is not the run's.
+  tiny_config.train.update(resume=True, max_steps=40)
+  second = loop_lib.train_and_evaluate(tiny_config)
+  recs = _read_metrics(tiny_config.out_dir)
+  assert [r['step'] for r in recs if r.get('event') == 'target_reached'] == [10]
+  assert second['target_reached'] == first['target_reached']
+  resumed = recs[[r.get('event') for r in recs].index('resume') + 1:]
+  times = [r['time'] for r in resumed if 'time' in r]
+  assert times and at_checkpoint < min(times) and max(times) < at_checkpoint + 1000
+  assert first['wall_seconds'] < second['wall_seconds'] < first['wall_seconds'] + 1000
+
+
+def test_every_config_problem_is_reported_in_one_message(tiny_config):
+  t = tiny_config.train
+  t.update(batch_size=0, max_steps=0, eval_interval=0, eval_iters=0, log_interval=0, grad_accum_steps=0,
+           target_val_loss=-1.0, learning_rate=0.0, optimizer='sgd', seed=-1)
+  tiny_config.data.shards_dir = '/nowhere'  # Only the seed's check reads it: nothing is opened.
+  tiny_config.checkpoint.save = 'sometimes'
+  with pytest.raises(UserError) as e:
+    loop_lib.train_and_evaluate(tiny_config)
+  problems = str(e.value).removeprefix('invalid config: ').split('; ')
+  assert problems == [
+      *(f'train.{k} must be >= 1 (got 0)' for k in ('batch_size', 'max_steps', 'eval_interval',
+                                                   'eval_iters', 'log_interval', 'grad_accum_steps')),
+      'train.target_val_loss must be >= 0, 0 = none (got -1.0)',
+      'train.learning_rate must be > 0 (got 0.0)',
+      "train.optimizer must be one of ('optax', 'scratch', 'muon') (got 'sgd')",
+      'train.seed must be >= 0 with data.shards_dir (got -1)',
+      "checkpoint.save must be 'best' or 'always' (got 'sometimes')"]
+  assert not pathlib.Path(tiny_config.out_dir).exists()  # Refused before anything is written.
+
+
+@pytest.mark.parametrize('overrides,problem', [
+    ({'optimizer': 'muon', 'muon_learning_rate': 0.0}, 'train.muon_learning_rate must be > 0 (got 0.0)'),
+    ({'lr_schedule': 'step'}, "train.lr_schedule must be one of ('cosine', 'wsd') (got 'step')"),
+    ({'lr_schedule': 'wsd', 'cooldown_fraction': 1.5}, 'train.cooldown_fraction must be in (0, 1] (got 1.5)'),
+])
+def test_each_optimizer_and_schedule_problem_is_named(tiny_config, overrides, problem):
+  tiny_config.train.update(overrides)
+  with pytest.raises(UserError) as e:
+    loop_lib.train_and_evaluate(tiny_config)
+  assert str(e.value) == f'invalid config: {problem}'
+
+
+@pytest.mark.parametrize('max_steps,note', [(7_000, False), (8_000, True)])
+def test_a_gpu_sized_run_on_a_cpu_is_told_how_long_it_would_take(max_steps, note):
+  from ml_collections import ConfigDict
+
+  from gpt_jax.training import metrics as metrics_lib
+  lines = []
+  # 1.2 s/step from step 1000: 7,200 s left (two hours exactly: no note) or 8,400 s (2.3 h: the note).
+  metrics_lib.report_expected_time(lines.append, 1.2, ConfigDict({'max_steps': max_steps}), 1000)
+  assert lines[0].startswith('1200 ms/step: expect about')
+  assert jax.default_backend() == 'cpu'
+  assert (len(lines) == 2) == note
+  if note:
+    assert lines[1].startswith('note: this preset would take about 2.3 h on this CPU; it is sized for a '
+                               'GPU') and 'configs/shakespeare.py:speedrun' in lines[1]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_to_continue_from(tiny_config,
+                                                                                 monkeypatch):
+  tiny_config.train.update(max_steps=30, eval_interval=10, log_interval=1)
+  tiny_config.checkpoint.save = 'always'
+  real = loop_lib.Trainer.train_one_step
+
+  def train_one_step(self):
+    if self.step == 15:  # As the StopRequest handler does on a second SIGINT.
+      raise KeyboardInterrupt
+    real(self)
+  monkeypatch.setattr(loop_lib.Trainer, 'train_one_step', train_one_step)
+  with pytest.raises(UserError, match=r'^interrupted at step 15\. Continue from checkpoint 10 with '
+                                      r'--config\.train\.resume=True\.$'):
+    loop_lib.train_and_evaluate(tiny_config)
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == [10]  # No checkpoint of the interrupted step.
+  ckpt.close()
 
 
 @pytest.mark.parametrize('key,value,match', [

@@ -34,9 +34,10 @@ class Run:
 
   _MARK = '\x00gpt_jax tests: frozen\n'
 
-  def __init__(self, args, cmd=None):
+  def __init__(self, args, cmd=None, env=None):
     self.err = tempfile.TemporaryFile('w+')  # A file, not a pipe nobody reads while it runs.
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    self._err_text = None
+    env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     read_end, self._write_end = os.pipe()
     self.proc = subprocess.Popen(cmd or [sys.executable, TRAIN, *args], stdout=self._write_end,
                                  stderr=self.err, text=True, env=env, cwd=REPO)
@@ -90,10 +91,16 @@ class Run:
     self.proc.send_signal(signal.SIGCONT)
 
   def finish(self, timeout=300):
+    """Waits for the exit; (exit code, stdout, stderr). Closes this side's files (unclosed files
+    are ResourceWarnings, which fail the suite)."""
     rc = self.proc.wait(timeout)
     self._end_output()
     self._pump.join(timeout)
-    return rc, ''.join(self.lines), self.stderr()
+    err = self.stderr()
+    self._stdout.close()
+    self.err.close()
+    self._err_text = err
+    return rc, ''.join(self.lines), err
 
   def _end_output(self):
     """Closes this side's write end of the stdout pipe: the reader then sees its end."""
@@ -102,6 +109,8 @@ class Run:
       self._write_end = None
 
   def stderr(self):
+    if self.err.closed:
+      return self._err_text
     self.err.seek(0)
     return self.err.read()
 
