@@ -4,7 +4,7 @@ Why: XLA:CPU allocates and frees its large temporary buffers (activations, gradi
 step. glibc's malloc hands the memory of large freed blocks back to the OS (munmap, heap trimming),
 so each step page-faults the same memory in again, and the kernel zeroes every page. An allocator that keeps
 freed memory mapped (mimalloc, tcmalloc, jemalloc) removes nearly all of those faults and makes the
-small train step much faster, with bit-identical losses. The README's performance section has the
+small train step much faster, with bit-identical losses. docs/performance.md has the
 measured table (`python scripts/bench_allocator.py`) and why mimalloc: it is the one shipped in a
 pip wheel (`cmeel-mimalloc`, pinned in requirements.txt), so `pip install -r requirements.txt`
 is all it takes.

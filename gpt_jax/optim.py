@@ -265,7 +265,8 @@ def bias_correction(decay: float, count: jax.Array) -> jax.Array:
   1.8e-6 relative in the first 100 steps (2e-5 for 0.999), and nearly always in the same direction.
   Every parameter's early steps then come out slightly too short, a bias PyTorch's AdamW does not
   have (it computes this scalar in double precision): on the `tiny` preset it put the JAX run 9.3e-5
-  in loss from a float64 run by step 89, against 1.1e-5 with this form (README, "JAX vs PyTorch").
+  in loss from a float64 run by step 89, against 1.1e-5 with this form
+  (docs/faithfulness.md, "JAX vs PyTorch").
   Written as -expm1(count * log1p(-(1 - decay))), with 1 - decay formed in double precision before
   the cast, it is within 3e-7 of exact.
   """

@@ -30,7 +30,7 @@ has; the other kernels compute the same function.
 
 Cost: the loop compiles the step twice, plain and with statistics, and runs the second only on
 interval steps, so every other step is the unchanged program (computing the statistics under
-`lax.cond` in one step function would instead cost something on *every* step; the README has the
+`lax.cond` in one step function would instead cost something on *every* step; docs/seeing-inside.md has the
 measured figures).
 """
 
