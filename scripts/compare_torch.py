@@ -26,15 +26,19 @@ allocator.preload()  # Re-executes this script once on mimalloc, before jax load
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py') + ':tiny',
     'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:tiny).')
-_STEPS = flags.DEFINE_integer('steps', 0, 'Optimizer steps per side (0 = config.train.max_steps).')
+_STEPS = flags.DEFINE_integer('steps', 0, 'Optimizer steps per side (0 = config.train.max_steps).',
+                              lower_bound=0)
 _OUT_DIR = flags.DEFINE_string('out_dir', 'out/compare_torch', 'Where the three output files go.')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Dropout seeds per side (used only when model.dropout > 0).')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Dropout seeds per side (used only when model.dropout > 0).',
+                              lower_bound=1)
 _EVAL_INTERVAL = flags.DEFINE_integer('eval_interval', 0,
-                                      'Steps between val-loss evals (0 = config.train.eval_interval).')
+                                      'Steps between val-loss evals (0 = config.train.eval_interval).',
+                                      lower_bound=0)
 _F64 = flags.DEFINE_boolean('float64_reference', True,
                             'With dropout 0, also train PyTorch in float64 as the exact-arithmetic '
                             'reference (costs one more, slower, PyTorch run).')
-_THREADS = flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads (the JAX side uses all cores).')
+_THREADS = flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads (the JAX side uses all cores).',
+                                lower_bound=1)
 
 
 def main(argv):

@@ -40,6 +40,7 @@ import optax
 
 from gpt_jax import config as config_lib, optim
 from gpt_jax.data import batches as batches_lib, text as text_lib
+from gpt_jax.errors import UserError
 from gpt_jax.lab import torch_ref
 from gpt_jax.model import GPT
 from gpt_jax.training import step as step_lib
@@ -136,9 +137,15 @@ def run_comparison(config: ml_collections.ConfigDict, steps: int, out_dir: str, 
   cfg_t = config.train
   steps = int(steps) if steps else int(cfg_t.max_steps)
   eval_interval = int(eval_interval) if eval_interval else int(cfg_t.eval_interval)
-  if steps < 1 or eval_interval < 1 or seeds < 1:
-    raise ValueError(f'steps, eval_interval and seeds must be >= 1 (got {steps}, {eval_interval}, {seeds})')
-  os.makedirs(out_dir, exist_ok=True)
+  if steps < 1 or eval_interval < 1 or seeds < 1:  # 0 from the config (train.max_steps, eval_interval).
+    raise UserError(f'steps, eval_interval and seeds must be >= 1 (got {steps}, {eval_interval}, {seeds}); '
+                    'set --steps, --eval_interval and --seeds (or config.train.max_steps and '
+                    'config.train.eval_interval) to at least 1.')
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot make the output folder --out_dir {out_dir} ({e.strerror}); pick another '
+                    'folder.') from None
 
   ds = text_lib.load(config.data, verbose=False)
   model_cfg = config_lib.model_config_from(config, ds.tokenizer.vocab_size)
