@@ -124,3 +124,14 @@ def test_sample_refuses_a_directory_without_checkpoints(tmp_path):
   (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
   with pytest.raises(UserError, match='no checkpoints in'):
     sampling.sample_from_checkpoint(str(tmp_path / 'empty'), verbose=False)
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_clear_message(tiny_config, tmp_path):
+  """A file where out_dir (or a folder above it) should be: UserError naming it, not a traceback.
+  Mutation caught: the makedirs guard removed (NotADirectoryError escapes)."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder', encoding='utf-8')
+  tiny_config.out_dir = str(blocker / 'run')
+  with pytest.raises(UserError, match=r'cannot create out_dir .*a_file/run: Not a directory'):
+    loop_lib.train_and_evaluate(tiny_config)
+  assert blocker.read_text(encoding='utf-8') == 'not a folder'

@@ -199,7 +199,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   t_start = time.time()
   _validate(config)
   out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:  # A file in the way, no permission, a read-only disk: one line, not a traceback.
+    raise UserError(f'cannot create out_dir {out_dir}: {e.strerror}; pick another --config.out_dir.'
+                    ) from None
   distributed.initialize(config.distributed)  # Multi-process runs: before any JAX call.
   with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
     return Trainer(config, out_dir, stop, t_start).run()
