@@ -582,7 +582,7 @@ def test_ema_run_evaluates_and_keeps_the_average_and_resumes_exactly(tiny_config
   def run(out_dir):
     tiny_config.out_dir = str(out_dir)
     loop_lib.train_and_evaluate(tiny_config)
-    return [json.loads(line) for line in open(out_dir / 'metrics.jsonl')]
+    return [json.loads(line) for line in (out_dir / 'metrics.jsonl').read_text(encoding='utf-8').splitlines()]
 
   straight = run(tmp_path / 'straight')
   tiny_config.train.max_steps = 20

@@ -259,8 +259,9 @@ def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch)
   tiny_config.train.update(max_steps=3, eval_interval=1, log_interval=1, target_val_loss=2.5)
   tiny_config.sample.eval_tokens = 0
   vals = iter([3.0, 2.5, 2.5, 2.0])
+  # split_loss returns the sum over the eval batches, which the evaluator divides by their number.
   monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
-                      lambda self, params, split: next(vals) if split == 'val' else 3.0)
+                      lambda self, params, split: (next(vals) if split == 'val' else 3.0) * self.eval_iters)
   summary = loop_lib.train_and_evaluate(tiny_config)
   assert summary['target_reached']['step'] == 1 and summary['target_reached']['val_loss'] == 2.5
   reached = [r for r in _read_metrics(tiny_config.out_dir) if r.get('event') == 'target_reached']
@@ -284,8 +285,8 @@ def test_a_resumed_run_keeps_its_clock_and_reaches_the_target_once(tiny_config, 
   clock = _Clock(1000.0)
   monkeypatch.setattr(loop_lib, 'time', clock)
   vals = iter([4.0, 3.0, 2.9, 2.8, 2.7])  # Evals at 0, 10, 20, then (resumed) 30, 40.
-  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
-                      lambda self, params, split: next(vals) if split == 'val' else 3.5)
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',  # A sum over the eval batches, as the real one.
+                      lambda self, params, split: (next(vals) if split == 'val' else 3.5) * self.eval_iters)
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=5, target_val_loss=3.0)
   tiny_config.checkpoint.save = 'always'
   tiny_config.sample.eval_tokens = 0
