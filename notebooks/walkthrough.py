@@ -94,7 +94,7 @@ assert len(chars) == 65
 # id 0 is `'\n'`, id 1 is `' '`, and the letters come last.
 
 # %%
-ds = text_lib.load(config.data)
+ds = text_lib.load(config.data, verbose=False)  # (Quiet: it would print this machine's paths.)
 tok = ds.tokenizer
 assert tok.chars == chars and tok.vocab_size == 65
 print(f'train {len(ds.train):,} tokens, val {len(ds.val):,} tokens, stored as {ds.train.dtype}')
