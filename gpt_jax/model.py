@@ -164,7 +164,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, H, T, D); k, v: (B, H, S, D).
 
   Heads come before positions, so both products are plain batched matrix products over (B, H)
-  that need no transposes (measured faster on a CPU than (B, T, H, D); docs/performance.md has the figure).
+  that need no transposes (measured faster on a CPU than (B, T, H, D); docs/performance.md has the
+  figure).
   `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
   With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (and the survivors
   scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT. `probs_hook`, if given, sees the probabilities.
