@@ -51,6 +51,17 @@ def pytest_configure(config: pytest.Config) -> None:
       sys.modules['jax'].config.update(name, value)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  """The default run leaves the GPU tier out: deselected, not skipped, so a CPU run reports 0 skipped
+  and any skip at all is a finding (tests/skip_policy.py). `pytest -m gpu` selects it."""
+  if gpu_tier(config.option.markexpr or ''):
+    return
+  gpu = [item for item in items if item.get_closest_marker('gpu') is not None]
+  if gpu:
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if item.get_closest_marker('gpu') is None]
+
+
 from configs import shakespeare  # noqa: E402
 from gpt_jax.data import text as text_lib  # noqa: E402
 

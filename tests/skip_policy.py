@@ -1,8 +1,9 @@
-"""The suite's skip policy: with requirements-dev.txt installed nothing skips, except GPU-only tests.
+"""The suite's skip policy: with requirements-dev.txt installed nothing skips.
 
 A quiet skip can hide a broken implementation behind a green run (a missing data file once skipped
-every tiktoken equality check). So any skip, from `pytest.skip` or `importorskip`, fails the session,
-unless the test is marked `@pytest.mark.gpu` (needs an accelerator) and its reason says why. A skip
+every tiktoken equality check). So any skip, from `pytest.skip` or `importorskip`, fails the session.
+The one exception is the GPU tier (`@pytest.mark.gpu`): the default run deselects it (conftest.py), and
+under `pytest -m gpu` on a machine without a GPU its tests skip with a reason that says why. A skip
 during collection (a module-level `importorskip`) skips a whole file and has no test to carry a mark,
 so it always fails the session: a GPU-only module skips inside its tests instead.
 conftest.py installs these hooks.

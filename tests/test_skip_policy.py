@@ -1,4 +1,5 @@
-"""The skip policy itself: a quiet skip fails the run; a GPU-only skip does not."""
+"""The skip policy itself: a quiet skip fails the run; the GPU tier is deselected by default and may
+skip when it is selected."""
 
 import pathlib
 import textwrap
@@ -64,8 +65,13 @@ def test_a_file_skipped_at_collection_fails_the_session(pytester, monkeypatch, w
 
 
 @pytest.mark.slow
-def test_gpu_only_skips_are_allowed(pytester, monkeypatch):
-  result = _run(pytester, monkeypatch,
-                {'test_skipping': SKIPPING.replace("pytest.importorskip('no_such_module_anywhere')", 'pass')})
+def test_the_gpu_tier_is_deselected_by_default_and_may_skip_when_selected(pytester, monkeypatch):
+  files = {'test_skipping': SKIPPING.replace("pytest.importorskip('no_such_module_anywhere')", 'pass')}
+  # The default run (the README's command): the GPU test is not run at all, so nothing skips.
+  result = _run(pytester, monkeypatch, files)
   assert result.ret == 0
-  result.assert_outcomes(passed=2, skipped=1)
+  result.assert_outcomes(passed=2, deselected=1)
+  # `pytest -m gpu` on a machine without one: its skip, with its reason, is allowed.
+  result = _run(pytester, monkeypatch, files, '-m', 'gpu')
+  assert result.ret == 0
+  result.assert_outcomes(skipped=1, deselected=2)
