@@ -203,14 +203,14 @@ class Checkpointer:
     return abstract_state.replace(params=r.params, opt_state=r.opt_state,
                                   step=r.progress['step'], key=r.progress['key'])
 
-  def restore_params(self, step: int, abstract_params: Any = None) -> Any:
+  def restore_params(self, step: int, abstract_params: Any = None, meta: Optional[dict] = None) -> Any:
     """Restores only the parameters (no optimizer state): what sampling and evaluation need.
 
     Those are the weights the run evaluated: the `ema_params` item when it kept an average
-    (train.ema_decay > 0), else `params`.
+    (train.ema_decay > 0), else `params`. `meta`: the step's metadata, if the caller has read it.
     """
     abstract_params = _placed(abstract_params)
-    item = self.meta(step).get('inference_params', 'params')
+    item = (self.meta(step) if meta is None else meta).get('inference_params', 'params')
     try:
       with _reads_awaited():
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -335,7 +335,7 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
     meta = ckpt.meta(step)
     model_cfg = ModelConfig.from_dict(meta['model'])
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0)))
-    params = ckpt.restore_params(step, abstract)
+    params = ckpt.restore_params(step, abstract, meta)
   except DamagedCheckpoint as e:
     others = [s for s in steps if s != step]
     raise DamagedCheckpoint(step, ckpt.directory, e.reason, (

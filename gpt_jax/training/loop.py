@@ -42,6 +42,11 @@ from gpt_jax.training.step import TrainState, eval_step, init_train_state, train
 CPU_MAX_STEPS_IN_FLIGHT = 8
 
 
+def dispatch_is_bounded() -> bool:
+  """True where the loops must wait every CPU_MAX_STEPS_IN_FLIGHT steps: several CPU devices."""
+  return jax.default_backend() == 'cpu' and len(jax.devices()) > 1
+
+
 @dataclasses.dataclass
 class Setup:
   """What a run is made of, before any state exists."""
@@ -158,7 +163,7 @@ class Evaluator:
                  for i in range(t.eval_iters)]
     self.prompt = mesh_lib.put_replicated(np.array(
         [text_lib.encode_text(s.dataset.tokenizer, self.cfg_s.prompt or '\n')], np.int32), s.mesh)
-    self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
+    self.bounded_dispatch = dispatch_is_bounded()
 
   def split_loss(self, params: Any, split: str) -> jax.Array:
     """Sum of the loss over the split's eval batches, added up on the device in float32 (in batch
@@ -264,7 +269,7 @@ class Trainer:
     self.bar = tqdm(total=t.max_steps, initial=self.start_step, desc='train', unit='step',
                     dynamic_ncols=True, disable=None if main else True)
     self.say = self.bar.write if not self.bar.disable else s.say
-    self.bounded_dispatch = jax.default_backend() == 'cpu' and len(jax.devices()) > 1
+    self.bounded_dispatch = dispatch_is_bounded()
     self.summary = {'start_step': self.start_step}
     if 'target_reached' in resumed_meta:  # Reached in an earlier segment: logged there, once.
       self.summary['target_reached'] = resumed_meta['target_reached']
