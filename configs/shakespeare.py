@@ -77,6 +77,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       muon_learning_rate=0.02,  # muon: peak lr of the block matrices (Muon's reference default),
                                # following the same schedule as learning_rate.
       muon_momentum=0.95,      # muon: Nesterov momentum of the matrices before orthogonalisation.
+      muon_ns_steps=5,         # muon: Newton-Schulz iterations per update (fewer: a cheaper, rougher
+                               # orthogonalisation; docs/speedrun.md has the step cost).
       muon_weight_decay=0.0,   # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
       ema_decay=0.0,           # > 0: keep an EMA of the weights (in the optimizer state); evals and
                                # the kept checkpoint use it. 0 = off (GPT-2 / nanoGPT).

@@ -438,6 +438,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
   if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
     problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
+  if t.optimizer == 'muon' and t.muon_ns_steps < 1:
+    problems.append(f'train.muon_ns_steps must be >= 1 (got {t.muon_ns_steps})')
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f'train.ema_decay must be in [0, 1), 0 = off (got {t.ema_decay})')
   if t.lr_schedule not in optim.LR_SCHEDULES:

@@ -328,6 +328,7 @@ def test_every_config_problem_is_reported_in_one_message(tiny_config):
 
 @pytest.mark.parametrize('overrides,problem', [
     ({'optimizer': 'muon', 'muon_learning_rate': 0.0}, 'train.muon_learning_rate must be > 0 (got 0.0)'),
+    ({'optimizer': 'muon', 'muon_ns_steps': 0}, 'train.muon_ns_steps must be >= 1 (got 0)'),
     ({'lr_schedule': 'step'}, "train.lr_schedule must be one of ('cosine', 'wsd') (got 'step')"),
     ({'lr_schedule': 'wsd', 'cooldown_fraction': 1.5}, 'train.cooldown_fraction must be in (0, 1] (got 1.5)'),
 ])
