@@ -122,6 +122,51 @@ def jax_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size
           'model_tflops': config_lib.flops_per_token(cfg) * tokens / dt / 1e12}
 
 
+def train_side_by_side(variants: dict[str, tuple[ModelConfig, ml_collections.ConfigDict]],
+                       rounds: int = 5, steps: int = 5) -> dict[str, dict]:
+  """Train-step speed of several variants of one run, timed in turns in this process.
+
+  `variants`: name -> (model config, train section with its batch size and optimizer). Every step is
+  compiled and run once first; then each round times `steps` steps of every variant in turn, and the
+  best round counts. A load that changes slowly falls on every variant alike, so the ratios are fair
+  where separate processes (one after another) would compare different moments. Also reported: XLA's
+  cost analysis of each compiled step (flops and bytes accessed), which does not depend on the machine.
+  """
+  data = jnp.asarray(synthetic_tokens())
+  runs, out = {}, {}
+  for name, (cfg, tcfg) in variants.items():
+    batch = int(tcfg.batch_size)
+    step = jax.jit(functools.partial(step_lib.train_step, model=GPT(cfg), batch_size=batch,
+                                     grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
+                   donate_argnums=0)
+    state = step_lib.init_train_state(cfg, tcfg)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, data)
+    m['loss'].block_until_ready()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older JAX versions.
+    runs[name] = [compiled, state]
+    out[name] = {'compile_s': compile_s, 'gflop': float(cost.get('flops', 0.0)) / 1e9,
+                 'gb_accessed': float(cost.get('bytes accessed', 0.0)) / 1e9,
+                 'tokens_per_step': batch * cfg.block_size, 'ms_per_step': math.inf}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      compiled, state = run
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = compiled(state, data)
+      m['loss'].block_until_ready()
+      run[1] = state
+      out[name]['ms_per_step'] = min(out[name]['ms_per_step'], 1e3 * (time.perf_counter() - t0) / steps)
+  first = out[next(iter(out))]
+  for r in out.values():
+    r['vs_first'] = r['ms_per_step'] / first['ms_per_step']
+    r['tokens_per_s'] = r['tokens_per_step'] / r['ms_per_step'] * 1e3
+  return out
+
+
 def torch_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int,
                 repeats: int = 2) -> dict:
   """nanoGPT-style eager PyTorch step (gpt_jax/lab/torch_ref.py): random batch, forward, backward,
