@@ -185,8 +185,8 @@ def make_muon_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientT
   """clip_by_global_norm(grad_clip) -> Muon on the block matrices (`muon_labels`), AdamW elsewhere.
 
   Muon is `optax.contrib.muon` (Nesterov momentum `muon_momentum`, `muon_ns_steps` Newton-Schulz
-  steps with Keller Jordan's quintic coefficients, the update scaled by sqrt(max(1, fan_out / fan_in))), at
-  `muon_learning_rate` times the shape of the configured schedule. It sees only the block matrices,
+  steps with Keller Jordan's quintic coefficients, the update scaled by sqrt(max(1, fan_out / fan_in))),
+  at `muon_learning_rate` times the shape of the configured schedule. It sees only the block matrices,
   so its own AdamW side (for non-2-D leaves) is left with nothing to do. The rest gets exactly the
   'optax' chain's AdamW (its schedule, betas, weight decay on >= 2-D tensors, bias correction).
 
