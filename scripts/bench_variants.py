@@ -28,7 +28,8 @@ allocator.preload()  # Re-executes this script once on mimalloc, before jax load
 LEVERS = ('base:;rotary:model.position=rotary;qk_norm:model.qk_norm=True;relu2:model.activation=relu2;'
           'muon:train.optimizer=muon;muon_ns3:train.optimizer=muon,train.muon_ns_steps=3')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run config, PATH[:PRESET].')
-_VARIANTS = flags.DEFINE_string('variants', LEVERS, 'NAME:KEY=VALUE,...;NAME:... (the first is the baseline).')
+_VARIANTS = flags.DEFINE_string('variants', LEVERS,
+                                 'NAME:KEY=VALUE,...;NAME:... (the first is the baseline).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds; the best counts.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per variant per round.')
 
