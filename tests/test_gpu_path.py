@@ -77,18 +77,20 @@ def test_model_calls_the_chosen_kernel(monkeypatch):
   monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
   cfg = dataclasses.replace(BF16, attention='auto')
   x = jnp.zeros((2, 16), jnp.int32)
-  params = GPT(cfg).init(jax.random.PRNGKey(0), x)['params']  # On the CPU: XLA.
+  # The kernel is chosen while tracing, so tracing alone (eval_shape) shows every call; nothing runs.
+  params = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), x))['params']  # On the CPU: XLA.
   assert seen and set(seen) == {'xla'}
   seen.clear()
+  train = lambda c: jax.eval_shape(lambda p: GPT(c).apply({'params': p}, x, deterministic=False,
+                                                          rngs={'dropout': jax.random.PRNGKey(1)}), params)
   with model_lib.target_platform('gpu'):
-    GPT(cfg).apply({'params': params}, x)
+    jax.eval_shape(lambda p: GPT(cfg).apply({'params': p}, x), params)
     assert seen == ['cudnn'] * cfg.n_layer
     seen.clear()
     drop = dataclasses.replace(cfg, dropout=0.1)
-    GPT(drop).apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    train(drop)
     assert seen == []  # Attention dropout: the written-out softmax.
-    GPT(dataclasses.replace(drop, attention_dropout=False)).apply(
-        {'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    train(dataclasses.replace(drop, attention_dropout=False))
     assert seen == ['cudnn'] * cfg.n_layer
 
 
