@@ -100,9 +100,10 @@ def test_attention_dropout_off_drops_no_probabilities():
   cfg = dataclasses.replace(BF16, dtype='float32', dropout=0.5, attention_dropout=False)
   attn = model_lib.CausalSelfAttention(cfg)
   h = jax.random.normal(jax.random.PRNGKey(3), (2, 16, cfg.n_embd))
-  params = attn.init(jax.random.PRNGKey(0), h, True)
-  clean = attn.apply(params, h, True)[0]
-  outs = [attn.apply(params, h, False, rngs={'dropout': jax.random.PRNGKey(k)})[0] for k in range(2)]
+  params = jax.jit(attn.init, static_argnums=2)(jax.random.PRNGKey(0), h, True)  # Jitted: eager compiles
+  clean = jax.jit(attn.apply, static_argnums=2)(params, h, True)[0]                # every op on its own.
+  train = jax.jit(lambda p, h, key: attn.apply(p, h, False, rngs={'dropout': key})[0])
+  outs = [train(params, h, jax.random.PRNGKey(k)) for k in range(2)]
   for out in outs:
     kept = out != 0
     assert 0.3 < float(kept.mean()) < 0.7
@@ -114,8 +115,9 @@ def test_attention_dropout_off_drops_no_probabilities():
 
 def test_bf16_keeps_residual_stream_float32_and_multiplies_in_bf16():
   x = jnp.zeros((2, 16), jnp.int32)
-  params = GPT(BF16).init(jax.random.PRNGKey(0), x)['params']
-  logits, inter = GPT(BF16).apply({'params': params}, x, mutable='intermediates')
+  # Only dtypes are checked: eval_shape traces the model without running it.
+  params = jax.eval_shape(lambda: GPT(BF16).init(jax.random.PRNGKey(0), x))['params']
+  logits, inter = jax.eval_shape(lambda p: GPT(BF16).apply({'params': p}, x, mutable='intermediates'), params)
   assert logits.dtype == jnp.float32
   assert inter['intermediates']['embed'][0].dtype == jnp.float32
   assert all(r[0].dtype == jnp.float32 for k, v in inter['intermediates'].items() if k.startswith('h_')
