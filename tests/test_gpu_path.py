@@ -77,18 +77,20 @@ def test_model_calls_the_chosen_kernel(monkeypatch):
   monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
   cfg = dataclasses.replace(BF16, attention='auto')
   x = jnp.zeros((2, 16), jnp.int32)
-  params = GPT(cfg).init(jax.random.PRNGKey(0), x)['params']  # On the CPU: XLA.
+  # The kernel is chosen while tracing, so tracing alone (eval_shape) shows every call; nothing runs.
+  params = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), x))['params']  # On the CPU: XLA.
   assert seen and set(seen) == {'xla'}
   seen.clear()
+  train = lambda c: jax.eval_shape(lambda p: GPT(c).apply({'params': p}, x, deterministic=False,
+                                                          rngs={'dropout': jax.random.PRNGKey(1)}), params)
   with model_lib.target_platform('gpu'):
-    GPT(cfg).apply({'params': params}, x)
+    jax.eval_shape(lambda p: GPT(cfg).apply({'params': p}, x), params)
     assert seen == ['cudnn'] * cfg.n_layer
     seen.clear()
     drop = dataclasses.replace(cfg, dropout=0.1)
-    GPT(drop).apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    train(drop)
     assert seen == []  # Attention dropout: the written-out softmax.
-    GPT(dataclasses.replace(drop, attention_dropout=False)).apply(
-        {'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    train(dataclasses.replace(drop, attention_dropout=False))
     assert seen == ['cudnn'] * cfg.n_layer
 
 
@@ -98,9 +100,10 @@ def test_attention_dropout_off_drops_no_probabilities():
   cfg = dataclasses.replace(BF16, dtype='float32', dropout=0.5, attention_dropout=False)
   attn = model_lib.CausalSelfAttention(cfg)
   h = jax.random.normal(jax.random.PRNGKey(3), (2, 16, cfg.n_embd))
-  params = attn.init(jax.random.PRNGKey(0), h, True)
-  clean = attn.apply(params, h, True)[0]
-  outs = [attn.apply(params, h, False, rngs={'dropout': jax.random.PRNGKey(k)})[0] for k in range(2)]
+  params = jax.jit(attn.init, static_argnums=2)(jax.random.PRNGKey(0), h, True)  # Jitted: eager compiles
+  clean = jax.jit(attn.apply, static_argnums=2)(params, h, True)[0]                # every op on its own.
+  train = jax.jit(lambda p, h, key: attn.apply(p, h, False, rngs={'dropout': key})[0])
+  outs = [train(params, h, jax.random.PRNGKey(k)) for k in range(2)]
   for out in outs:
     kept = out != 0
     assert 0.3 < float(kept.mean()) < 0.7
@@ -112,8 +115,9 @@ def test_attention_dropout_off_drops_no_probabilities():
 
 def test_bf16_keeps_residual_stream_float32_and_multiplies_in_bf16():
   x = jnp.zeros((2, 16), jnp.int32)
-  params = GPT(BF16).init(jax.random.PRNGKey(0), x)['params']
-  logits, inter = GPT(BF16).apply({'params': params}, x, mutable='intermediates')
+  # Only dtypes are checked: eval_shape traces the model without running it.
+  params = jax.eval_shape(lambda: GPT(BF16).init(jax.random.PRNGKey(0), x))['params']
+  logits, inter = jax.eval_shape(lambda p: GPT(BF16).apply({'params': p}, x, mutable='intermediates'), params)
   assert logits.dtype == jnp.float32
   assert inter['intermediates']['embed'][0].dtype == jnp.float32
   assert all(r[0].dtype == jnp.float32 for k, v in inter['intermediates'].items() if k.startswith('h_')

@@ -86,7 +86,7 @@ def test_imported_logits_equal_hf(reference, variant):
   worst = 0.0
   for seed, shape in enumerate([(3, 64), (2, 17), (1, 1)]):
     tokens = _tokens(shape, seed=seed)
-    ours = np.asarray(model.apply({'params': params}, tokens))
+    ours = np.asarray(jax.jit(model.apply)({'params': params}, tokens))
     assert ours.shape == (*shape, 101)
     worst = max(worst, float(np.max(np.abs(ours - _hf_logits(hf_model, tokens)))))
   print(f'{variant}: max |logits gpt_jax - HF| = {worst:.2e}')
@@ -121,11 +121,16 @@ def test_greedy_generation_equals_hf(reference):
 
 def _random_params(cfg: ModelConfig, seed: int = 0):
   """GPT-2 init plus noise on every tensor (so zero biases / unit scales don't hide mistakes)."""
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  @jax.jit  # One program: eager, each op of the init would be compiled on its own.
+  def make():
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  return make()
 
 
 @pytest.mark.parametrize('gelu_approximate', [True, False])
@@ -146,7 +151,7 @@ def test_export_reimport_is_lossless_and_hf_agrees(tmp_path, gelu_approximate):
 
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
   tokens = _tokens((2, 64), seed=3)
-  ours = np.asarray(GPT(cfg).apply({'params': params}, tokens))
+  ours = np.asarray(jax.jit(GPT(cfg).apply)({'params': params}, tokens))
   diff = float(np.max(np.abs(ours - _hf_logits(hf_model, tokens))))
   print(f'export gelu_approximate={gelu_approximate}: max |logits HF(export) - gpt_jax| = {diff:.2e}')
   assert diff < LOGITS_ATOL
@@ -160,7 +165,7 @@ def test_export_without_biases_writes_zero_biases(tmp_path):
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
   assert float(hf_model.transformer.h[0].attn.c_attn.bias.detach().abs().max()) == 0.0
   tokens = _tokens((2, 40), seed=4)
-  ours = np.asarray(GPT(cfg).apply({'params': params}, tokens))
+  ours = np.asarray(jax.jit(GPT(cfg).apply)({'params': params}, tokens))
   assert float(np.max(np.abs(ours - _hf_logits(hf_model, tokens)))) < LOGITS_ATOL
   model2, params2 = hf.load_gpt2(str(tmp_path))  # Comes back as a bias=True model, biases zero.
   assert model2.config == dataclasses.replace(cfg, bias=True)

@@ -1,5 +1,10 @@
-"""The hand-written GPT-2: shapes, causality, parameter count, init, LayerNorm/attention vs Flax/JAX."""
+"""The hand-written GPT-2: shapes, causality, parameter count, init, LayerNorm/attention vs Flax/JAX.
 
+Every computation here is jitted: run eagerly, each of the model's many small ops is compiled on its
+own, which on a CPU costs seconds per test for models this size. The values are the same.
+"""
+
+import functools
 import math
 
 import flax.linen as nn
@@ -16,20 +21,37 @@ from gpt_jax.model import GPT
 CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 
 
+@functools.lru_cache(maxsize=None)
 def _params(cfg=CFG, seed=0):
-  return model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  """GPT-2-initialised parameters, made once per (config, seed) by one compiled program."""
+  return jax.jit(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(seed)))()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg=CFG):
+  """GPT(cfg).apply, jitted once per config."""
+  return jax.jit(GPT(cfg).apply)
+
+
+def _tokens(shape, seed, vocab=CFG.vocab_size):
+  return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def test_logits_shape_and_dtype():
   params = _params()
-  idx = jax.random.randint(jax.random.PRNGKey(1), (3, 11), 0, CFG.vocab_size)
-  logits = GPT(CFG).apply({'params': params}, idx)
+  idx = _tokens((3, 11), 1)
+  logits = _forward()({'params': params}, idx)
   assert logits.shape == (3, 11, CFG.vocab_size)
   assert logits.dtype == jnp.float32
 
 
 def test_parameter_names_follow_gpt2():
-  params = _params(ModelConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True))
+  cfg = ModelConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True)
+  params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))  # Names: shapes do.
   flat = {'.'.join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   for name in ['wte', 'wpe', 'h_0.ln_1.scale', 'h_0.ln_1.bias', 'h_0.attn.c_attn.kernel',
                'h_0.attn.c_proj.kernel', 'h_0.ln_2.scale', 'h_0.mlp.c_fc.kernel',
@@ -48,12 +70,12 @@ def test_causality_through_gradients():
   params = _params()
   model = GPT(CFG)
   T = 9
-  idx = jax.random.randint(jax.random.PRNGKey(2), (1, T), 0, CFG.vocab_size)
+  idx = _tokens((1, T), 2)
 
   def summed_logits(wpe):  # (T,): one number per output position
     return model.apply({'params': dict(params, wpe=wpe)}, idx)[0].sum(-1)
 
-  jac = jax.jacrev(summed_logits)(params['wpe'])  # (T, block_size, C)
+  jac = jax.jit(jax.jacrev(summed_logits))(params['wpe'])  # (T, block_size, C)
   for t in range(T):
     norms = np.asarray(jnp.linalg.norm(jac[t, :T], axis=-1))
     assert np.all(norms[t + 1:] == 0.0), f'position {t} depends on the future: {norms}'
@@ -62,11 +84,11 @@ def test_causality_through_gradients():
 
 def test_changing_a_later_token_never_changes_earlier_logits():
   params = _params()
-  idx = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size))
-  a = GPT(CFG).apply({'params': params}, idx)
+  idx = _tokens((2, 12), 3)
+  a = _forward()({'params': params}, idx)
   idx2 = idx.copy()
   idx2[:, 7] = (idx2[:, 7] + 1) % CFG.vocab_size
-  b = GPT(CFG).apply({'params': params}, idx2)
+  b = _forward()({'params': params}, idx2)
   np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
   assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
 
@@ -78,7 +100,8 @@ def test_changing_a_later_token_never_changes_earlier_logits():
 ])
 @pytest.mark.slow
 def test_parameter_count_matches_formula(cfg):
-  assert model_lib.count_params(_params(cfg)) == num_params(cfg)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))  # Counts need no values.
+  assert model_lib.count_params(shapes) == num_params(cfg)
 
 
 def test_gpt2_124m_parameter_count():
@@ -103,23 +126,26 @@ def test_gpt2_initialisation():
 def test_initial_loss_is_close_to_uniform():
   cfg = ModelConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
   params = _params(cfg)
-  idx, targets = jax.random.randint(jax.random.PRNGKey(4), (2, 8, 32), 0, 65)
-  logits = GPT(cfg).apply({'params': params}, idx)
+  idx, targets = _tokens((2, 8, 32), 4, vocab=65)
+  logits = _forward(cfg)({'params': params}, idx)
   loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
   assert abs(float(loss) - math.log(65)) < 0.1
 
 
 @pytest.mark.parametrize('use_bias', [True, False])
 def test_layernorm_matches_flax(use_bias):
-  x = jax.random.normal(jax.random.PRNGKey(5), (4, 7, 24)) * 3 + 1
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((4, 7, 24)) * 3 + 1, jnp.float32)
   ours = model_lib.LayerNorm(use_bias=use_bias)
   theirs = nn.LayerNorm(epsilon=1e-5, use_bias=use_bias)
-  p = ours.init(jax.random.PRNGKey(0), x)
-  p = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.PRNGKey(6), a.shape), p)
-  np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), atol=1e-5, rtol=1e-5)
+  # The init (scale 1, bias 0) plus N(0, 1) noise, so neither term is at its special value.
+  p = {'params': {'scale': jnp.asarray(1 + rng.standard_normal(24), jnp.float32)}}
+  if use_bias:
+    p['params']['bias'] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+  np.testing.assert_allclose(jax.jit(ours.apply)(p, x), jax.jit(theirs.apply)(p, x), atol=1e-5, rtol=1e-5)
   # And the gradients.
-  g1 = jax.grad(lambda p, x: (ours.apply(p, x) ** 2).sum(), argnums=(0, 1))(p, x)
-  g2 = jax.grad(lambda p, x: (theirs.apply(p, x) ** 2).sum(), argnums=(0, 1))(p, x)
+  g1 = jax.jit(jax.grad(lambda p, x: (ours.apply(p, x) ** 2).sum(), argnums=(0, 1)))(p, x)
+  g2 = jax.jit(jax.grad(lambda p, x: (theirs.apply(p, x) ** 2).sum(), argnums=(0, 1)))(p, x)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
@@ -127,8 +153,7 @@ def test_layernorm_matches_flax(use_bias):
 @pytest.mark.slow
 def test_attention_matches_jax_dot_product_attention():
   B, T, H, D = 2, 10, 3, 8
-  kq, kk, kv = jax.random.split(jax.random.PRNGKey(7), 3)
-  q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in (kq, kk, kv))
+  q, k, v = _normal((3, B, T, H, D), 7)
   mask = jnp.tril(jnp.ones((T, T), bool))
 
   def ours(q, k, v):  # Takes and returns head-major (B, H, T, D).
@@ -138,9 +163,9 @@ def test_attention_matches_jax_dot_product_attention():
   def ref(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
-  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
-  g1 = jax.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-  g2 = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), atol=1e-5, rtol=1e-5)
+  g1 = jax.jit(jax.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
@@ -149,13 +174,13 @@ def test_attention_matches_jax_dot_product_attention():
 @pytest.mark.parametrize('T, block', [(16, 4), (13, 5), (8, 8)])
 def test_block_causal_attention_equals_causal_attention(T, block):
   B, H, D = 2, 3, 8
-  q, k, v = (jax.random.normal(key, (B, H, T, D)) for key in jax.random.split(jax.random.PRNGKey(9), 3))
+  q, k, v = _normal((3, B, H, T, D), 9)
   mask = jnp.tril(jnp.ones((T, T), bool))
   full = lambda q, k, v: model_lib.causal_attention(q, k, v, mask)
   blocked = lambda q, k, v: model_lib.block_causal_attention(q, k, v, block)
-  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), atol=1e-6, rtol=1e-6)
-  g1 = jax.grad(lambda *a: (blocked(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-  g2 = jax.grad(lambda *a: (full(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), atol=1e-6, rtol=1e-6)
+  g1 = jax.jit(jax.grad(lambda *a: (blocked(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(lambda *a: (full(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -164,16 +189,20 @@ def test_block_causal_attention_equals_causal_attention(T, block):
 def test_model_uses_blocked_attention_for_long_sequences(monkeypatch):
   """The model's block-skipping path gives the logits and gradients of the plain path."""
   params = _params()
-  idx = jax.random.randint(jax.random.PRNGKey(8), (2, 16), 0, CFG.vocab_size)
-  loss = lambda p: (GPT(CFG).apply({'params': p}, idx) ** 2).mean()
+  idx = _tokens((2, 16), 8)
+
+  def loss_and_grad():  # A new function each time: QUERY_BLOCK is read when it is traced.
+    loss = lambda p: (GPT(CFG).apply({'params': p}, idx) ** 2).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
   calls = []
   monkeypatch.setattr(model_lib, 'block_causal_attention',
                       lambda *a, **k: calls.append(1) or _BLOCKED(*a, **k))
   monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 1000)
-  plain, g_plain = loss(params), jax.grad(loss)(params)
+  plain, g_plain = loss_and_grad()
   assert not calls
   monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 4)
-  blocked, g_blocked = loss(params), jax.grad(loss)(params)
+  blocked, g_blocked = loss_and_grad()
   assert calls
   np.testing.assert_allclose(blocked, plain, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g_blocked), jax.tree_util.tree_leaves(g_plain)):
@@ -185,9 +214,9 @@ _BLOCKED = model_lib.block_causal_attention
 
 def test_xla_attention_backend_matches_manual():
   params = _params()
-  idx = jax.random.randint(jax.random.PRNGKey(8), (2, 16), 0, CFG.vocab_size)
-  a = GPT(CFG).apply({'params': params}, idx)
-  b = GPT(ModelConfig(**dict(CFG.to_dict(), attention='xla'))).apply({'params': params}, idx)
+  idx = _tokens((2, 16), 8)
+  a = _forward()({'params': params}, idx)
+  b = _forward(ModelConfig(**dict(CFG.to_dict(), attention='xla')))({'params': params}, idx)
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -201,7 +230,8 @@ def test_gelu_flag_selects_the_formula(approximate):
   mlp = model_lib.MLP(cfg)
   # An MLP with identity-like weights exposes the activation: c_fc picks x, c_proj sums 4 copies.
   p = {'c_fc': {'kernel': jnp.eye(4, 16)}, 'c_proj': {'kernel': jnp.eye(16, 4)}}
-  y = mlp.apply({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)[0, :, 0]
+  y = jax.jit(mlp.apply, static_argnums=2)({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None],
+                                            True)[0, :, 0]
   np.testing.assert_allclose(y, tanh if approximate else exact, atol=1e-6)
   assert not np.allclose(exact, tanh, atol=1e-6)
 
@@ -213,14 +243,15 @@ def test_gelu_matches_jax_nn_gelu_values_and_gradients(approximate):
   theirs = lambda x: jax.nn.gelu(x, approximate=approximate)
   # The erf form (PyTorch's) loses the ~1e-7-sized tail for x << 0 to cancellation in 1 + erf:
   # an absolute error below 1e-6, where jax.nn.gelu's erfc form keeps it.
-  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
-  np.testing.assert_allclose(jax.vmap(jax.grad(ours))(x), jax.vmap(jax.grad(theirs))(x),
+  np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(theirs)(x), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(ours)))(x), jax.jit(jax.vmap(jax.grad(theirs)))(x),
                              atol=2e-6, rtol=1e-6)
 
 
 def test_dropout_rate_scale_and_independence():
   x = jnp.ones((400, 1000))
-  y = np.asarray(model_lib.dropout(x, 0.2, jax.random.PRNGKey(0)))
+  dropout = jax.jit(model_lib.dropout, static_argnums=1)
+  y = np.asarray(dropout(x, 0.2, jax.random.PRNGKey(0)))
   kept = y != 0
   # 400k draws: the dropped fraction is 0.2 within 5 standard deviations (sd = 6.3e-4).
   assert abs(1 - kept.mean() - 0.2) < 5 * math.sqrt(0.2 * 0.8 / y.size)
@@ -232,33 +263,43 @@ def test_dropout_rate_scale_and_independence():
   a, b = kept.reshape(-1)[0::2].astype(float), kept.reshape(-1)[1::2].astype(float)
   assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
   # Another key, another mask; the same key, the same mask; odd sizes work.
-  assert (np.asarray(model_lib.dropout(x, 0.2, jax.random.PRNGKey(1))) != y).any()
-  np.testing.assert_array_equal(model_lib.dropout(x, 0.2, jax.random.PRNGKey(0)), y)
-  assert model_lib.dropout(jnp.ones((3, 5, 7)), 0.5, jax.random.PRNGKey(2)).shape == (3, 5, 7)
+  assert (np.asarray(dropout(x, 0.2, jax.random.PRNGKey(1))) != y).any()
+  np.testing.assert_array_equal(dropout(x, 0.2, jax.random.PRNGKey(0)), y)
+  assert dropout(jnp.ones((3, 5, 7)), 0.5, jax.random.PRNGKey(2)).shape == (3, 5, 7)
 
 
 def test_dropout_is_off_by_default_and_on_with_a_key():
   cfg = ModelConfig(**dict(CFG.to_dict(), dropout=0.5))
   params = _params(cfg)
-  idx = jnp.zeros((1, 8), jnp.int32)
-  m = GPT(cfg)
-  np.testing.assert_array_equal(m.apply({'params': params}, idx), m.apply({'params': params}, idx))
-  d1 = m.apply({'params': params}, idx, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
-  assert not np.allclose(d1, m.apply({'params': params}, idx))
+  idx = np.zeros((1, 8), np.int32)
+  m = _forward(cfg)
+  np.testing.assert_array_equal(m({'params': params}, idx), m({'params': params}, idx))
+  train = jax.jit(lambda p, x, key: GPT(cfg).apply(p, x, deterministic=False, rngs={'dropout': key}))
+  d1 = train({'params': params}, idx, jax.random.PRNGKey(1))
+  assert not np.allclose(d1, m({'params': params}, idx))
 
 
 @pytest.mark.slow
 def test_kv_cache_prefill_and_steps_match_full_forward():
   params = _params()
   m = GPT(CFG)
-  idx = jax.random.randint(jax.random.PRNGKey(9), (2, 14), 0, CFG.vocab_size)
-  full = m.apply({'params': params}, idx)
-  cache = model_lib.init_cache(CFG, 2)
-  logits, cache = m.apply({'params': params}, idx[:, :6], cache, 0, method=GPT.decode)
+  idx = _tokens((2, 14), 9)
+  full = _forward()({'params': params}, idx)
+
+  @jax.jit
+  def prefill_then_steps(params, idx):  # One program; the positions are Python ints, as unjitted.
+    cache = model_lib.init_cache(CFG, 2)
+    logits, cache = m.apply({'params': params}, idx[:, :6], cache, 0, method=GPT.decode)
+    steps = []
+    for t in range(6, 14):
+      step_logits, cache = m.apply({'params': params}, idx[:, t:t + 1], cache, t, method=GPT.decode)
+      steps.append(step_logits[:, 0])
+    return logits, steps
+
+  logits, steps = prefill_then_steps(params, idx)
   np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
-  for t in range(6, 14):
-    step_logits, cache = m.apply({'params': params}, idx[:, t:t + 1], cache, t, method=GPT.decode)
-    np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
+  for t, step_logits in zip(range(6, 14), steps):
+    np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -266,23 +307,24 @@ def test_kv_cache_chunks_at_traced_positions_match_full_forward():
   """Chunks of several tokens at non-zero (traced) positions see the cache and each other causally."""
   params = _params()
   m = GPT(CFG)
-  idx = jax.random.randint(jax.random.PRNGKey(3), (2, 15), 0, CFG.vocab_size)
-  full = m.apply({'params': params}, idx)
+  idx = _tokens((2, 15), 3)
+  full = _forward()({'params': params}, idx)
   step = jax.jit(lambda p, chunk, c, pos: m.apply({'params': p}, chunk, c, pos, method=GPT.decode))
-  logits, cache = m.apply({'params': params}, idx[:, :4], model_lib.init_cache(CFG, 2), 0,
-                          method=GPT.decode)
+  prefill = jax.jit(lambda p, chunk: m.apply({'params': p}, chunk, model_lib.init_cache(CFG, 2), 0,
+                                             method=GPT.decode))
+  logits, cache = prefill(params, idx[:, :4])
   for s, e in ((4, 9), (9, 10), (10, 15)):
     logits, cache = step(params, idx[:, s:e], cache, jnp.int32(s))
     np.testing.assert_allclose(logits, full[:, s:e], atol=1e-5)
   # The cache holds every position's keys: one more step equals the prefill-everything path.
-  _, ref = m.apply({'params': params}, idx, model_lib.init_cache(CFG, 2), 0, method=GPT.decode)
+  _, ref = prefill(params, idx)
   for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_allclose(a[:, :, :15], b[:, :, :15], atol=1e-5)
 
 
 def test_sequence_longer_than_block_is_rejected():
   with pytest.raises(ValueError, match='block_size'):
-    GPT(CFG).apply({'params': _params()}, jnp.zeros((1, CFG.block_size + 1), jnp.int32))
+    _forward()({'params': _params()}, np.zeros((1, CFG.block_size + 1), np.int32))
 
 
 @pytest.mark.parametrize('bad', [dict(n_embd=30, n_head=4), dict(dropout=1.5), dict(attention='flash'),

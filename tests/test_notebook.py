@@ -8,6 +8,7 @@ cell, so running it checks them all.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +19,10 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'build_notebook.py'
+# The training run of section 7, cut from 500 steps: its val loss still falls by far more than the
+# 1.5 nats asserted (4.19 -> 2.40 at 200 steps), and the trained model's token-trace claims hold
+# (after ':' and ',' p = 0.97 and 0.89 > 0.5; first letters 0.06 < 0.21 for the rest).
+NOTEBOOK_STEPS = '200'
 
 
 def _build_module():
@@ -67,7 +72,8 @@ def test_a_failing_cell_fails_the_build_and_writes_nothing(tmp_path):
 def test_notebook_runs_top_to_bottom(tmp_path):
   out = tmp_path / 'walkthrough.ipynb'
   r = subprocess.run([sys.executable, str(SCRIPT), '--out', str(out)], cwd=REPO, capture_output=True,
-                     text=True, check=False, timeout=900)
+                     text=True, check=False, timeout=900,
+                     env=dict(os.environ, GPT_JAX_NOTEBOOK_STEPS=NOTEBOOK_STEPS))
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
   nb = nbformat.read(out, as_version=4)
   source = jupytext.read(REPO / 'notebooks' / 'walkthrough.py')

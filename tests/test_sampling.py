@@ -16,8 +16,9 @@ CFG = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, 
 @pytest.fixture(scope='module')
 def params():
   # Larger-than-init weights make the greedy choice depend strongly on the context.
-  p = model_lib.init_params(CFG, jax.random.PRNGKey(0))
-  return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 2 else a, p)
+  make = lambda: jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 2 else a,
+                                        model_lib.init_params(CFG, jax.random.PRNGKey(0)))
+  return jax.jit(make)()  # One program: eagerly, each op of the init compiles on its own.
 
 
 def _prompt(batch, length, seed=1):
@@ -77,12 +78,19 @@ def test_cached_greedy_equals_full_recomputation_under_every_option(option, prom
 
 @pytest.mark.slow
 def test_shift_one_is_nanogpt_crop_to_block_size(params):
-  """nanoGPT: idx_cond = idx[:, -block_size:]; logits[:, -1] -> next token."""
+  """nanoGPT: idx_cond = idx[:, -block_size:]; logits[:, -1] -> next token.
+
+  The cropped context is padded on the right to block_size, so that one compiled forward serves
+  every length (not one per length): the model is causal (tests/test_model.py), so the logits at the
+  context's last position do not see the padding."""
   prompt = _prompt(1, 4)
   tokens = prompt
   forward = jax.jit(lambda p, x: model_lib.GPT(CFG).apply({'params': p}, x))
   for _ in range(25):
-    logits = forward(params, tokens[:, -CFG.block_size:])[:, -1]
+    context = tokens[:, -CFG.block_size:]
+    n = context.shape[1]
+    padded = np.pad(context, ((0, 0), (0, CFG.block_size - n)))
+    logits = forward(params, padded)[:, n - 1]
     tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits, -1))[:, None]], axis=1)
   cached = sampling.generate(params, CFG, prompt, 25, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=1)

@@ -244,10 +244,11 @@ def test_qk_norm_gives_unit_rms_queries_and_keys_per_head():
   cfg = _cfg(qk_norm=True, n_head=4)
   attn = model_lib.CausalSelfAttention(cfg)
   x = 3.0 * jax.random.normal(jax.random.PRNGKey(4), (2, 10, cfg.n_embd))
-  variables = attn.init(jax.random.PRNGKey(0), x, True)
-  _, state = attn.apply(variables, x, True, capture_intermediates=True, mutable=['intermediates'])
+  variables = jax.jit(attn.init, static_argnums=2)(jax.random.PRNGKey(0), x, True)
+  _, state = jax.jit(lambda v, x: attn.apply(v, x, True, capture_intermediates=True,
+                                             mutable=['intermediates']))(variables, x)
   inter = state['intermediates']
-  raw = model_lib.Linear(3 * cfg.n_embd, cfg.bias).apply(
+  raw = jax.jit(model_lib.Linear(3 * cfg.n_embd, cfg.bias).apply)(
       {'params': variables['params']['c_attn']}, x).reshape(2, 10, 3, 4, cfg.head_size)
   for name, raw_x in (('q_norm', raw[:, :, 0]), ('k_norm', raw[:, :, 1])):
     out = inter[name]['__call__'][0]  # (B, H, T, D)
@@ -276,9 +277,10 @@ def test_relu2_is_relu_squared_in_the_mlp():
                     activation='relu2')
   # Identity-like weights expose the activation (as in test_model's GELU test).
   p = {'c_fc': {'kernel': jnp.eye(4, 16)}, 'c_proj': {'kernel': jnp.eye(16, 4)}}
-  y = model_lib.MLP(cfg).apply({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)
+  mlp = lambda cfg: jax.jit(model_lib.MLP(cfg).apply, static_argnums=2)
+  y = mlp(cfg)({'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)
   np.testing.assert_allclose(y[0, :, 0], jnp.square(jax.nn.relu(x)), rtol=1e-6, atol=1e-7)
-  gelu = model_lib.MLP(dataclasses.replace(cfg, activation='gelu')).apply(
+  gelu = mlp(dataclasses.replace(cfg, activation='gelu'))(
       {'params': p}, jnp.broadcast_to(x[:, None], (101, 4))[None], True)
   assert not np.allclose(gelu, y, atol=1e-3)
 
@@ -424,8 +426,8 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
   params = _params(MUON_CFG)
   tx = optim.make_optimizer(t)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-  new = _flat(optax.apply_updates(params, updates))
+  updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(params), params)
+  new = _flat(jax.jit(optax.apply_updates)(params, updates))
   labels = _flat(optim.muon_labels(params))
   for k, p in _flat(params).items():
     if labels[k] == 'muon':
@@ -520,16 +522,17 @@ def test_ema_off_keeps_no_average_and_on_never_changes_the_training_weights():
   params = _params(CFG)
   grads = jax.tree_util.tree_map(lambda p: 0.01 * jnp.ones_like(p), params)
   off, on = optim.make_optimizer(_ema_train_cfg()), optim.make_optimizer(_ema_train_cfg(ema_decay=0.9))
-  s_off, s_on = off.init(params), on.init(params)
+  s_off, s_on = jax.jit(off.init)(params), jax.jit(on.init)(params)  # Jitted: eager ops compile one by one.
   assert optim.ema_state(s_off) is None and isinstance(optim.ema_state(s_on), optim.EmaState)
   plain = optim.make_optax_optimizer(_ema_train_cfg())
-  assert jax.tree_util.tree_structure(s_off) == jax.tree_util.tree_structure(plain.init(params))
+  assert jax.tree_util.tree_structure(s_off) == jax.tree_util.tree_structure(jax.eval_shape(plain.init, params))
+  update_off, update_on, apply = jax.jit(off.update), jax.jit(on.update), jax.jit(optax.apply_updates)
   for _ in range(3):
-    u_off, s_off = off.update(grads, s_off, params)
-    u_on, s_on = on.update(grads, s_on, params)
+    u_off, s_off = update_off(grads, s_off, params)
+    u_on, s_on = update_on(grads, s_on, params)
     for a, b in zip(jax.tree_util.tree_leaves(u_off), jax.tree_util.tree_leaves(u_on)):
       np.testing.assert_array_equal(a, b)
-    params = optax.apply_updates(params, u_on)
+    params = apply(params, u_on)
 
 
 def test_ema_follows_the_debiased_average_formula():
@@ -540,16 +543,16 @@ def test_ema_follows_the_debiased_average_formula():
   d = 0.8
   tx = optim.make_optimizer(_ema_train_cfg(ema_decay=d))
   params = _params(CFG)
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)
   for a, b in zip(jax.tree_util.tree_leaves(optim.ema_state(state).ema), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
-  update = jax.jit(tx.update)
+  update, apply = jax.jit(tx.update), jax.jit(optax.apply_updates)
   history = []
   rng = np.random.default_rng(0)
   for _ in range(6):
     grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params = apply(params, updates)
     history.append(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64), params))
   t = len(history)
   want = jax.tree_util.tree_map(

@@ -60,7 +60,7 @@ def one_step():
   new_state, metrics = _step(True)(state, _data())
   # The batch the step drew, rebuilt from its key the way train_step does.
   batch_key, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
-  x, y = batches_lib.get_batch(_data(), batch_key, BATCH, CFG.block_size)
+  x, y = jax.jit(batches_lib.get_batch, static_argnums=(2, 3))(_data(), batch_key, BATCH, CFG.block_size)
   return state, new_state, jax.device_get(metrics), x, y, plain
 
 
@@ -87,12 +87,13 @@ def test_activation_rms_and_logit_scale_equal_direct_computation(one_step):
   p, xa = state.params, x[:layer_stats_lib.ACT_ROWS]
   h = p['wte'][xa] + p['wpe'][jnp.arange(CFG.block_size)]  # (B, T, C) embeddings, no dropout.
   expect = {'embed': float(jnp.sqrt(jnp.mean(h ** 2)))}
+  block = jax.jit(Block(CFG).apply, static_argnums=2)
   for i in range(CFG.n_layer):  # Apply each block on its own, outside the GPT module.
-    h, _ = Block(CFG).apply({'params': p[f'h_{i}']}, h, True)
+    h, _ = block({'params': p[f'h_{i}']}, h, True)
     expect[f'h_{i}'] = float(jnp.sqrt(jnp.mean(h ** 2)))
   for k, v in expect.items():
     np.testing.assert_allclose(m['layer_stats']['act_rms'][k], v, rtol=1e-5)
-  logits = GPT(CFG).apply({'params': p}, xa)
+  logits = jax.jit(GPT(CFG).apply)({'params': p}, xa)
   np.testing.assert_allclose(m['layer_stats']['logit_std'], np.std(np.asarray(logits), axis=-1).mean(),
                              rtol=1e-5)
 
@@ -132,7 +133,7 @@ def test_attention_entropy_from_sown_probs_equals_direct_computation(one_step):
 
 
 def test_sow_is_a_no_op_unless_intermediates_are_mutable():
-  params = GPT(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  params = jax.jit(GPT(CFG).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   assert set(params) == {'params'}  # Nothing sown at init.
   x = jnp.asarray(np.random.RandomState(3).randint(0, CFG.vocab_size, (2, CFG.block_size)))
   plain = jax.jit(GPT(CFG).apply)(params, x)
@@ -154,11 +155,12 @@ def test_only_an_explicit_request_picks_the_kernel_that_records_probabilities():
   sequence on the block-skipping kernel (nothing recorded); `record_probs=True` is the one switch."""
   from gpt_jax.model import QUERY_BLOCK
   cfg = dataclasses.replace(CFG, block_size=2 * QUERY_BLOCK)
-  params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  params = jax.jit(GPT(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   x = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, cfg.block_size)))
-  plain, sown = GPT(cfg).apply(params, x, mutable=['intermediates'])
+  sown_apply = lambda m: jax.jit(lambda p, x: m.apply(p, x, mutable=['intermediates']))
+  plain, sown = sown_apply(GPT(cfg))(params, x)
   assert 'attn_probs' not in sown['intermediates']['h_0'].get('attn', {})
-  recorded, sown = GPT(cfg, record_probs=True).apply(params, x, mutable=['intermediates'])
+  recorded, sown = sown_apply(GPT(cfg, record_probs=True))(params, x)
   assert sown['intermediates']['h_0']['attn']['attn_probs'][0].shape == (
       1, cfg.n_head, cfg.block_size, cfg.block_size)
   np.testing.assert_allclose(np.asarray(recorded), np.asarray(plain), atol=1e-5)
