@@ -133,6 +133,7 @@ def _random_params(cfg: ModelConfig, seed: int = 0):
   return make()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gelu_approximate', [True, False])
 def test_export_reimport_is_lossless_and_hf_agrees(tmp_path, gelu_approximate):
   cfg = ModelConfig(vocab_size=101, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
@@ -157,6 +158,7 @@ def test_export_reimport_is_lossless_and_hf_agrees(tmp_path, gelu_approximate):
   assert diff < LOGITS_ATOL
 
 
+@pytest.mark.slow
 def test_export_without_biases_writes_zero_biases(tmp_path):
   cfg = ModelConfig(vocab_size=101, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                     bias=False, gelu_approximate=False)

@@ -73,6 +73,7 @@ def test_windows_score_every_token_exactly_once(n, T):
   np.testing.assert_array_equal(x[:, 0], tokens[::T][:x.shape[0]])  # ... in windows starting at w*T.
 
 
+@pytest.mark.slow
 def test_full_pass_equals_brute_force_per_token():
   cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
@@ -143,6 +144,7 @@ def test_bpe_model_uses_the_checkpoint_tokenizer_and_saved_data(bpe_run, char_ru
                                      verbose=False)
 
 
+@pytest.mark.slow
 def test_bpe_model_samples_through_the_checkpoint(bpe_run):
   texts = sampling.sample_from_checkpoint(str(bpe_run), prompt='ROMEO:', num_samples=2,
                                             max_new_tokens=12, verbose=False)

@@ -63,6 +63,7 @@ def test_train_then_resume_then_sample_end_to_end(tmp_path):
   assert r.returncode == 0 and 'JULIET:\n' in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_prepare_data_script(tmp_path, synthetic_text_path):
   args = ['--config', str(REPO / 'configs' / 'shakespeare.py'),
           f'--config.data.text_path={synthetic_text_path}', f'--config.data.data_dir={tmp_path / "d"}']

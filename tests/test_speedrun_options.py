@@ -71,6 +71,7 @@ TINY_LOSSES = [4.182420253753662, 4.186740398406982, 4.196399688720703, 4.179003
 TINY_AFTER = 167.95639017733203
 
 
+@pytest.mark.slow
 def test_tiny_preset_is_unchanged_from_before_the_options():
   c = shakespeare.get_config('tiny')
   mc = config_lib.model_config_from(c, 65)
@@ -220,6 +221,7 @@ def test_rotary_scores_depend_only_on_relative_position(shift):
   assert not np.allclose(learned(pos + shift), learned(pos), atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('position', ['rotary', 'learned'])
 def test_rotary_model_logits_do_not_depend_on_where_the_window_starts(position):
   """The whole model run at positions offset..offset+T-1: the same logits as from 0 with rotary
@@ -419,6 +421,7 @@ def test_muon_steps_match_the_reference_and_adamw_elsewhere(ns_steps):
       assert not np.allclose(u_m[k], u_a[k], atol=1e-2 * lr)  # Not what AdamW would do.
 
 
+@pytest.mark.slow
 def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
   """With zero gradients Muon's update is pure decay: matrices *= 1 - muon_lr * muon_weight_decay,
   AdamW's >= 2-D leaves *= 1 - lr * weight_decay, the rest unchanged."""
@@ -515,6 +518,7 @@ def _ema_train_cfg(**overrides) -> ml_collections.ConfigDict:
   return t
 
 
+@pytest.mark.slow
 def test_ema_off_keeps_no_average_and_on_never_changes_the_training_weights():
   """ema_decay = 0 builds exactly the optimizer of before (no EmaState, the same state tree); on, the
   updates that reach the params are bit-identical to off (the average is only a bystander).

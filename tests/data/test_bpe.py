@@ -137,6 +137,7 @@ def test_gpt2_matches_tiktoken_and_round_trips_on_arbitrary_unicode(gpt2, tiktok
           == tiktoken_gpt2.encode(comparable, allowed_special='all'))
 
 
+@pytest.mark.slow
 def test_long_pieces_are_linear_and_exact(gpt2, tiktoken_gpt2):
   """One regex piece of 200k characters: a per-merge rescan would be quadratic here.
 

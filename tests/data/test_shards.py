@@ -195,6 +195,7 @@ def test_existing_output_is_not_overwritten_silently(corpus, dataset):
   assert sorted(os.listdir(dataset)) == sorted([s['file'] for s in index['shards']] + ['index.json'])
 
 
+@pytest.mark.slow
 def test_prepare_shards_script(corpus, tmp_path):
   out = tmp_path / 'script_shards'
   run = lambda *a: subprocess.run([sys.executable, str(REPO / 'scripts' / 'prepare_shards.py'), *a],

@@ -84,6 +84,7 @@ def test_run_logs_layer_stats_records(tiny_run):
   assert (dyn[-1]['train_loss'], dyn[-1]['grad_norm']) == (line['train_loss'], line['grad_norm'])
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files(tiny_run):
   pytest.importorskip('tensorboardX')
   tb = os.path.join(tiny_run, 'tensorboard')
@@ -154,6 +155,7 @@ def test_loss_panels_draw_the_runs_target(tmp_path):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_plot_script_overlays_runs(tiny_run, tmp_path):
   other = tmp_path / 'other'  # A second, resumed run without layer_stats records.
   _write_jsonl(other / 'metrics.jsonl', [
@@ -173,6 +175,7 @@ def test_plot_script_overlays_runs(tiny_run, tmp_path):
   assert r.returncode == 1 and 'no metrics.jsonl' in r.stderr
 
 
+@pytest.mark.slow
 def test_layer_stats_matrix_orders_layers(tiny_run):
   steps, layers, m = plots.layer_stats_matrix(plots.read_run(tiny_run), 'grad_norm')
   assert list(steps) == [6, 12] and layers == ['wte', 'wpe', 'h_0', 'h_1', 'ln_f']
@@ -222,6 +225,7 @@ def test_attention_script_writes_a_grid(tiny_run, tmp_path):
   assert r.returncode == 1 and 'not in this model' in r.stderr  # Unknown characters: one clear line.
 
 
+@pytest.mark.slow
 def test_attention_maps_are_causal_distributions(tiny_run):
   cfg, params, tok = probes.load(tiny_run)
   probs = probes.attention_maps(params, cfg, tok.encode('JULIET:\nsweet'))

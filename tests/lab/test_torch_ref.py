@@ -51,6 +51,7 @@ def test_missing_torch_is_a_user_error(monkeypatch):
     torch_ref.require_torch()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CFGS))
 def test_weight_transfer_round_trip_is_lossless(name):
   cfg = CFGS[name]

@@ -82,6 +82,7 @@ def test_per_layer_norms_equal_direct_computation(one_step):
                              m['grad_norm'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_activation_rms_and_logit_scale_equal_direct_computation(one_step):
   state, _, m, x, _, _ = one_step
   p, xa = state.params, x[:layer_stats_lib.ACT_ROWS]
@@ -114,6 +115,7 @@ def _direct_attention_probs(params, cfg, x):
   return e / e.sum(-1, keepdims=True)  # (B, H, T, T)
 
 
+@pytest.mark.slow
 def test_attention_entropy_from_sown_probs_equals_direct_computation(one_step):
   state, _, m, x, _, _ = one_step
   xa = x[:layer_stats_lib.ACT_ROWS]
@@ -166,6 +168,7 @@ def test_only_an_explicit_request_picks_the_kernel_that_records_probabilities():
   np.testing.assert_allclose(np.asarray(recorded), np.asarray(plain), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_instrumented_step_trains_exactly_like_the_plain_step(one_step):
   _, on, m_on, _, _, (off, m_off) = one_step
   _assert_trees_identical((off.params, off.opt_state, off.step), (on.params, on.opt_state, on.step))

@@ -43,6 +43,7 @@ def _step_fn(model_cfg, train_cfg, batch_size, accum):
       schedule=optim.lr_schedule(train_cfg)))
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
   model_cfg, train_cfg = _setup(learning_rate=3e-3, warmup_steps=0, lr_decay_steps=1000,
                                 min_learning_rate=3e-3, weight_decay=0.0)
@@ -83,6 +84,7 @@ def test_step_is_deterministic():
   assert int(s1.step) == 1
 
 
+@pytest.mark.slow
 def test_dropout_key_changes_with_step_on_a_fixed_batch():
   # The same parameters and the same batch at steps 0 and 1: only the step's dropout key differs, so
   # the masks and the loss must differ (a dropout key that ignores the step would give equal losses).
@@ -102,6 +104,7 @@ def test_dropout_key_changes_with_step_on_a_fixed_batch():
   assert not np.array_equal(masks[0], masks[1])
 
 
+@pytest.mark.slow
 def test_lr_reported_follows_schedule():
   model_cfg, train_cfg = _setup(warmup_steps=4, learning_rate=1e-3)
   data = jnp.asarray(np.random.RandomState(3).randint(0, 20, 500), jnp.uint16)
@@ -254,6 +257,7 @@ def test_a_nan_val_loss_alone_stops_the_run_without_a_checkpoint(tiny_config, mo
   assert max(r['step'] for r in recs) == 20
 
 
+@pytest.mark.slow
 def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch):
   # "At or under": a val loss exactly at the target reaches it (a `<` would wait for the next eval).
   tiny_config.train.update(max_steps=3, eval_interval=1, log_interval=1, target_val_loss=2.5)
