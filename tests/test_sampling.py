@@ -78,22 +78,28 @@ def test_cached_greedy_equals_full_recomputation_under_every_option(option, prom
 
 @pytest.mark.slow
 def test_shift_one_is_nanogpt_crop_to_block_size(params):
-  """nanoGPT: idx_cond = idx[:, -block_size:]; logits[:, -1] -> next token.
+  """nanoGPT: idx_cond = idx[:, -block_size:]; logits[:, -1] -> next token, here sampled.
 
+  Sampled at temperature 1 with the sampler's own key per token (greedy decoding of a random model
+  soon repeats one token, which no window error would change): four rows, 60 new tokens, most of
+  them past the full window, so a window one token short or one step late changes the text.
   The cropped context is padded on the right to block_size, so that one compiled forward serves
   every length (not one per length): the model is causal (tests/test_model.py), so the logits at the
   context's last position do not see the padding."""
-  prompt = _prompt(1, 4)
+  prompt = _prompt(4, 4)
+  key = jax.random.PRNGKey(0)
   tokens = prompt
   forward = jax.jit(lambda p, x: model_lib.GPT(CFG).apply({'params': p}, x))
-  for _ in range(25):
+  pick = jax.jit(lambda logits, i: sampling._pick(logits, jax.random.fold_in(key, i), 1.0, None,
+                                                  CFG.vocab_size))
+  for i in range(60):
     context = tokens[:, -CFG.block_size:]
     n = context.shape[1]
     padded = np.pad(context, ((0, 0), (0, CFG.block_size - n)))
     logits = forward(params, padded)[:, n - 1]
-    tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits, -1))[:, None]], axis=1)
-  cached = sampling.generate(params, CFG, prompt, 25, jax.random.PRNGKey(0), temperature=0.0,
-                               window_shift=1)
+    tokens = np.concatenate([tokens, np.asarray(pick(logits, i))[:, None]], axis=1)
+  assert len(set(tokens[:, -40:].ravel().tolist())) > 5  # Varied text past the window.
+  cached = sampling.generate(params, CFG, prompt, 60, key, temperature=1.0, window_shift=1)
   np.testing.assert_array_equal(np.asarray(cached), tokens)
 
 
