@@ -3,7 +3,7 @@
   python scripts/bench.py --vs_torch                 # everything the performance section reports
   python scripts/bench.py --settings baby --steps 50 --no_generate
   python scripts/bench.py --settings char --dtype bfloat16 --no_generate
-  python scripts/bench.py --config configs/shakespeare.py:speedrun --config.model.position=rotary --no_generate
+  python scripts/bench.py --config configs/shakespeare.py:speedrun_gpt2 --config.model.position=rotary --no_generate
 
 Train: the project's jitted train_step (on-device batch, AdamW, clipping) on the 'baby' (nanoGPT's
 CPU config) and 'char' (shakespeare_char) settings: ms/step, tokens/s, model TFLOP/s, MFU against a

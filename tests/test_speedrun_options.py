@@ -93,7 +93,8 @@ def test_tiny_preset_is_unchanged_from_before_the_options():
 
 
 @pytest.mark.parametrize('make', [functools.partial(shakespeare.get_config, p) for p in
-                                  ('', 'speedrun', 'cpu', 'nanogpt_cpu', 'tiny')] + [gpt2_configs.get_config])
+                                  ('', 'speedrun_gpt2', 'cpu', 'nanogpt_cpu', 'tiny')]
+                         + [gpt2_configs.get_config])
 def test_presets_keep_every_option_off(make):
   """The presets' model sections mean ModelConfig's defaults (GPT-2), and their optimizer AdamW."""
   c = make()
@@ -102,6 +103,24 @@ def test_presets_keep_every_option_off(make):
     assert getattr(m, field) == getattr(ModelConfig(), field), field
   assert m.non_gpt2_options() == []
   assert c.train.optimizer == 'optax' and c.train.lr_schedule == 'cosine'
+
+
+def test_the_speedrun_preset_is_speedrun_gpt2_with_the_levers_and_nothing_else():
+  """The lever recipe differs from GPT-2's record in exactly the documented fields (docs/speedrun.md)."""
+  levers = shakespeare.get_config('speedrun').to_dict()
+  gpt2 = shakespeare.get_config('speedrun_gpt2').to_dict()
+  diff = {(sec, k): (gpt2[sec][k], v) for sec in levers if isinstance(levers[sec], dict)
+          for k, v in levers[sec].items() if gpt2[sec][k] != v}
+  assert diff == {
+      ('model', 'dropout'): (0.1, 0.0), ('model', 'position'): ('learned', 'rotary'),
+      ('model', 'qk_norm'): (False, True), ('model', 'activation'): ('gelu', 'relu2'),
+      ('model', 'zero_init_proj'): (False, True), ('train', 'optimizer'): ('optax', 'muon'),
+      ('train', 'lr_schedule'): ('cosine', 'wsd'), ('train', 'cooldown_fraction'): (0.2, 0.5),
+      ('train', 'max_steps'): (5600, 1000), ('train', 'lr_decay_steps'): (5600, 1000),
+      ('train', 'eval_interval'): (500, 250), ('train', 'eval_iters'): (40, 20),
+      ('sample', 'eval_tokens'): (200, 0)}
+  assert levers['out_dir'] != gpt2['out_dir']
+  assert levers['train']['target_val_loss'] == gpt2['train']['target_val_loss'] == 1.47
 
 
 def test_options_off_is_the_default_parameter_tree():
