@@ -68,6 +68,18 @@ from gpt_jax.data import text as text_lib  # noqa: E402
 from skip_policy import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 
 
+def load_script(name: str):
+  """scripts/NAME.py as a module (scripts are not a package); importing one runs nothing."""
+  import importlib.util
+  scripts = REPO / 'scripts'
+  if str(scripts) not in sys.path:
+    sys.path.insert(0, str(scripts))  # For the scripts' `import _bootstrap`.
+  spec = importlib.util.spec_from_file_location(name, scripts / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def shipped_file(*parts: str) -> pathlib.Path:
   """A data file shipped in gpt_jax/data/assets (TinyShakespeare, GPT-2's BPE files): always there."""
   path = text_lib.ASSETS_DIR.joinpath(*parts)

@@ -1,6 +1,5 @@
 """scripts/gpu_check.sh: the one-command GPU check, gone through with --dry_run on this CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,18 +7,13 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module():
-  spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO, 'scripts', 'gpu_check.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_environment_names_what_is_missing(monkeypatch):
-  gc = _module()
+  gc = load_script('gpu_check')
   real = gc.version
   monkeypatch.setattr(gc, 'version', lambda name: None if name == 'ml_collections' else real(name))
   info = gc.environment(type('Args', (), {'dry_run': True, 'no_install': True})())

@@ -7,7 +7,6 @@ cell, so running it checks them all.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -17,21 +16,14 @@ import jupytext
 import nbformat
 import pytest
 
+from conftest import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'build_notebook.py'
 # The training run of section 7, cut from 500 steps: its val loss still falls by far more than the
 # 1.5 nats asserted (4.19 -> 2.40 at 200 steps), and the trained model's token-trace claims hold
 # (after ':' and ',' p = 0.97 and 0.89 > 0.5; first letters 0.06 < 0.21 for the rest).
 NOTEBOOK_STEPS = '200'
-
-
-def _build_module():
-  """scripts/build_notebook.py as a module (scripts are not a package)."""
-  sys.path.insert(0, str(SCRIPT.parent))  # For its `import _bootstrap`.
-  spec = importlib.util.spec_from_file_location('build_notebook', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_committed_notebook_has_the_cells_of_its_source():
@@ -47,7 +39,7 @@ def test_committed_notebook_has_the_cells_of_its_source():
 
 
 def test_the_sync_check_sees_an_edited_cell(tmp_path):
-  build = _build_module()
+  build = load_script('build_notebook')
   nb = nbformat.read(REPO / 'notebooks' / 'walkthrough.ipynb', as_version=4)
   nb.cells[3].source += '\nprint("an edit made in the .ipynb only")'
   edited = tmp_path / 'edited.ipynb'
@@ -64,7 +56,7 @@ def test_a_failing_cell_fails_the_build_and_writes_nothing(tmp_path):
   source.write_text('# %%\nx = 1\n\n# %%\nassert x == 2, "a false claim"\n', encoding='utf-8')
   out = tmp_path / 'bad.ipynb'
   with pytest.raises(SystemExit, match='a false claim'):
-    _build_module().build(source=str(source), out=str(out))
+    load_script('build_notebook').build(source=str(source), out=str(out))
   assert not out.exists()
 
 

@@ -1,6 +1,5 @@
 """scripts/bench_variants.py: a config's variants timed side by side, with XLA's flop counts."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -11,17 +10,10 @@ import pytest
 from configs import shakespeare
 from gpt_jax.errors import UserError
 
+from conftest import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / 'scripts' / 'bench_variants.py'
-
-
-def _script():
-  """The script as a module (scripts are not a package); importing it runs no benchmark."""
-  sys.path.insert(0, str(SCRIPT.parent))  # For its `import _bootstrap`.
-  spec = importlib.util.spec_from_file_location('bench_variants', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.slow
@@ -43,7 +35,7 @@ def test_each_variant_is_timed_and_its_change_reaches_the_step():
 
 
 def test_variants_are_parsed_by_the_fields_types():
-  parse = _script().parse_variants
+  parse = load_script('bench_variants').parse_variants
   base = shakespeare.get_config('tiny')
   v = parse('base:;a:model.qk_norm=true,train.muon_ns_steps=3,train.learning_rate=2e-3', base)
   assert list(v) == ['base', 'a']
