@@ -80,8 +80,8 @@ def main(argv) -> None:
       raise UserError('--config is required, e.g. --config configs/shakespeare.py:speedrun_gpt2')
     configs = parse_variants(_VARIANTS.value, _CONFIG.value)
     variants = {name: (config_lib.model_config_from(c, bench.VOCAB), c.train) for name, c in configs.items()}
-    result = {'env': bench.environment(), 'variants': {}}
-    result['variants'] = bench.train_side_by_side(variants, _ROUNDS.value, _STEPS.value)
+    result = {'env': bench.environment(),
+              'variants': bench.train_side_by_side(variants, _ROUNDS.value, _STEPS.value)}
     env = result['env']
     first = next(iter(configs))
     print(f'JAX {env["jax"]} on {env["backend"]} ({env["device"]}, {env["cpu_count"]} cores); '

@@ -87,24 +87,29 @@ def synthetic_tokens(n: int = 200_000, seed: int = 0) -> np.ndarray:
 
 # --- training ---------------------------------------------------------------------------------------
 
+def _compiled_train_step(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int,
+                         data: jax.Array) -> tuple[Any, Any, float]:
+  """(compiled train_step, a fresh state, compile seconds) for `batch_size` rows drawn from `data`."""
+  tcfg = ml_collections.ConfigDict(train_cfg.to_dict())
+  tcfg.batch_size = batch_size
+  step = jax.jit(functools.partial(step_lib.train_step, model=GPT(cfg), batch_size=batch_size,
+                                   grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
+                 donate_argnums=0)
+  state = step_lib.init_train_state(cfg, tcfg)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  return compiled, state, time.perf_counter() - t0
+
+
 def jax_train(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int,
               repeats: int = 2) -> dict:
   """The project's jitted train_step (batch drawn on device, AdamW, clipping): speed and memory.
 
   `train_cfg`: a run config's `train` section (the optimizer; the speed does not depend on its values).
   """
-  tcfg = ml_collections.ConfigDict(train_cfg.to_dict())
-  tcfg.batch_size = batch_size
-  model = GPT(cfg)
-  step = jax.jit(functools.partial(step_lib.train_step, model=model, batch_size=batch_size,
-                                   grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
-                 donate_argnums=0)
   data = jnp.asarray(synthetic_tokens())
   reset_peak_rss()
-  state = step_lib.init_train_state(cfg, tcfg)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, state, compile_s = _compiled_train_step(cfg, train_cfg, batch_size, data)
   t0 = time.perf_counter()
   state, m = compiled(state, data)
   m['loss'].block_until_ready()
@@ -136,13 +141,7 @@ def train_side_by_side(variants: dict[str, tuple[ModelConfig, ml_collections.Con
   runs, out = {}, {}
   for name, (cfg, tcfg) in variants.items():
     batch = int(tcfg.batch_size)
-    step = jax.jit(functools.partial(step_lib.train_step, model=GPT(cfg), batch_size=batch,
-                                     grad_accum_steps=1, schedule=optim.lr_schedule(tcfg)),
-                   donate_argnums=0)
-    state = step_lib.init_train_state(cfg, tcfg)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, state, compile_s = _compiled_train_step(cfg, tcfg, batch, data)
     state, m = compiled(state, data)
     m['loss'].block_until_ready()
     cost = compiled.cost_analysis()
