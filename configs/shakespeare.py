@@ -87,6 +87,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
                                # the kept checkpoint use it. 0 = off (GPT-2 / nanoGPT).
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
+      val_full_pass=False,     # True: each eval's val loss is scripts/evaluate.py's full pass (every
+                               # val token once, no sampling noise) instead of eval_iters batches;
+                               # it picks the best checkpoint and the time to target.
       resume=False,
       resume_from_last_good=False,  # resume=True and the newest checkpoint is damaged: continue from
                                # the newest readable one (the damaged are moved aside, never deleted).

@@ -107,6 +107,43 @@ def test_full_pass_equals_brute_force_per_token():
     np.testing.assert_allclose(total, brute, rtol=2e-6)
 
 
+def _evals(out_dir: str) -> list[dict]:
+  lines = pathlib.Path(out_dir, 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line) for line in lines if '"val_loss"' in line]
+
+
+@pytest.mark.slow
+def test_training_evals_with_val_full_pass_give_evaluate_py_figure(tmp_path):
+  """train.val_full_pass: every eval's val loss is the full pass scripts/evaluate.py computes on the
+  checkpoint of that step (here 3,000 val tokens in 94 windows: the last batch of 8 is padded)."""
+  c = _tiny_config(tmp_path, shakespeare)
+  c.train.update(val_full_pass=True, eval_interval=2, target_val_loss=10.0)
+  c.checkpoint.save = 'always'
+  summary = loop_lib.train_and_evaluate(c)
+  evals = _evals(c.out_dir)
+  assert [e['step'] for e in evals] == [0, 2, 4]
+  for e in evals[1:]:
+    full = scoring.evaluate_checkpoint(c.out_dir, step=e['step'], output='', verbose=False)
+    assert full['scored_tokens'] == 3000
+    assert e['val_loss'] == pytest.approx(full['loss'], rel=1e-5), e['step']
+  assert summary['target_reached']['val_loss'] == evals[0]['val_loss']
+  # The train loss is still the estimate on eval_iters random batches: the same as without the option.
+  c2 = _tiny_config(tmp_path / 'off', shakespeare)
+  c2.train.update(eval_interval=2)
+  loop_lib.train_and_evaluate(c2)
+  evals_off = _evals(c2.out_dir)
+  assert [e['train_loss'] for e in evals_off] == [e['train_loss'] for e in evals]
+  assert all(a['val_loss'] != b['val_loss'] for a, b in zip(evals_off, evals))
+
+
+def test_val_full_pass_refuses_token_shards(tmp_path):
+  c = _tiny_config(tmp_path, shakespeare)
+  c.train.val_full_pass = True
+  c.data.shards_dir = str(tmp_path / 'shards')
+  with pytest.raises(UserError, match='val_full_pass'):
+    loop_lib.train_and_evaluate(c)
+
+
 def test_char_model_bits_per_char_is_loss_over_ln2(char_run):
   r = scoring.evaluate_checkpoint(str(char_run), verbose=False)
   assert r['tokenizer'] == 'char' and r['scored_tokens'] == r['val_tokens'] == r['val_chars'] == 3000

@@ -5,7 +5,8 @@ The pieces, in the order a run uses them:
   setup             devices and mesh, the data (one `BatchSource` for either format), the model.
   restore_or_init   the newest checkpoint of a resumed run (its shardings, any mesh), else a fresh
                     state born sharded, optionally with GPT-2 weights (`init_from`).
-  Evaluator         train/val loss on fixed batches, plus a short sample, at every eval.
+  Evaluator         train/val loss on fixed batches (or the val split's full pass), plus a short
+                    sample, at every eval.
   Trainer           the loop itself: steps, evals that may save a checkpoint, logs, the stop request.
   train_and_evaluate  runs a Trainer while holding the run directory's lock; SIGTERM/SIGINT stop it
                     after the step in flight with a checkpoint of that step (gpt_jax/training/preemption.py).
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, sampling
+from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, sampling, scoring
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import Stopped, UserError
@@ -147,7 +148,12 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
 
 
 class Evaluator:
-  """Train and val loss on `eval_iters` fixed batches (the same at every eval), and a short sample."""
+  """Train and val loss on `eval_iters` fixed batches (the same at every eval), and a short sample.
+
+  With train.val_full_pass the val loss is instead scripts/evaluate.py's figure: every val token
+  scored once, in non-overlapping windows (gpt_jax/scoring.py), so the best checkpoint and the time
+  to target are judged by the number a run is reported by, with no sampling noise.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, s: Setup, params_sharding: Any):
     t, self.cfg_s = config.train, config.sample
@@ -164,6 +170,42 @@ class Evaluator:
     self.prompt = mesh_lib.put_replicated(np.array(
         [text_lib.encode_text(s.dataset.tokenizer, self.cfg_s.prompt or '\n')], np.int32), s.mesh)
     self.bounded_dispatch = dispatch_is_bounded()
+    self.full_val = self._full_val_windows(t.batch_size) if t.val_full_pass else None
+
+  def _full_val_windows(self, batch_size: int) -> tuple[list[tuple[jax.Array, ...]], int]:
+    """([(x, y, mask) per batch of `batch_size` windows, replicated], number of scored targets).
+
+    The windows are scripts/evaluate.py's: [train[-1]] + val cut into non-overlapping windows of
+    block_size targets, the last batch padded with fully masked windows (one shape, one compile).
+    """
+    s = self.s
+    ds = s.dataset
+    tokens = np.concatenate([np.asarray(ds.train[-1:], np.int32), np.asarray(ds.val, np.int32)])
+    x, y, mask = scoring.make_windows(tokens, s.model_cfg.block_size)
+    pad = -x.shape[0] % batch_size
+    x, y, mask = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (x, y, mask))
+    batches = [tuple(mesh_lib.put_replicated(a[i:i + batch_size], s.mesh) for a in (x, y, mask))
+               for i in range(0, x.shape[0], batch_size)]
+    cfg, mesh, limit = s.model_cfg, s.mesh, s.dataset.tokenizer.vocab_size
+
+    def nll_sum(params: Any, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+      x, y, mask = (mesh_lib.constrain_batch(a, mesh_lib.batch_sharding(mesh)) for a in (x, y, mask))
+      params = mesh_lib.gather_for_compute(params, mesh)
+      return scoring.window_nll(params, x, y, mask, cfg=cfg, vocab_limit=limit).sum()
+
+    self.nll_step = jax.jit(nll_sum, out_shardings=mesh_lib.replicated(mesh))
+    return batches, int(mask.sum())
+
+  def full_val_loss(self, params: Any) -> jax.Array:
+    """Mean nats per val token over the whole split: summed on the device, one host sync later."""
+    batches, n = self.full_val
+    total = None
+    for i, (x, y, mask) in enumerate(batches):
+      nll = self.nll_step(params, x, y, mask)
+      total = nll if total is None else total + nll
+      if self.bounded_dispatch and (i + 1) % CPU_MAX_STEPS_IN_FLIGHT == 0:
+        total.block_until_ready()
+    return total / n
 
   def split_loss(self, params: Any, split: str) -> jax.Array:
     """Sum of the loss over the split's eval batches, added up on the device in float32 (in batch
@@ -179,10 +221,14 @@ class Evaluator:
 
   def __call__(self, params: Any, step: int) -> dict:
     t0 = time.perf_counter()
-    totals = {split: self.split_loss(params, split) for split in ('train', 'val')}
+    splits = ('train',) if self.full_val else ('train', 'val')
+    totals = {split: self.split_loss(params, split) for split in splits}
+    val_full = self.full_val_loss(params) if self.full_val else None
     # The one host sync of the eval; the mean is taken on the host, in float32.
     rec = {'step': step, **{f'{split}_loss': float(np.float32(total) / np.float32(self.eval_iters))
                             for split, total in totals.items()}}
+    if val_full is not None:
+      rec['val_loss'] = float(val_full)
     rec['eval_seconds'] = round(time.perf_counter() - t0, 3)
     c = self.cfg_s
     if c.eval_tokens > 0:
@@ -403,9 +449,12 @@ class Trainer:
                f'{summary["wall_seconds"]:.1f}s; checkpoints in {ckpt.directory}')
     if t.target_val_loss > 0:
       hit = summary.get('target_reached')
-      self.s.say(f'time to target (val loss <= {t.target_val_loss}, as estimated at the evals): ' + (
-          f'{hit["time"] / 60:.1f} min, step {hit["step"]}' if hit else 'not reached') +
-          '; scripts/evaluate.py gives the full-pass figure of the best checkpoint')
+      how = ('full pass over the val split at the evals' if t.val_full_pass else
+             'as estimated at the evals')
+      self.s.say(f'time to target (val loss <= {t.target_val_loss}, {how}): ' + (
+          f'{hit["time"] / 60:.1f} min, step {hit["step"]}' if hit else 'not reached') + (
+          '' if t.val_full_pass else
+          '; scripts/evaluate.py gives the full-pass figure of the best checkpoint'))
     return summary
 
 
@@ -449,6 +498,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
       optim.wsd_boundaries(t)
     except UserError as e:
       problems.append(str(e))
+  if t.val_full_pass and config.data.shards_dir:
+    problems.append('train.val_full_pass scores the in-memory val split; with data.shards_dir set '
+                    'it is not loaded: set --config.train.val_full_pass=False')
   if config.data.shards_dir and int(t.seed) < 0:
     problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
   if c.save not in ('best', 'always'):
