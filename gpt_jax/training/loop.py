@@ -36,16 +36,19 @@ from gpt_jax.parallel import distributed, mesh as mesh_lib
 from gpt_jax.training import layer_stats as layer_stats_lib, metrics as metrics_lib, preemption, runlock
 from gpt_jax.training.step import TrainState, eval_step, init_train_state, train_step
 
-# XLA:CPU with several devices (simulated with --xla_force_host_platform_device_count, or one process
-# of many) deadlocks in a collective's rendezvous once a few dozen steps are queued without a sync.
-# There the loop waits for every 8th step: no cost on a CPU, whose dispatch cannot usefully run
-# further ahead. GPUs and TPUs run ahead unbounded.
+# On a CPU the loop waits for every 8th step. Two reasons: XLA:CPU with several devices (simulated
+# with --xla_force_host_platform_device_count, or one process of many) deadlocks in a collective's
+# rendezvous once a few dozen steps are queued without a sync; and on one device Python would
+# otherwise queue every step up to the next log line (up to log_interval steps of a second or more
+# each), all of which a stop request must wait for before its checkpoint, past a scheduler's grace
+# period. No cost: a CPU's dispatch cannot usefully run further ahead. GPUs and TPUs run ahead
+# unbounded (their steps are short; a stop waits for the queue all the same).
 CPU_MAX_STEPS_IN_FLIGHT = 8
 
 
 def dispatch_is_bounded() -> bool:
-  """True where the loops must wait every CPU_MAX_STEPS_IN_FLIGHT steps: several CPU devices."""
-  return jax.default_backend() == 'cpu' and len(jax.devices()) > 1
+  """True where the loops must wait every CPU_MAX_STEPS_IN_FLIGHT steps: on a CPU."""
+  return jax.default_backend() == 'cpu'
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from configs import shakespeare  # noqa: E402
 from gpt_jax import (
   checkpoint as checkpoint_lib,  # noqa: E402
   optim,  # noqa: E402
+  scoring,  # noqa: E402
 )
 from gpt_jax.config import ModelConfig  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
@@ -42,6 +43,7 @@ from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config  # noq
 
 MESHES = {'dp4': (4, 1), 'fsdp4': (1, 4), 'dp2_fsdp2': (2, 2)}
 RESUMED = 'dp2_fsdp2'  # This one continues the 1-device run from its step-10 checkpoint (1 -> 4).
+FULL_PASS = 'fsdp4'  # Its evals score the whole val split (train.val_full_pass), sharded parameters.
 TOL = 1e-5
 
 
@@ -109,6 +111,7 @@ def worker(spec: dict) -> dict:
   for name, mesh in MESHES.items():
     cfg = tiny_config(os.path.join(root, name), mesh, eval_tokens=8 if name == 'fsdp4' else 0)
     cfg.train.resume = name == RESUMED  # A copy of the 1-device run, cut back to step 10.
+    cfg.train.val_full_pass = name == FULL_PASS
     loop_lib.train_and_evaluate(cfg)
     out['losses'][name] = run_losses(cfg.out_dir)
 
@@ -211,7 +214,14 @@ def test_losses_on_4_devices_match_1_device(four_devices, name):
   train_keys = [k for k in ref['train'] if int(k) > 10] if name == RESUMED else ref['train']
   d_train = max_delta({k: got['train'][k] for k in train_keys}, {k: ref['train'][k] for k in train_keys})
   val_keys = ['20'] if name == RESUMED else ref['val']
-  d_val = max_delta({k: got['val'][k] for k in val_keys}, {k: ref['val'][k] for k in val_keys})
+  ref_val = ref['val']
+  if name == FULL_PASS:  # Against scripts/evaluate.py's full pass of the 1-device checkpoints.
+    val_keys = ['10', '20']
+    ref_out = os.path.join(four_devices['root'], 'ref', 'out')
+    ref_val = {k: scoring.evaluate_checkpoint(ref_out, step=int(k), output='', verbose=False)['loss']
+               for k in val_keys}
+    assert all(abs(ref_val[k] - ref['val'][k]) > 1e-3 for k in val_keys)  # Not the estimate.
+  d_val = max_delta({k: got['val'][k] for k in val_keys}, {k: ref_val[k] for k in val_keys})
   print(f'{name}: max |dloss| over {len(train_keys)} steps = {d_train:.2e}, '
         f'eval = {d_val:.2e}')
   assert d_train < TOL and d_val < TOL

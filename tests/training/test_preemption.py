@@ -135,6 +135,14 @@ def test_sigterm_mid_eval_finishes_the_eval_then_resume_equals_an_uninterrupted_
   _check_same_run(straight_dir, tmp_path / 'out')
 
 
+def test_one_cpu_device_bounds_the_steps_a_stop_waits_for():
+  """On one CPU device too the loop syncs every CPU_MAX_STEPS_IN_FLIGHT steps: otherwise Python
+  queues every step up to the next log line, and a stop request waits for all of them."""
+  assert jax.default_backend() == 'cpu' and len(jax.devices()) == 1
+  assert loop_lib.dispatch_is_bounded()
+  assert loop_lib.CPU_MAX_STEPS_IN_FLIGHT <= preemption.SYNC_EVERY
+
+
 def test_stop_request_flags_signals_and_restores_handlers():
   # signal.raise_signal delivers to this (the main) thread, whose Python handler then runs before the
   # next bytecode: no waiting on time, however loaded the machine.
