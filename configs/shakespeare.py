@@ -15,7 +15,7 @@ Presets:
              and residual stream), cuDNN flash attention, no dropout inside attention (docs/gpu.md).
   speedrun   nanoGPT's headline, val loss <= 1.47, in as few CPU steps as the project can: the
              speedrun_gpt2 model with rotary positions, QK-norm, ReLU^2, zero-initialised
-             projections and Muon, 1,000 steps (docs/speedrun.md has every run behind it).
+             projections and Muon, 1,000 steps (record 2; docs/speedrun.md has every run behind it).
   speedrun_gpt2  The same target with GPT-2's architecture and AdamW (record 1: within an hour on
              a 2-core CPU, 5,600 steps).
   cpu        The best 3-minute recipe found for a 2-core CPU (nanoGPT's small CPU model, trained longer).
@@ -164,7 +164,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       # epochs) replace 5,600; no dropout (0.1 was behind at every eval of the same run); a constant
       # lr, then a 1-sqrt cooldown over the second half (WSD). Evals every 250 steps score the whole
       # val split (val_full_pass: the reported figure, so the time to target is exact; 20 random
-      # batches once missed 1.47 by 0.02 where the full pass reached it) and no samples.
+      # batches once missed 1.47 by 0.02 where the full pass reached it) and no samples. Its record
+      # runs set MIMALLOC_PURGE_DELAY=-1 in the environment: the same losses, a faster step, more
+      # memory (docs/performance.md).
       c.out_dir = 'out/shakespeare_char_speedrun'
       c.model.update(dropout=0.0, position='rotary', qk_norm=True, activation='relu2',
                      zero_init_proj=True)
