@@ -218,6 +218,24 @@ def _mount_tmpfs(path, size):
   return r.returncode == 0
 
 
+def _wait_until_unchanged(path: pathlib.Path, quiet: float = 1.0, timeout: float = 30.0) -> None:
+  """Waits until nothing under `path` has changed (names, sizes) for `quiet` seconds."""
+  import time
+  def snapshot():
+    return sorted((str(p), p.stat().st_size if p.is_file() else -1) for p in path.rglob('*'))
+  deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+  while time.monotonic() < deadline:
+    try:
+      now = snapshot()
+    except FileNotFoundError:  # A file renamed while listed: still changing.
+      now = None
+    if now != last:
+      last, since = now, time.monotonic()
+    elif time.monotonic() - since >= quiet:
+      return
+    time.sleep(0.1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['tmpfs', 'injected'])
 # The failed background save's threads end with the same ENOSPC the run reports in its one line
@@ -259,6 +277,10 @@ def test_full_disk_stops_cleanly_and_the_earlier_checkpoints_resume(tiny_config,
     # The half-written step is no step: a fresh reader lists only the complete ones.
     assert checkpoint_lib.Checkpointer(str(ckpt_dir), read_only=True).steps() == good
     assert f'{failed}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)  # Orbax's unfinished folder.
+    # The failed save's other items may still be written by Orbax's threads: in a script the process
+    # exits here, but this test resumes in the same process, so let them settle first (else the
+    # resumed save of the same step can race them for its temporary folder).
+    _wait_until_unchanged(ckpt_dir / f'{failed}.orbax-checkpoint-tmp')
     if mounted:
       subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)  # Space freed.
     else:
