@@ -226,6 +226,13 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:
+      # The first failed item ends the wait while Orbax's threads may still write the step's other
+      # items; closing the manager joins them, so nothing writes into the folder after this raises
+      # (a resumed run in the same process would race them for the step's temporary folder).
+      try:
+        self.manager.close()
+      except Exception:  # The same failure again: already reported below.
+        pass
       raise self._write_error(self._pending, e) from None
     self._pending = None
 
