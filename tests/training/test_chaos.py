@@ -127,7 +127,7 @@ def _chaos(tmp_path, rng, moments):
   if not resume:                                       # an operator starts again, as the refusal says.
     moments.append('segment 1: killed before its first checkpoint was complete; segment 2 starts anew')
   run = Run(args + resume)
-  start = resumed_from(''.join(run.lines), 'segment 2') if resume else 0
+  start = resumed_from(run.wait_for(r'^resumed from step'), 'segment 2') if resume else 0
   eval_step = (start // 10 + rng.randint(3, 4)) * 10  # Three checkpoints at least before damage.
   for _ in range(5):
     run.wait_for(rf'^step {eval_step}: loss')
