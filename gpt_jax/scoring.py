@@ -68,6 +68,27 @@ def make_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.nd
   return padded[:-1].reshape(W, T), padded[1:].reshape(W, T), mask
 
 
+def window_batches(tokens: np.ndarray, block_size: int, batch_size: int
+                   ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
+  """`make_windows` in batches of `batch_size` windows, (x, y, mask) each, and the number of targets.
+
+  The last batch is padded with fully masked windows: every batch has one shape, so a jitted scorer
+  compiles once.
+  """
+  x, y, mask = make_windows(np.asarray(tokens), block_size)
+  pad = -x.shape[0] % batch_size
+  x, y, mask = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (x, y, mask))
+  batches = [(x[i:i + batch_size], y[i:i + batch_size], mask[i:i + batch_size])
+             for i in range(0, x.shape[0], batch_size)]
+  return batches, int(mask.sum())
+
+
+def val_tokens(ds: text_lib.Dataset) -> np.ndarray:
+  """The tokens that score the val split: the last train token, then val. The first val token is
+  predicted from the text it follows."""
+  return np.concatenate([np.asarray(ds.train[-1:], np.int32), np.asarray(ds.val, np.int32)])
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'vocab_limit'))
 def window_nll(params: Any, x: jax.Array, y: jax.Array, mask: jax.Array, *, cfg: ModelConfig,
                vocab_limit: int) -> jax.Array:
@@ -88,18 +109,13 @@ def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, batch_siz
   Batches have one fixed shape (the last is padded with fully masked windows), so `window_nll`
   compiles once. Sums are accumulated on the host in float64.
   """
-  x, y, mask = make_windows(np.asarray(tokens), cfg.block_size)
-  B = batch_size or auto_batch_size(cfg)
-  W = x.shape[0]
-  pad = -W % B
-  if pad:
-    x, y, mask = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (x, y, mask))
+  batches, n = window_batches(tokens, cfg.block_size, batch_size or auto_batch_size(cfg))
   limit = int(vocab_limit or cfg.vocab_size)
   total = 0.0
-  for i in tqdm(range(0, x.shape[0], B), desc='evaluate', unit='batch', disable=not progress or None):
-    sums = window_nll(params, x[i:i + B], y[i:i + B], mask[i:i + B], cfg=cfg, vocab_limit=limit)
+  for x, y, mask in tqdm(batches, desc='evaluate', unit='batch', disable=not progress or None):
+    sums = window_nll(params, x, y, mask, cfg=cfg, vocab_limit=limit)
     total += float(np.sum(np.asarray(sums, np.float64)))
-  return total, int(mask.sum())
+  return total, n
 
 
 def _open_data(meta: dict[str, Any], data_dir: Optional[str], verbose: bool) -> text_lib.Dataset:
@@ -148,11 +164,9 @@ def evaluate_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, data_dir: 
     raise UserError(f'the checkpoint\'s model has {cfg.vocab_size} outputs but its tokenizer '
                     f'{tok.vocab_size} ids; the checkpoint is inconsistent.')
 
-  # The first val token is predicted from the last train token: the text it follows.
-  context = np.asarray(ds.train[-1:], np.int32)
-  tokens = np.concatenate([context, np.asarray(ds.val, np.int32)])
+  tokens = val_tokens(ds)
   chars = int(ds.meta['val_chars'])
-  if not len(context):  # No training text at all: the first val token cannot be scored.
+  if len(tokens) == len(ds.val):  # No training text at all: the first val token cannot be scored.
     chars -= len(tok.decode(tokens[:1]))
   B = batch_size or auto_batch_size(cfg)
   t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
@@ -182,13 +182,9 @@ class Evaluator:
     block_size targets, the last batch padded with fully masked windows (one shape, one compile).
     """
     s = self.s
-    ds = s.dataset
-    tokens = np.concatenate([np.asarray(ds.train[-1:], np.int32), np.asarray(ds.val, np.int32)])
-    x, y, mask = scoring.make_windows(tokens, s.model_cfg.block_size)
-    pad = -x.shape[0] % batch_size
-    x, y, mask = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (x, y, mask))
-    batches = [tuple(mesh_lib.put_replicated(a[i:i + batch_size], s.mesh) for a in (x, y, mask))
-               for i in range(0, x.shape[0], batch_size)]
+    host_batches, n = scoring.window_batches(scoring.val_tokens(s.dataset), s.model_cfg.block_size,
+                                             batch_size)
+    batches = [tuple(mesh_lib.put_replicated(a, s.mesh) for a in b) for b in host_batches]
     cfg, mesh, limit = s.model_cfg, s.mesh, s.dataset.tokenizer.vocab_size
 
     def nll_sum(params: Any, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
@@ -197,30 +193,28 @@ class Evaluator:
       return scoring.window_nll(params, x, y, mask, cfg=cfg, vocab_limit=limit).sum()
 
     self.nll_step = jax.jit(nll_sum, out_shardings=mesh_lib.replicated(mesh))
-    return batches, int(mask.sum())
+    return batches, n
+
+  def _device_sum(self, values: Iterable[jax.Array]) -> jax.Array:
+    """Adds up the values as they are dispatched, on the device, in order (float32, as a host sum
+    would): no host sync per batch, so the batches run back to back. CPU runs wait every
+    CPU_MAX_STEPS_IN_FLIGHT batches (see there)."""
+    total = None
+    for i, value in enumerate(values):
+      total = value if total is None else total + value
+      if self.bounded_dispatch and (i + 1) % CPU_MAX_STEPS_IN_FLIGHT == 0:
+        total.block_until_ready()
+    return total
 
   def full_val_loss(self, params: Any) -> jax.Array:
     """Mean nats per val token over the whole split: summed on the device, one host sync later."""
     batches, n = self.full_val
-    total = None
-    for i, (x, y, mask) in enumerate(batches):
-      nll = self.nll_step(params, x, y, mask)
-      total = nll if total is None else total + nll
-      if self.bounded_dispatch and (i + 1) % CPU_MAX_STEPS_IN_FLIGHT == 0:
-        total.block_until_ready()
-    return total / n
+    return self._device_sum(self.nll_step(params, *b) for b in batches) / n
 
   def split_loss(self, params: Any, split: str) -> jax.Array:
-    """Sum of the loss over the split's eval batches, added up on the device in float32 (in batch
-    order, as a host sum would): no host sync per batch, so the batches run back to back. Only
-    multi-device CPU runs wait every CPU_MAX_STEPS_IN_FLIGHT batches (see there)."""
-    total = None
-    for i in range(self.eval_iters):
-      loss = self.step(params, self.s.source.eval_inputs(split, i), self.keys[i])
-      total = loss if total is None else total + loss
-      if self.bounded_dispatch and (i + 1) % CPU_MAX_STEPS_IN_FLIGHT == 0:
-        total.block_until_ready()
-    return total
+    """Sum of the loss over the split's eval batches (the same batches at every eval)."""
+    return self._device_sum(self.step(params, self.s.source.eval_inputs(split, i), self.keys[i])
+                            for i in range(self.eval_iters))
 
   def __call__(self, params: Any, step: int) -> dict:
     t0 = time.perf_counter()
