@@ -51,26 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
       sys.modules['jax'].config.update(name, value)
 
 
-# The files whose tests take longest in the full suite (`--durations`), longest first. They are
-# collected first, so that `-n auto --dist loadfile` hands them out at the start and the workers end
-# together on small files, instead of one worker starting a two-minute file as the other runs out
-# of work (longest-processing-time-first scheduling).
-LONGEST_FILES = ('test_notebook.py', 'parallel/test_multihost.py', 'training/test_preemption.py',
-                 'test_speedrun_options.py', 'parallel/test_mesh.py', 'test_scripts.py',
-                 'training/test_training.py', 'lab/test_torch_ref.py', 'lab/test_bench.py',
-                 'test_gpu_check.py', 'test_hf.py')
-
-
-def _file_rank(item: pytest.Item) -> int:
-  path = item.path.relative_to(REPO / 'tests').as_posix() if item.path.is_relative_to(REPO) else ''
-  return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-  """The longest files first (LONGEST_FILES; a stable sort keeps every file's own order). The default
-  run leaves the GPU tier out: deselected, not skipped, so a CPU run reports 0 skipped and any skip at
-  all is a finding (tests/skip_policy.py). `pytest -m gpu` selects it."""
-  items.sort(key=_file_rank)
+  """The default run leaves the GPU tier out: deselected, not skipped, so a CPU run reports 0 skipped
+  and any skip at all is a finding (tests/skip_policy.py). `pytest -m gpu` selects it."""
   if gpu_tier(config.option.markexpr or ''):
     return
   gpu = [item for item in items if item.get_closest_marker('gpu') is not None]
