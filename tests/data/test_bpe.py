@@ -160,7 +160,8 @@ def test_long_pieces_are_linear_and_exact(gpt2, tiktoken_gpt2):
   small = min(seconds(small_text)[0] for _ in range(3))
   big = min(seconds(text)[0] for _ in range(3))
   ids = seconds(text)[1]
-  assert big < 30 * small, (big, small)  # Linear gives ~10x; quadratic ~100x.
+  # Linear gives ~10x idle, and up to 34x was seen beside the loaded suite; quadratic gives ~100x.
+  assert big < 50 * small, (big, small)
   assert ids == tiktoken_gpt2.encode(text)
 
 
