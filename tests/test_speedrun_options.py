@@ -118,7 +118,7 @@ def test_the_speedrun_preset_is_speedrun_gpt2_with_the_levers_and_nothing_else()
       ('train', 'lr_schedule'): ('cosine', 'wsd'), ('train', 'cooldown_fraction'): (0.2, 0.5),
       ('train', 'max_steps'): (5600, 1000), ('train', 'lr_decay_steps'): (5600, 1000),
       ('train', 'eval_interval'): (500, 250), ('train', 'eval_iters'): (40, 20),
-      ('train', 'val_full_pass'): (False, True),
+      ('train', 'val_full_pass'): (False, True), ('train', 'ema_decay'): (0.0, 0.99),
       ('sample', 'eval_tokens'): (200, 0)}
   assert levers['out_dir'] != gpt2['out_dir']
   assert levers['train']['target_val_loss'] == gpt2['train']['target_val_loss'] == 1.47
