@@ -165,7 +165,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       # epochs) replace 5,600; no dropout (0.1 was behind at every eval of the same run); a constant
       # lr, then a 1-sqrt cooldown over the second half (WSD); evals and the kept checkpoint use an
       # EMA of the weights (decay 0.99, a half-life of ~70 steps), which averages out the noise of the
-      # constant-lr phase, so the target comes evals earlier (record 3). Evals every 250 steps score
+      # constant-lr phase, so the target comes an eval earlier (record 3). Evals every 250 steps score
       # the whole val split (val_full_pass: the reported figure, so the time to target is exact; 20
       # random batches once missed 1.47 by 0.02 where the full pass reached it) and no samples. Its record
       # runs set MIMALLOC_PURGE_DELAY=-1 in the environment: the same losses, a faster step, more
