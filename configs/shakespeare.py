@@ -84,10 +84,14 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       muon_ns_steps=5,         # muon: Newton-Schulz iterations per update (fewer: a cheaper, rougher
                                # orthogonalisation; docs/speedrun.md has the step cost).
       muon_weight_decay=0.0,   # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
+      muon_batched=False,      # muon: orthogonalise the n_layer matrices of each shape as one batch
+                               # (the same update up to rounding; faster on a CPU).
       ema_decay=0.0,           # > 0: keep an EMA of the weights (in the optimizer state); evals and
                                # the kept checkpoint use it. 0 = off (GPT-2 / nanoGPT).
       seed=1337,
       eval_interval=250, eval_iters=200, log_interval=10,
+      eval_at_start=True,      # Evaluate before the first step too (nanoGPT); False saves a speedrun's
+                               # clock an eval whose answer is known (about ln(vocab_size)).
       val_full_pass=False,     # True: each eval's val loss is scripts/evaluate.py's full pass (every
                                # val token once, no sampling noise) instead of eval_iters batches;
                                # it picks the best checkpoint and the time to target.

@@ -441,6 +441,36 @@ def test_muon_steps_match_the_reference_and_adamw_elsewhere(ns_steps):
       assert not np.allclose(u_m[k], u_a[k], atol=1e-2 * lr)  # Not what AdamW would do.
 
 
+def test_batched_muon_gives_the_same_updates_from_a_stacked_state():
+  """muon_batched orthogonalises the matrices of each shape as one batch: the same updates as one
+  matrix at a time (to float32 rounding, with momentum, clipping and decay), its momentum kept as one
+  (n_layer, fan_in, fan_out) array per shape."""
+  params, grads = _two_gradients()
+  one, batched = (optim.make_optimizer(_muon_train_cfg(muon_batched=b, muon_weight_decay=0.1))
+                  for b in (False, True))
+  s_one, s_batched = one.init(params), batched.init(params)
+  stacked = [x.shape for x in jax.tree_util.tree_leaves(s_batched)
+             if x.ndim == 3 and x.shape[0] == MUON_CFG.n_layer]
+  e = MUON_CFG.n_embd
+  assert sorted(stacked) == sorted([(MUON_CFG.n_layer, e, 3 * e), (MUON_CFG.n_layer, e, e),
+                                    (MUON_CFG.n_layer, e, 4 * e), (MUON_CFG.n_layer, 4 * e, e)])
+  update = jax.jit(lambda s, g, p: (one.update(g, s[0], p), batched.update(g, s[1], p)))
+  labels = _flat(optim.muon_labels(params))
+  for g in grads:
+    (u_one, s_one), (u_batched, s_batched) = update((s_one, s_batched), g, params)
+    u_one, u_batched = _flat(u_one), _flat(u_batched)
+    assert u_one.keys() == u_batched.keys()
+    for k in u_one:
+      if labels[k] == 'adamw':
+        np.testing.assert_array_equal(u_batched[k], u_one[k], err_msg=k)
+      else:  # Entries ~0.5 * lr; float32 rounding apart (measured up to about 1e-6 * lr), as the
+        # reference test above bounds float32 against float64. A matrix mixed up with another of
+        # its shape would be off by ~lr.
+        lr = 0.03
+        np.testing.assert_allclose(u_batched[k], u_one[k], rtol=0, atol=1e-5 * lr, err_msg=k)
+        assert np.abs(np.asarray(u_one[k])).max() > 0.1 * lr
+
+
 @pytest.mark.slow
 def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
   """With zero gradients Muon's update is pure decay: matrices *= 1 - muon_lr * muon_weight_decay,
@@ -461,9 +491,10 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
 
 
 @pytest.mark.slow
-def test_muon_state_round_trips_through_orbax(tmp_path):
+@pytest.mark.parametrize('batched', [False, True])
+def test_muon_state_round_trips_through_orbax(tmp_path, batched):
   model_cfg = MUON_CFG
-  t = _muon_train_cfg()
+  t = _muon_train_cfg(muon_batched=batched)
   state = step_lib.init_train_state(model_cfg, t)
   data = _tokens((2000,), 3)
   step = jax.jit(functools.partial(step_lib.train_step, model=GPT(model_cfg), batch_size=4,

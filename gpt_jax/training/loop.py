@@ -325,7 +325,9 @@ class Trainer:
       while True:
         evaluated = None  # This step's val loss, once evaluated; a resumed step was evaluated before.
         step = self.step
-        if (step % t.eval_interval == 0 or step == t.max_steps) and not step == self.start_step > 0:
+        due = step % t.eval_interval == 0 or step == t.max_steps
+        # A resumed step was evaluated before it was saved; step 0 only with train.eval_at_start.
+        if due and not step == self.start_step > 0 and (step > 0 or t.eval_at_start):
           evaluated = self.evaluate()
         if step >= t.max_steps or self.stop.should_stop(step, after_eval=evaluated is not None):
           break

@@ -272,6 +272,23 @@ def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch)
   assert [r['step'] for r in reached] == [1]
 
 
+@pytest.mark.slow
+def test_without_eval_at_start_the_first_eval_comes_after_eval_interval_steps(tiny_config,
+                                                                                monkeypatch):
+  tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=5, eval_at_start=False,
+                           target_val_loss=3.0)
+  tiny_config.sample.eval_tokens = 0
+  vals = iter([3.0, 2.0])  # A third eval would raise StopIteration.
+  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+                      lambda self, params, split: (next(vals) if split == 'val' else 3.5) * self.eval_iters)
+  summary = loop_lib.train_and_evaluate(tiny_config)
+  assert [r['step'] for r in _read_metrics(tiny_config.out_dir) if 'val_loss' in r] == [10, 20]
+  assert summary['target_reached']['step'] == 10 and summary['best_val_loss'] == 2.0
+  ckpt = checkpoint_lib.Checkpointer(f'{tiny_config.out_dir}/checkpoints', tiny_config.checkpoint)
+  assert ckpt.steps() == [10, 20] and ckpt.best_step() == 20
+  ckpt.close()
+
+
 class _Clock:
   """loop.py's `time` module with a wall clock that advances 1 s per reading: time counted by calls."""
 
