@@ -116,8 +116,9 @@ def test_the_speedrun_preset_is_speedrun_gpt2_with_the_levers_and_nothing_else()
       ('model', 'qk_norm'): (False, True), ('model', 'activation'): ('gelu', 'relu2'),
       ('model', 'zero_init_proj'): (False, True), ('train', 'optimizer'): ('optax', 'muon'),
       ('train', 'lr_schedule'): ('cosine', 'wsd'), ('train', 'cooldown_fraction'): (0.2, 0.5),
-      ('train', 'max_steps'): (5600, 1000), ('train', 'lr_decay_steps'): (5600, 1000),
-      ('train', 'eval_interval'): (500, 250), ('train', 'eval_iters'): (40, 20),
+      ('train', 'max_steps'): (5600, 700), ('train', 'lr_decay_steps'): (5600, 700),
+      ('train', 'eval_interval'): (500, 700), ('train', 'eval_iters'): (40, 5),
+      ('train', 'eval_at_start'): (True, False), ('train', 'muon_batched'): (False, True),
       ('train', 'val_full_pass'): (False, True), ('train', 'ema_decay'): (0.0, 0.99),
       ('sample', 'eval_tokens'): (200, 0)}
   assert levers['out_dir'] != gpt2['out_dir']

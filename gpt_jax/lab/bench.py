@@ -132,8 +132,8 @@ def train_side_by_side(variants: dict[str, tuple[ModelConfig, ml_collections.Con
   """Train-step speed of several variants of one run, timed in turns in this process.
 
   `variants`: name -> (model config, train section with its batch size and optimizer). Every step is
-  compiled and run once first; then each round times `steps` steps of every variant in turn, and the
-  best round counts. A load that changes slowly falls on every variant alike, so the ratios are fair
+  compiled and run once first; then each round times `steps` steps of every variant in turn (each
+  round starting one variant later), and the best round counts. A load that changes slowly falls on every variant alike, so the ratios are fair
   where separate processes (one after another) would compare different moments. Also reported: XLA's
   cost analysis of each compiled step (flops and bytes accessed), which does not depend on the machine.
   """
@@ -150,8 +150,12 @@ def train_side_by_side(variants: dict[str, tuple[ModelConfig, ml_collections.Con
     out[name] = {'compile_s': compile_s, 'gflop': float(cost.get('flops', 0.0)) / 1e9,
                  'gb_accessed': float(cost.get('bytes accessed', 0.0)) / 1e9,
                  'tokens_per_step': batch * cfg.block_size, 'ms_per_step': math.inf}
-  for _ in range(rounds):
-    for name, run in runs.items():
+  names = list(runs)
+  for r in range(rounds):
+    # Each round starts one variant later: the first in a round was measured slower than the same
+    # program later in it (a variant listed twice), so no variant may always take that place.
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      run = runs[name]
       compiled, state = run
       t0 = time.perf_counter()
       for _ in range(steps):
