@@ -442,6 +442,7 @@ def test_muon_steps_match_the_reference_and_adamw_elsewhere(ns_steps):
       assert not np.allclose(u_m[k], u_a[k], atol=1e-2 * lr)  # Not what AdamW would do.
 
 
+@pytest.mark.slow
 def test_batched_muon_gives_the_same_updates_from_a_stacked_state():
   """muon_batched orthogonalises the matrices of each shape as one batch: the same updates as one
   matrix at a time (to float32 rounding, with momentum, clipping and decay), its momentum kept as one
