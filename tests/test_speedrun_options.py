@@ -510,6 +510,11 @@ def test_muon_state_round_trips_through_orbax(tmp_path, batched):
   abstract = jax.eval_shape(lambda: step_lib.init_train_state(model_cfg, t))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
   restored = ckpt.restore_state(3, abstract)
+  # The other setting's state is stacked differently: one message that says what to resume with.
+  other = jax.eval_shape(lambda: step_lib.init_train_state(
+      model_cfg, _muon_train_cfg(muon_batched=not batched)))
+  with pytest.raises(UserError, match='does not fit the configured model and optimizer.*muon_batched'):
+    ckpt.restore_state(3, other)
   ckpt.close()
   a, b = step(state, data)[0], step(restored, data)[0]
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
