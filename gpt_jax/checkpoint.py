@@ -199,9 +199,9 @@ class Checkpointer:
       if _is_damage(e):
         raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
       raise UserError(f'checkpoint {step} in {self.directory} does not fit the configured model and '
-                      f'optimizer: {_first_line(e).rstrip(":")}. Resume with the settings it was saved with (the '
-                      'config.json beside the checkpoints: the model section and train.optimizer, '
-                      'muon_batched, ema_decay, grad_clip).') from None
+                      f'optimizer: {_first_line(e).rstrip(":")}. Resume with the settings it was '
+                      'saved with (the config.json beside the checkpoints: the model section and '
+                      'train.optimizer, muon_batched, ema_decay, grad_clip).') from None
     return abstract_state.replace(params=r.params, opt_state=r.opt_state,
                                   step=r.progress['step'], key=r.progress['key'])
 

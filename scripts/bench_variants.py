@@ -8,8 +8,8 @@ Each variant is the config with the given fields changed (`NAME:KEY=VALUE,KEY=VA
 by `;`; the first is the baseline of the ratios). Every train step is compiled first, then the variants
 are timed in turns, `--rounds` rounds of `--steps` steps each (each round starting one variant later),
 and the best round counts: a load that changes slowly falls on every variant alike
-(gpt_jax/lab/bench.py: train_side_by_side). Listing a variant twice under two names shows the noise. XLA's cost
-analysis gives each step's flops and bytes accessed, which do not depend on the machine.
+(gpt_jax/lab/bench.py: train_side_by_side). Listing a variant twice under two names shows the noise.
+XLA's cost analysis gives each step's flops and bytes accessed, which do not depend on the machine.
 Prints one table and a final line `BENCH_JSON {...}` with every figure.
 """
 

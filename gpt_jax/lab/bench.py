@@ -133,8 +133,9 @@ def train_side_by_side(variants: dict[str, tuple[ModelConfig, ml_collections.Con
 
   `variants`: name -> (model config, train section with its batch size and optimizer). Every step is
   compiled and run once first; then each round times `steps` steps of every variant in turn (each
-  round starting one variant later), and the best round counts. A load that changes slowly falls on every variant alike, so the ratios are fair
-  where separate processes (one after another) would compare different moments. Also reported: XLA's
+  round starting one variant later), and the best round counts. A load that changes slowly falls on
+  every variant alike, so the ratios are fair where separate processes (one after another) would
+  compare different moments. Also reported: XLA's
   cost analysis of each compiled step (flops and bytes accessed), which does not depend on the machine.
   """
   data = jnp.asarray(synthetic_tokens())
