@@ -232,24 +232,21 @@ def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTrans
   the update is the same maths; its float32 rounding differs. The state is the stacked tree's, so a
   checkpoint of one setting does not resume with the other.
   """
-  def group(tree: Any) -> dict[str, list[int]]:
+  def stack(tree: Any) -> tuple[list[jax.Array], Any, dict[str, list[int]], dict[str, jax.Array]]:
+    """The leaves, the treedef, {shape key: leaf indices} and {shape key: (L, ...) stack}."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
     groups: dict[str, list[int]] = {}
-    for i, x in enumerate(jax.tree_util.tree_leaves(tree)):
+    for i, x in enumerate(leaves):
       groups.setdefault('x'.join(map(str, x.shape)), []).append(i)
-    return groups
-
-  def stack(tree: Any, groups: dict[str, list[int]]) -> dict[str, jax.Array]:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return {k: jnp.stack([leaves[i] for i in idx]) for k, idx in groups.items()}
+    return leaves, treedef, groups, {k: jnp.stack([leaves[i] for i in idx]) for k, idx in groups.items()}
 
   def init(params: Any) -> StackedState:
-    return StackedState(inner.init(stack(params, group(params))))
+    return StackedState(inner.init(stack(params)[3]))
 
   def update(updates: Any, state: StackedState, params: Any = None) -> tuple[Any, StackedState]:
-    groups = group(updates)
-    stacked_params = None if params is None else stack(params, groups)
-    out, inner_state = inner.update(stack(updates, groups), state.inner, stacked_params)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    leaves, treedef, groups, stacked = stack(updates)
+    stacked_params = None if params is None else stack(params)[3]  # Same structure, same groups.
+    out, inner_state = inner.update(stacked, state.inner, stacked_params)
     for k, idx in groups.items():
       for j, i in enumerate(idx):
         leaves[i] = out[k][j]
