@@ -7,7 +7,7 @@ Stages, each a subprocess with its own time limit, so one failure never hides th
   environment  Python, jax/jaxlib (and a CUDA plugin), flax, optax, orbax, ml_collections: what is
                installed and what is missing. Uses the CUDA-enabled JAX already installed; with none,
                installs jax[cuda12] (unless --no_install; the machine may have no network).
-  gpu_tests    the GPU test tier: pytest -m gpu tests.
+  gpu_tests    the GPU test tier: pytest -m gpu on the files that hold it (GPU_TESTS).
   train        the `gpu` preset to its end (wall time, time to val <= 1.47 at the evals), then
                scripts/evaluate.py's full pass over the validation text on the best checkpoint.
   step_gpu     the train step of the `gpu` preset: ms/step, tokens/s, MFU (30 timed steps).
@@ -32,6 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy')
 CUDA_PLUGINS = ('jax-cuda13-plugin', 'jax-cuda12-plugin')
 TARGET = 1.47
+# The files holding the gpu-marked tests (tests/test_gpu_path.py checks that none is missing). Not
+# `tests` whole: collecting every module needs the dev requirements (jupytext), a GPU machine may lack.
+GPU_TESTS = ('tests/gpu', 'tests/test_lower_cuda.py')
 
 
 def version(name: str) -> Optional[str]:
@@ -182,7 +185,7 @@ def main() -> int:
     results.update(gpu_tests=skipped, train=skipped, step_gpu=skipped, step_gpt2=skipped)
   else:
     status, seconds, tail = run([sys.executable, '-m', 'pytest', '-m', 'gpu', '-q', '-p', 'no:cacheprovider',
-                                 'tests'], os.path.join(out, 'gpu_tests.log'), args.stage_timeout)
+                                 *GPU_TESTS], os.path.join(out, 'gpu_tests.log'), args.stage_timeout)
     results['gpu_tests'] = {'ok': status == 0, 'status': status, 'seconds': round(seconds, 1),
                             'summary': (tail.strip().splitlines() or [''])[-1]}
     print(f'gpu_tests: {results["gpu_tests"]["summary"]}', flush=True)

@@ -1,7 +1,9 @@
 """scripts/gpu_check.sh: the one-command GPU check, gone through with --dry_run on this CPU."""
 
+import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,6 +21,22 @@ def test_environment_names_what_is_missing(monkeypatch):
   info = gc.environment(type('Args', (), {'dry_run': True, 'no_install': True})())
   assert not info['ok'] and info['ml_collections'] is None
   assert info['problems'] == ['missing packages: ml_collections (pip install ml_collections)']
+
+
+def _has_gpu_tests(path: pathlib.Path) -> bool:
+  """Whether a test module marks anything `gpu` (decorators or `pytestmark`; not text in strings)."""
+  tree = ast.parse(path.read_text(encoding='utf-8'))
+  return any(isinstance(node, ast.Attribute) and node.attr == 'gpu' and ast.unparse(node) == 'pytest.mark.gpu'
+             for node in ast.walk(tree))
+
+
+def test_gpu_tests_stage_runs_every_file_with_a_gpu_test():
+  """The stage runs GPU_TESTS only (the whole tree needs the dev requirements): none may be missing."""
+  gc = load_script('gpu_check')
+  marked = {str(p.relative_to(REPO)) for p in sorted((pathlib.Path(REPO) / 'tests').rglob('*.py'))
+            if _has_gpu_tests(p)}
+  assert marked >= {'tests/gpu/test_gpu_tier.py', 'tests/test_lower_cuda.py'}
+  assert all(any(m == g or m.startswith(g + '/') for g in gc.GPU_TESTS) for m in marked), marked
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ Without the CUDA plugin JAX cannot lower cuDNN attention ("cuDNN is not detected
 program is lowered by the gpu-marked test at the end, which runs where the plugin is installed.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -130,20 +131,28 @@ def test_eight_devices_shard_the_batch_and_the_dropout_bits(eight_device_program
 
 @pytest.mark.gpu
 def test_gpu_preset_lowers_with_cudnn_attention():
-  """The `gpu` preset's train step with cuDNN flash attention (custom call), lowered for CUDA."""
+  """cuDNN flash attention (custom call) lowered for CUDA: the `gpu` preset's eval step (its training
+  keeps attention dropout, so the written-out softmax), and its train step with attention dropout off."""
   c = shakespeare.get_config('gpu')
   c.train.batch_size = BATCH
   cfg = model_config_from(c, 65)
+  data = jax.ShapeDtypeStruct((100_000,), jnp.uint16)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   try:
     with model_lib.target_platform('cuda'):
       abstract = jax.eval_shape(lambda: init_train_state(cfg, c.train))
-      step = jax.jit(functools.partial(train_step, model=GPT(cfg), batch_size=BATCH, grad_accum_steps=1,
-                                       schedule=optim.lr_schedule(c.train)))
-      text = step.trace(abstract, jax.ShapeDtypeStruct((100_000,), jnp.uint16)).lower(
-          lowering_platforms=('cuda',)).as_text()
+      evaluate = jax.jit(functools.partial(eval_step, model=GPT(cfg), batch_size=BATCH))
+      texts = {'eval': evaluate.trace(abstract.params, data, key).lower(
+          lowering_platforms=('cuda',)).as_text()}
+      for name, m in (('train', cfg), ('train without attention dropout', dataclasses.replace(
+          cfg, attention_dropout=False))):
+        step = jax.jit(functools.partial(train_step, model=GPT(m), batch_size=BATCH, grad_accum_steps=1,
+                                         schedule=optim.lr_schedule(c.train)))
+        texts[name] = step.trace(abstract, data).lower(lowering_platforms=('cuda',)).as_text()
   except RuntimeError as e:
     if 'cuDNN is not detected' in str(e):
       pytest.skip('cuDNN attention cannot be lowered without the CUDA plugin (jax[cuda12] / '
                   'jax-cuda13-plugin): "cuDNN is not detected"')
     raise
-  assert '__cudnn$fmha' in text
+  assert '__cudnn$fmha' in texts['eval'] and '__cudnn$fmha' in texts['train without attention dropout']
+  assert '__cudnn$fmha' not in texts['train']  # Attention dropout: the written-out softmax.
