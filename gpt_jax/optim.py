@@ -221,6 +221,14 @@ class StackedState(NamedTuple):
   inner: Any
 
 
+class _Stacked(NamedTuple):
+  """A tree's leaves stacked by shape (`stacked_by_shape`), with what it takes to unstack them."""
+  leaves: list[jax.Array]         # The tree's leaves, in flattening order.
+  treedef: Any                    # Its structure.
+  groups: dict[str, list[int]]    # Shape key ('256x768') -> indices of the leaves of that shape.
+  arrays: dict[str, jax.Array]    # Shape key -> those leaves stacked, (L, 256, 768).
+
+
 def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   """Runs `inner` on the leaves stacked by shape, {'256x768': (L, 256, 768) array, ...}, and gives
   its updates back in the tree's own structure.
@@ -232,25 +240,26 @@ def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTrans
   the update is the same maths; its float32 rounding differs. The state is the stacked tree's, so a
   checkpoint of one setting does not resume with the other.
   """
-  def stack(tree: Any) -> tuple[list[jax.Array], Any, dict[str, list[int]], dict[str, jax.Array]]:
-    """The leaves, the treedef, {shape key: leaf indices} and {shape key: (L, ...) stack}."""
+  def stack(tree: Any) -> _Stacked:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     groups: dict[str, list[int]] = {}
     for i, x in enumerate(leaves):
       groups.setdefault('x'.join(map(str, x.shape)), []).append(i)
-    return leaves, treedef, groups, {k: jnp.stack([leaves[i] for i in idx]) for k, idx in groups.items()}
+    arrays = {k: jnp.stack([leaves[i] for i in idx]) for k, idx in groups.items()}
+    return _Stacked(leaves, treedef, groups, arrays)
 
   def init(params: Any) -> StackedState:
-    return StackedState(inner.init(stack(params)[3]))
+    return StackedState(inner.init(stack(params).arrays))
 
   def update(updates: Any, state: StackedState, params: Any = None) -> tuple[Any, StackedState]:
-    leaves, treedef, groups, stacked = stack(updates)
-    stacked_params = None if params is None else stack(params)[3]  # Same structure, same groups.
-    out, inner_state = inner.update(stacked, state.inner, stacked_params)
-    for k, idx in groups.items():
+    u = stack(updates)
+    stacked_params = None if params is None else stack(params).arrays  # Same structure, same groups.
+    out, inner_state = inner.update(u.arrays, state.inner, stacked_params)
+    leaves = list(u.leaves)
+    for k, idx in u.groups.items():
       for j, i in enumerate(idx):
         leaves[i] = out[k][j]
-    return jax.tree_util.tree_unflatten(treedef, leaves), StackedState(inner_state)
+    return jax.tree_util.tree_unflatten(u.treedef, leaves), StackedState(inner_state)
 
   return optax.GradientTransformation(init, update)
 
