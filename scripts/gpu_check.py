@@ -1,6 +1,6 @@
 """The GPU check: one command that tells what gpt_jax does on this machine's GPU (docs/gpu.md).
 
-    bash scripts/gpu_check.sh                    # on a GPU machine: about 10 minutes
+    bash scripts/gpu_check.sh                    # on a GPU machine: about 5 minutes (an H200)
     bash scripts/gpu_check.sh --dry_run          # every stage at the `tiny` preset, on any machine
 
 Stages, each a subprocess with its own time limit, so one failure never hides the rest:
