@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy')
 CUDA_PLUGINS = ('jax-cuda13-plugin', 'jax-cuda12-plugin')
 TARGET = 1.47
-# The files holding the gpu-marked tests (tests/test_gpu_path.py checks that none is missing). Not
+# The files holding the gpu-marked tests (tests/test_gpu_check.py checks that none is missing). Not
 # `tests` whole: collecting every module needs the dev requirements (jupytext), a GPU machine may lack.
 GPU_TESTS = ('tests/gpu', 'tests/test_lower_cuda.py')
 
