@@ -423,7 +423,7 @@ def worker(spec: dict) -> dict:
 @pytest.mark.slow
 def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
 
-  from multidevice import RESULT, max_delta, run_losses
+  from multidevice import RESULT, max_delta, run_losses, worker_env
   cfg = shard_config(tmp_path, corpus)
   cfg.train.update(max_steps=10, eval_interval=5)
   loop_lib.train_and_evaluate(cfg)  # One device; prepares the shards the worker then reads.
@@ -432,11 +432,8 @@ def test_training_from_shards_on_4_devices_matches_1_device(corpus, tmp_path):
           'train': {'max_steps': 10, 'eval_interval': 5}}
   spec_path = tmp_path / 'spec.json'
   spec_path.write_text(json.dumps(spec))
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
-             PYTHONUNBUFFERED='1')
   r = subprocess.run([sys.executable, __file__, str(spec_path)], capture_output=True,
-                     text=True, env=env, timeout=900)
+                     text=True, env=worker_env(4), timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   got = json.loads([l for l in r.stdout.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
   d_train, d_val = max_delta(got['train'], ref['train']), max_delta(got['val'], ref['val'])

@@ -39,7 +39,7 @@ from gpt_jax.training import (
   step as step_lib,  # noqa: E402
 )
 
-from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config  # noqa: E402
+from multidevice import RESULT, STEPS, max_delta, run_losses, tiny_config, worker_env  # noqa: E402
 
 MESHES = {'dp4': (4, 1), 'fsdp4': (1, 4), 'dp2_fsdp2': (2, 2)}
 RESUMED = 'dp2_fsdp2'  # This one continues the 1-device run from its step-10 checkpoint (1 -> 4).
@@ -125,14 +125,11 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, n_devices: int = 4) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}', JAX_PLATFORMS='cpu',
-             PYTHONUNBUFFERED='1')
   spec_path = os.path.join(spec['root'], 'spec.json')
   with open(spec_path, 'w') as f:
     json.dump(spec, f)
-  r = subprocess.run([sys.executable, __file__, spec_path], capture_output=True, text=True, env=env,
-                     timeout=600)
+  r = subprocess.run([sys.executable, __file__, spec_path], capture_output=True, text=True,
+                     env=worker_env(n_devices), timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   return json.loads([l for l in r.stdout.splitlines() if l.startswith(RESULT)][-1][len(RESULT):])
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / 'tests'))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from multidevice import RESULT, run_losses, tiny_config  # noqa: E402
+from multidevice import RESULT, run_losses, tiny_config, worker_env  # noqa: E402
 
 STEPS = 10
 BATCH = dict(step=3, batch_size=8, block_size=16)  # A sharded-dataset batch, fed per process.
@@ -165,9 +165,7 @@ def _spawn(spec: dict, root: str) -> list:
   spec_path = os.path.join(root, 'spec.json')
   with open(spec_path, 'w') as f:
     json.dump(spec, f)
-  base = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
-  base.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-              PYTHONUNBUFFERED='1')
+  base = worker_env(2)
   envs = [base, dict(base, JAX_COORDINATOR_ADDRESS=f'localhost:{spec["port"]}',
                      JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')]
   procs = []
