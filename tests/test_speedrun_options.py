@@ -43,6 +43,11 @@ def _params(cfg: ModelConfig, seed: int = 0):
   return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
 
 
+def _shapes(cfg: ModelConfig):
+  """The parameter tree `_params` would return, as shapes and dtypes only: nothing is compiled."""
+  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+
+
 def _tokens(shape, seed=1, vocab=CFG.vocab_size):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
 
@@ -127,7 +132,7 @@ def test_the_speedrun_preset_is_speedrun_gpt2_with_the_levers_and_nothing_else()
 
 def test_options_off_is_the_default_parameter_tree():
   """Default config: the GPT-2 names and shapes, nothing more."""
-  p = _params(_cfg(bias=True))
+  p = _shapes(_cfg(bias=True))
   C, V, S = CFG.n_embd, CFG.vocab_size, CFG.block_size
   want = {'wte': (V, C), 'wpe': (S, C), 'ln_f.scale': (C,), 'ln_f.bias': (C,)}
   for i in range(CFG.n_layer):
@@ -172,7 +177,7 @@ def test_invalid_option_is_a_user_error(bad, message):
 @pytest.mark.parametrize('name', OPTIONS)
 def test_parameter_count_and_flops_follow_the_options(name):
   cfg = _cfg(**OPTIONS[name])
-  p = _params(cfg)
+  p = _shapes(cfg)
   assert model_lib.count_params(p) == num_params(cfg)
   assert ('wpe' in p) == (cfg.position == 'learned')
   n, flops = shape_flow.totals(shape_flow.shape_flow(cfg))
@@ -186,10 +191,10 @@ def test_parameter_count_and_flops_follow_the_options(name):
 def test_hf_export_refuses_non_gpt2_options(tmp_path, name, named):
   cfg = _cfg(**OPTIONS[name])
   with pytest.raises(UserError, match=named):
-    hf.save_gpt2(GPT(cfg), _params(cfg), str(tmp_path / 'hf'))
+    hf.save_gpt2(GPT(cfg), _shapes(cfg), str(tmp_path / 'hf'))
   assert not (tmp_path / 'hf').exists()  # Refused before anything was written.
   with pytest.raises(UserError, match=named):
-    hf.state_dict_from_params(_params(cfg), cfg)
+    hf.state_dict_from_params(_shapes(cfg), cfg)
 
 
 def test_hf_export_accepts_zero_init_proj(tmp_path):
@@ -397,7 +402,7 @@ def _two_gradients():
 
 
 def test_muon_labels_exactly_the_four_block_matrices():
-  labels = _flat(optim.muon_labels(_params(MUON_CFG)))
+  labels = _flat(optim.muon_labels(_shapes(MUON_CFG)))
   want = {f'h_{i}.{m}.kernel' for i in range(MUON_CFG.n_layer)
           for m in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')}
   assert {k for k, v in labels.items() if v == 'muon'} == want
