@@ -502,7 +502,9 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
 def test_muon_state_round_trips_through_orbax(tmp_path, batched):
   model_cfg = MUON_CFG
   t = _muon_train_cfg(muon_batched=batched)
-  state = step_lib.init_train_state(model_cfg, t)
+  # Committed to the device, as the restored state is: one compiled step serves both (jit compiles
+  # again for arrays merely placed there by default).
+  state = jax.device_put(step_lib.init_train_state(model_cfg, t), jax.devices()[0])
   data = _tokens((2000,), 3)
   step = jax.jit(functools.partial(step_lib.train_step, model=GPT(model_cfg), batch_size=4,
                                    grad_accum_steps=1, schedule=optim.lr_schedule(t)))
