@@ -19,13 +19,13 @@ sys.path.insert(0, str(REPO))
 # the first pytest process, inherited by the workers and subprocesses, and removed at its exit: every
 # run starts cold and nothing leaks into the user's own cache. A size limit turns on the cache's file
 # lock, which makes concurrent writers and readers (workers, multi-process tests) safe.
+COMPILATION_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE',
+                         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix='gpt_jax_tests_jax_cache_')
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir,
-                    JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  os.environ.update(zip(COMPILATION_CACHE_ENV, (_cache_dir, str(4 << 30), '0', '0')))
 
 
 def gpu_tier(markexpr: str) -> bool:

@@ -8,24 +8,21 @@ import os
 
 from configs import shakespeare
 
-from conftest import make_synthetic_text
+from conftest import COMPILATION_CACHE_ENV, make_synthetic_text
 
 STEPS = 20
 RESULT = 'RESULT '  # A worker prints one line `RESULT {json}` that the test parses.
-# The persistent compilation cache of the test session (tests/conftest.py): a worker process keeps it,
-# so that a program another worker or an earlier run compiled (the same mesh, the resumed run) loads
-# from disk instead of compiling again. Every other JAX_/XLA_ setting is the worker's own.
-_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE',
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')
 
 
-def worker_env(n_devices: int, **extra: str) -> dict:
+def worker_env(n_devices: int) -> dict:
   """The environment of a worker process with `n_devices` CPU devices: this one's, less its JAX_ and
-  XLA_ settings (the compilation cache apart), plus the device count."""
+  XLA_ settings, plus the device count. It keeps the test session's compilation cache
+  (tests/conftest.py), so that a program another worker or an earlier run compiled (the same mesh,
+  the resumed run) loads from disk instead of compiling again."""
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('JAX_', 'XLA_')) or k in _CACHE_ENV}
+         if not k.startswith(('JAX_', 'XLA_')) or k in COMPILATION_CACHE_ENV}
   env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}', JAX_PLATFORMS='cpu',
-             PYTHONUNBUFFERED='1', **extra)
+             PYTHONUNBUFFERED='1')
   return env
 
 

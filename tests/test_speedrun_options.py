@@ -502,8 +502,10 @@ def test_muon_weight_decay_is_its_own_and_only_on_the_matrices():
 def test_muon_state_round_trips_through_orbax(tmp_path, batched):
   model_cfg = MUON_CFG
   t = _muon_train_cfg(muon_batched=batched)
-  # Committed to the device, as the restored state is: one compiled step serves both (jit compiles
-  # again for arrays merely placed there by default).
+  # Committed to the device, as the restored state is, so that both lower to one program: the step
+  # is traced again for the restored state (its optimizer is another object, part of the tree's
+  # structure), and that compile then loads from the session's compilation cache. Committed and
+  # uncommitted arrays lower to different programs, each compiled in full.
   state = jax.device_put(step_lib.init_train_state(model_cfg, t), jax.devices()[0])
   data = _tokens((2000,), 3)
   step = jax.jit(functools.partial(step_lib.train_step, model=GPT(model_cfg), batch_size=4,
