@@ -1,4 +1,5 @@
-"""The hand-written AdamW ('scratch') against the optax chain, the schedule, the decay mask, clipping."""
+"""The hand-written AdamW ('adamw_by_hand') against the optax chain ('adamw') and optax.adamw, the
+schedule, the decay mask, clipping, and the optimizer names old runs stored."""
 
 import functools
 import math
@@ -84,7 +85,7 @@ def _max_rel_diff(a, b) -> float:
 
 
 @pytest.mark.slow
-def test_scratch_adamw_matches_optax_over_200_steps():
+def test_adamw_by_hand_matches_the_optax_chain_over_200_steps():
   """Same start, same batches: the two optimizers must give the same parameters.
 
   The model has biases on purpose. The key part of c_attn's bias has a mathematically zero gradient
@@ -92,37 +93,37 @@ def test_scratch_adamw_matches_optax_over_200_steps():
   so Adam normalises pure rounding noise there into lr-sized steps: any difference in the float
   operations shows up in that tensor first. In practice the two agree bit for bit.
   """
-  s_optax, norms = _run(_state('optax'), 200)
-  s_scratch, _ = _run(_state('scratch'), 200)
-  assert int(s_optax.step) == int(s_scratch.step) == 200
+  s_adamw, norms = _run(_state('adamw'), 200)
+  s_by_hand, _ = _run(_state('adamw_by_hand'), 200)
+  assert int(s_adamw.step) == int(s_by_hand.step) == 200
   assert any(n > 0.8 for n in norms) and any(n < 0.8 for n in norms), 'clipping never/always on'
-  start = _state('optax').params
-  assert _max_rel_diff(s_optax.params, start) > 0.05  # The parameters really moved.
-  rel = _max_rel_diff(s_scratch.params, s_optax.params)
-  print(f'scratch vs optax after 200 steps: max per-tensor relative difference {rel:.2e}')
+  start = _state('adamw').params
+  assert _max_rel_diff(s_adamw.params, start) > 0.05  # The parameters really moved.
+  rel = _max_rel_diff(s_by_hand.params, s_adamw.params)
+  print(f'adamw_by_hand vs adamw after 200 steps: max per-tensor relative difference {rel:.2e}')
   assert rel < 1e-6
-  for a, b in zip(jax.tree_util.tree_leaves(s_scratch.params),
-                  jax.tree_util.tree_leaves(s_optax.params)):
+  for a, b in zip(jax.tree_util.tree_leaves(s_by_hand.params),
+                  jax.tree_util.tree_leaves(s_adamw.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_scratch_state_round_trips_through_orbax(tmp_path):
-  state, _ = _run(_state('scratch'), 5)
-  assert isinstance(state.opt_state, optim.ScratchAdamWState)
+def test_adamw_by_hand_state_round_trips_through_orbax(tmp_path):
+  state, _ = _run(_state('adamw_by_hand'), 5)
+  assert isinstance(state.opt_state, optim.AdamWByHandState)
   ckpt = checkpoint_lib.Checkpointer(
       str(tmp_path / 'ckpt'), ml_collections.ConfigDict(dict(keep_last=2, async_save=False)))
   ckpt.save(5, state, {'model': CFG.to_dict()}, val_loss=1.0)
   ckpt.close()
 
-  fresh = _state('scratch')
+  fresh = _state('adamw_by_hand')
   abstract = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, 'shape') else a, fresh)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'ckpt'), read_only=True)
   restored = ckpt.restore_state(5, abstract)
   ckpt.close()
 
-  assert isinstance(restored.opt_state, optim.ScratchAdamWState)
+  assert isinstance(restored.opt_state, optim.AdamWByHandState)
   for a, b in zip(jax.tree_util.tree_leaves((state.params, state.opt_state, state.step, state.key)),
                   jax.tree_util.tree_leaves((restored.params, restored.opt_state, restored.step,
                                              restored.key))):
@@ -164,13 +165,13 @@ def test_schedule_matches_nanogpt_formula(preset):
 
 
 def test_constant_schedule_without_warmup():
-  t = _train_cfg('scratch', warmup_steps=0, learning_rate=3e-5, min_learning_rate=3e-5)
+  t = _train_cfg('adamw_by_hand', warmup_steps=0, learning_rate=3e-5, min_learning_rate=3e-5)
   for s in (0, 1, 100, 10_000):
     assert float(optim.lr_schedule(t)(s)) == pytest.approx(3e-5, rel=1e-6)
 
 
 def test_decay_mask_selects_matrices_and_embeddings():
-  params = _state('optax').params
+  params = _state('adamw').params
   mask = optim.decay_mask(params)
   assert mask['wte'] and mask['wpe']
   assert mask['h_0']['attn']['c_attn']['kernel'] and mask['h_1']['mlp']['c_proj']['kernel']
@@ -179,7 +180,7 @@ def test_decay_mask_selects_matrices_and_embeddings():
   assert not mask['ln_f']['scale'] and not mask['ln_f']['bias']
 
 
-@pytest.mark.parametrize('optimizer', ['optax', 'scratch'])
+@pytest.mark.parametrize('optimizer', ['adamw', 'adamw_by_hand'])
 def test_weight_decay_only_shrinks_masked_params(optimizer):
   """With zero gradients the Adam term is 0, so one step is pure decoupled decay: p *= 1 - lr*wd."""
   lr, wd = 0.1, 0.5
@@ -210,7 +211,7 @@ def test_clip_by_global_norm():
 
 
 @pytest.mark.slow
-def test_clipping_caps_the_scratch_update_like_optax():
+def test_clipping_caps_the_by_hand_update_like_the_optax_chain():
   """Both optimizers clip alike, over steps whose gradient norms swing far above and below the cap.
 
   One step can't show it (Adam's first step is about sign(g), clipped or not), so this runs several
@@ -234,15 +235,28 @@ def test_clipping_caps_the_scratch_update_like_optax():
       state = _apply(state, g)
     return jax.tree_util.tree_map(jnp.subtract, state.params, _init_params())  # The total update.
 
-  want = run('optax')
-  assert _max_rel_diff(run('scratch'), want) < 1e-5
-  unclipped = run('optax', grad_clip=0.0)
+  want = run('adamw')
+  assert _max_rel_diff(run('adamw_by_hand'), want) < 1e-5
+  unclipped = run('adamw', grad_clip=0.0)
   assert _max_rel_diff(unclipped, want) > 1e-3  # The test can tell clipping from no clipping.
 
 
 def test_unknown_optimizer_is_a_user_error():
   with pytest.raises(UserError, match="train.optimizer must be one of"):
     optim.make_optimizer(_train_cfg('sgd'))
+  with pytest.raises(UserError, match=r"\('adamw', 'adamw_by_hand', 'muon'\) \(got 'Optax'\)"):
+    optim.optimizer_name('Optax')
+
+
+@pytest.mark.parametrize('old, new', [('optax', 'adamw'), ('scratch', 'adamw_by_hand')])
+def test_old_optimizer_names_build_the_same_optimizer(old, new):
+  """Runs saved before the rename stored 'optax' and 'scratch': each still names its optimizer, with
+  the same state tree (so their checkpoints restore; tests/test_checkpoint_compat.py resumes some)."""
+  assert optim.optimizer_name(old) == new and optim.optimizer_name(new) == new
+  params = _init_params()
+  trees = [jax.tree_util.tree_structure(jax.eval_shape(optim.make_optimizer(_train_cfg(name)).init, params))
+           for name in (old, new)]
+  assert trees[0] == trees[1]
 
 
 @pytest.mark.parametrize('decay', [0.9, 0.95, 0.99, 0.999])
@@ -260,7 +274,7 @@ def test_bias_correction_is_accurate_in_float32(decay):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('optimizer', ['optax', 'scratch'])
+@pytest.mark.parametrize('optimizer', ['adamw', 'adamw_by_hand'])
 def test_adamw_is_optax_adamw_up_to_the_bias_correction(optimizer):
   """Fed the same gradients, both optimizers give optax.adamw's updates to within the error of its
   float32 bias correction, and the production chain keeps optax.adamw's state (same moments, same
@@ -272,7 +286,7 @@ def test_adamw_is_optax_adamw_up_to_the_bias_correction(optimizer):
   ours = optim.make_optimizer(t)
   params = _init_params()
   s_ours, s_stock = ours.init(params), stock.init(params)
-  if optimizer == 'optax':
+  if optimizer == 'adamw':
     assert jax.tree_util.tree_structure(s_ours) == jax.tree_util.tree_structure(s_stock)
 
   @jax.jit
@@ -293,6 +307,6 @@ def test_adamw_is_optax_adamw_up_to_the_bias_correction(optimizer):
       worst = max(worst, _max_rel_diff(u_ours, u_stock))
   print(f'{optimizer} vs optax.adamw over 30 updates: max per-tensor relative difference {worst:.2e}')
   assert 0 < worst < 3e-6  # Not identical (the corrections differ), but only by float32 rounding.
-  if optimizer == 'optax':  # Same moments, bit for bit.
+  if optimizer == 'adamw':  # Same moments, bit for bit.
     for a, b in zip(jax.tree_util.tree_leaves(s_ours), jax.tree_util.tree_leaves(s_stock)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, sampling, scoring
+from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, optim_variants, sampling, scoring
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import Stopped, UserError
@@ -349,13 +349,13 @@ class Trainer:
                 elapsed_seconds=round(time.time() - self.t_start, 3))
     if 'target_reached' in self.summary:
       meta['target_reached'] = self.summary['target_reached']
-    self.ckpt.save(self.step, self.state, meta, val_loss, ema=optim.ema_state(self.state.opt_state))
+    self.ckpt.save(self.step, self.state, meta, val_loss, ema=optim_variants.ema_state(self.state.opt_state))
 
   def evaluate(self) -> float:
     """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""
     t, step, say = self.t, self.step, self.say
     # With train.ema_decay > 0 the evals (and so the best checkpoint) judge the averaged weights.
-    rec = dict(self.evaluator(optim.eval_params(self.state), step), lr=float(self.schedule(step)),
+    rec = dict(self.evaluator(optim_variants.eval_params(self.state), step), lr=float(self.schedule(step)),
                time=round(time.time() - self.t_start, 3))
     _check_finite(rec['val_loss'], 'the validation loss', step, self.ckpt)
     say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
@@ -482,8 +482,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.target_val_loss must be >= 0, 0 = none (got {t.target_val_loss})')
   if t.learning_rate <= 0:
     problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
-  if t.optimizer not in optim.OPTIMIZERS:
-    problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
+  try:
+    optim.optimizer_name(t.optimizer)  # Today's names and the old ones ('optax', 'scratch').
+  except UserError as e:
+    problems.append(str(e))
   if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
     problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
   if t.optimizer == 'muon' and t.muon_ns_steps < 1:
@@ -494,7 +496,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.lr_schedule must be one of {optim.LR_SCHEDULES} (got {t.lr_schedule!r})')
   elif t.lr_schedule == 'wsd':
     try:
-      optim.wsd_boundaries(t)
+      optim_variants.wsd_boundaries(t)
     except UserError as e:
       problems.append(str(e))
   if t.val_full_pass and config.data.shards_dir:
