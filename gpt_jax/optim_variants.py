@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from gpt_jax import optim
+from gpt_jax import optim  # optim.py imports this module too: each reads the other only at call time.
 from gpt_jax.errors import UserError
 
 # The block matrices Muon updates, as (module, Linear) under each h_i; their kernels only.
