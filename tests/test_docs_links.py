@@ -1,4 +1,4 @@
-"""Every relative link and image in README.md and docs/*.md resolves (anchors too); the README stays short."""
+"""Relative links and images in README.md, docs/*.md and runs/*.md resolve (anchors too); README is short."""
 
 from __future__ import annotations
 
