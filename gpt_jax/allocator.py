@@ -10,7 +10,8 @@ pip wheel (`cmeel-mimalloc`, pinned in requirements.txt), so `pip install -r req
 is all it takes.
 
 malloc cannot be replaced inside a running process, so `preload()`, called at the top of a script
-before jax or numpy is imported, sets LD_PRELOAD (and mimalloc's tuning variables) and re-executes
+before jax or numpy is imported, sets LD_PRELOAD (and mimalloc's tuning variables, `mimalloc_env`:
+the `speedrun` preset's command needs none set by hand) and re-executes
 the same interpreter with the same arguments, once, the way Intel's PyTorch launcher preloads
 tcmalloc. `os.execve` keeps the process id, stdin/stdout/stderr and the exit status.
 
@@ -38,8 +39,14 @@ _REEXEC_VAR = '_GPT_JAX_ALLOCATOR_PID'
 # arena_max_object_size: mimalloc maps blocks above this size (2 GiB by default) straight from the
 # OS and unmaps them on free, as glibc does. XLA:CPU holds a step's temporaries in one block, which
 # passes 2 GiB on the 6/6/384 step, so without this every such step faults it all in again.
-# (Never returning memory, purge_delay -1, was tried: the heap then grew far past glibc's peak.)
 MIMALLOC_ENV = {'MIMALLOC_ARENA_MAX_OBJECT_SIZE': '256GiB'}
+# Presets whose step runs faster when mimalloc never hands freed memory back to the OS
+# (MIMALLOC_PURGE_DELAY=-1): on the `speedrun` step its purging (after 10 ms by default) returns the
+# pages that the next step faults in again. Never purging lets the heap grow through the run, and on
+# the 6/6/384 step it grew far past glibc's peak, so only these presets get it (docs/performance.md
+# has both measurements). A value the user set wins; MIMALLOC_PURGE_DELAY=10 is mimalloc's default.
+NEVER_PURGE_PRESETS = ('speedrun',)
+PURGE_VAR = 'MIMALLOC_PURGE_DELAY'
 # An allocator already in the process (inherited LD_PRELOAD, or the user's own): leave it alone.
 _ALLOCATOR_RE = re.compile(r'/lib(mi|tc|je)malloc[^/]*\.so[^/]*$')
 
@@ -96,6 +103,27 @@ def accelerator_backend(environ: dict[str, str] | None = None) -> str | None:
   return None
 
 
+def preset_of(argv: list[str]) -> str | None:
+  """The preset named by a script's `--config PATH:PRESET` (or `--config=PATH:PRESET`), else None."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    else:
+      continue
+    return value.rpartition(':')[2] if ':' in value else None
+  return None
+
+
+def mimalloc_env(argv: list[str]) -> dict[str, str]:
+  """mimalloc's options for a script started with these arguments (see NEVER_PURGE_PRESETS)."""
+  env = dict(MIMALLOC_ENV)
+  if preset_of(argv) in NEVER_PURGE_PRESETS:
+    env[PURGE_VAR] = '-1'
+  return env
+
+
 def _note(msg: str) -> None:
   print(f'note: {msg}; running on the system allocator ({ENV_VAR}=system hides this note)',
         file=sys.stderr)
@@ -140,7 +168,7 @@ def preload() -> None:
     _note(f'cannot preload {lib} ({reason[0][:200]})')
     return
   if not os.path.isabs(choice):
-    env.update({k: v for k, v in MIMALLOC_ENV.items() if k not in env})
+    env.update({k: v for k, v in mimalloc_env(sys.argv[1:]).items() if k not in env})
   env[_REEXEC_VAR] = str(os.getpid())
   for stream in (sys.stdout, sys.stderr):
     stream.flush()

@@ -1,13 +1,13 @@
-"""Trains the JAX GPT and a PyTorch reference side by side and compares their training torch_compare.
+"""Trains the JAX GPT and a PyTorch reference side by side and compares their training dynamics.
 
 Both sides start from identical float32 weights, see identical batches (the project's own get_batch
 and keys) and identical learning rates. Writes OUT_DIR/dynamics.jsonl, summary.json, dynamics.png.
 
   python scripts/compare_torch.py --config configs/shakespeare.py:tiny --steps 100 --out_dir /tmp/cmp
-  python scripts/compare_torch.py --config configs/shakespeare.py:cpu --steps 500 --eval_interval 100 \
+  python scripts/compare_torch.py --config configs/shakespeare.py:cpu --steps 500 --eval_interval 100 \\
       --out_dir /tmp/compare_cpu
   # dropout > 0: several dropout seeds per side, and a verdict on the seed spread
-  python scripts/compare_torch.py --config configs/shakespeare.py:tiny --config.model.dropout=0.1 \
+  python scripts/compare_torch.py --config configs/shakespeare.py:tiny --config.model.dropout=0.1 \\
       --seeds 3 --steps 200 --out_dir /tmp/cmp_dropout
 
 Needs PyTorch (a dev requirement): pip install torch==2.13.0

@@ -1,4 +1,4 @@
-"""Plots training runs: loss vs step and vs wall-clock time, lr, gradient norms, per-layer torch_compare.
+"""Plots training runs: loss vs step and vs wall-clock time, lr, gradient norms, per-layer statistics.
 
   python scripts/plot.py out/shakespeare_char_cpu
   python scripts/plot.py out/run_a out/run_b --out compare.png            # runs overlaid

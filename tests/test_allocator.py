@@ -23,10 +23,12 @@ from gpt_jax import allocator
 allocator.preload()
 print(json.dumps({'pid': os.getpid(), 'argv': sys.argv[1:], 'stdin': sys.stdin.read(),
                   'malloc': allocator.loaded_allocator(),
-                  'mimalloc_env': {k: os.environ.get(k) for k in allocator.MIMALLOC_ENV}}))
+                  'mimalloc_env': {k: os.environ.get(k) for k in allocator.MIMALLOC_ENV},
+                  'purge_delay': os.environ.get(allocator.PURGE_VAR)}))
 sys.exit(int(os.environ.get('PROBE_EXIT', '0')))
 """
-_OURS = ('LD_PRELOAD', allocator.ENV_VAR, '_GPT_JAX_ALLOCATOR_PID', *allocator.MIMALLOC_ENV)
+_OURS = ('LD_PRELOAD', allocator.ENV_VAR, '_GPT_JAX_ALLOCATOR_PID', *allocator.MIMALLOC_ENV,
+         allocator.PURGE_VAR)
 
 
 def clean_env(**extra: str) -> dict:
@@ -56,10 +58,35 @@ def test_script_runs_once_more_with_mimalloc_same_process_args_stdin_status(tmp_
   p, out, err, starts = run_probe(tmp_path, *args, stdin='line 1\nline 2\n',
                                   env=clean_env(PROBE_EXIT='3'), python_flags=['-u'])
   assert out['malloc'] == mimalloc(), err  # In the re-executed script's own /proc/self/maps.
-  assert out['mimalloc_env'] == allocator.MIMALLOC_ENV
+  assert out['mimalloc_env'] == allocator.MIMALLOC_ENV and out['purge_delay'] is None
   assert starts == [str(p.pid)] * 2  # Two starts, one process: execve, not a child, and only once.
   assert out['argv'] == args and out['stdin'] == 'line 1\nline 2\n'
   assert p.returncode == 3 and err == ''
+
+
+@pytest.mark.parametrize('args, purge_delay', [
+    (['--config', 'configs/shakespeare.py:speedrun'], '-1'),       # The record's command: never purge.
+    (['--config=configs/shakespeare.py:speedrun', '-x'], '-1'),
+    (['--config', 'configs/shakespeare.py:speedrun_gpt2'], None),  # Every other preset: mimalloc's default.
+    (['--config', 'configs/shakespeare.py'], None),
+    (['configs/shakespeare.py:speedrun'], None),                   # Not a --config argument.
+])
+def test_the_speedrun_preset_never_purges_unless_the_user_says(tmp_path, args, purge_delay):
+  p, out, err, starts = run_probe(tmp_path, *args)
+  assert out['malloc'] == mimalloc() and out['purge_delay'] == purge_delay, err
+  assert out['mimalloc_env'] == allocator.MIMALLOC_ENV and len(starts) == 2
+  # A value in the environment wins (10 ms is mimalloc's own default).
+  p, out, err, starts = run_probe(tmp_path, *args, env=clean_env(MIMALLOC_PURGE_DELAY='10'))
+  assert out['malloc'] == mimalloc() and out['purge_delay'] == '10', err
+
+
+def test_preset_of_reads_the_config_argument():
+  assert allocator.preset_of(['--config', 'c.py:speedrun', '--config.train.seed=2']) == 'speedrun'
+  assert allocator.preset_of(['--config=c.py:cpu']) == 'cpu'
+  assert allocator.preset_of(['--config', 'c.py']) is None
+  assert allocator.preset_of(['--config.train.seed=2']) is None and allocator.preset_of([]) is None
+  assert allocator.mimalloc_env(['--config', 'c.py:speedrun']) == {
+      **allocator.MIMALLOC_ENV, allocator.PURGE_VAR: '-1'}
 
 
 @pytest.mark.parametrize('script', ['train', 'sample', 'evaluate', 'bench', 'compare_torch',

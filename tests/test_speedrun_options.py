@@ -1,4 +1,4 @@
-"""The speedrun options (issue 14), each tested for its own property; and that, off, nothing changed.
+"""The speedrun levers (docs/speedrun.md), each tested for its own property; and that, off, nothing changed.
 
 Model: rotary positions, QK-norm, ReLU^2, zero-initialised projections. Optimizer: Muon on the block
 matrices, the warmup-stable-decay schedule. KV-cache generation under every option is in
