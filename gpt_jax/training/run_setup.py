@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from gpt_jax import checkpoint as checkpoint_lib, model as model_lib
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, model as model_lib
 from gpt_jax.config import ModelConfig, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import UserError
@@ -127,8 +127,8 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
   # Target shardings in the abstract state: Orbax reads each device's slice straight into place,
   # whatever the mesh (or number of devices/hosts) the checkpoint was written with. A damaged
   # newest checkpoint is refused, naming the newest good one (train.resume_from_last_good).
-  latest, state, meta = ckpt.resume_state(mesh_lib.abstract_with_shardings(abstract, shardings),
-                                          check_meta, t.resume_from_last_good)
+  latest, state, meta = checkpoint_damage.resume_newest_good(
+      ckpt, mesh_lib.abstract_with_shardings(abstract, shardings), check_meta, t.resume_from_last_good)
   if 'best_val_loss' in meta:  # The run's best so far, including evals that saved nothing.
     best_val = meta['best_val_loss']
   else:  # Written before checkpoints recorded it.

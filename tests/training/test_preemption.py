@@ -25,7 +25,7 @@ from train_procs import (  # Shared with test_chaos.py.
   truncate_largest_array as _truncate_largest_array,
 )
 
-from gpt_jax import checkpoint as checkpoint_lib, sampling
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, sampling
 from gpt_jax.errors import UserError
 from gpt_jax.training import loop as loop_lib, preemption, run_setup, runlock
 
@@ -338,7 +338,7 @@ def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_goo
   config.train.resume_from_last_good = True
   summary = loop_lib.train_and_evaluate(config)
   assert summary['start_step'] == 10 and summary['final_step'] == 30
-  moved = pathlib.Path(config.out_dir) / checkpoint_lib.DAMAGED_DIR / '20'
+  moved = pathlib.Path(config.out_dir) / checkpoint_damage.DAMAGED_DIR / '20'
   assert {moved / p.relative_to(ckpt_dir / '20') for p in files} == {
       p for p in moved.rglob('*') if p.is_file()}  # Moved whole, not deleted.
   assert sorted(os.listdir(ckpt_dir)) == ['10', '20', '30']  # 20 written anew by the resumed run.
