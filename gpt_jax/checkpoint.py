@@ -13,7 +13,7 @@ interrupted or failed save (a full disk) is never listed as a step, and old step
 the new one is complete. The writer (training, which holds the run lock of gpt_jax/training/runlock.py) removes
 such leftovers when it opens the directory. A failed save stops the run with a `CheckpointWriteError`.
 
-A damaged checkpoint (a truncated array file, garbled JSON) raises
+A damaged checkpoint (a truncated array file, garbled JSON, an item folder missing) raises
 `DamagedCheckpoint` naming the step; nothing here ever deletes it. Telling damage from a mismatch, the
 messages for both, and a resume's policy for damaged steps live in gpt_jax/checkpoint_damage.py.
 """
@@ -105,6 +105,7 @@ class Checkpointer:
 
   def meta(self, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step` (raises UserError if it isn't a gpt_jax checkpoint)."""
+    damage.check_complete(self.directory, step, ('meta',))
     try:
       with damage.reads_awaited():
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -160,6 +161,7 @@ class Checkpointer:
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores a full train state shaped (and sharded) like `abstract_state`."""
     abstract_state = _placed(abstract_state)
+    damage.check_complete(self.directory, step, ('params', 'opt_state', 'progress'))
     try:
       with damage.reads_awaited():
         r = self.manager.restore(step, args=ocp.args.Composite(
@@ -181,6 +183,7 @@ class Checkpointer:
     """
     abstract_params = _placed(abstract_params)
     item = (self.meta(step) if meta is None else meta).get('inference_params', 'params')
+    damage.check_complete(self.directory, step, (item,))
     try:
       with damage.reads_awaited():
         return self.manager.restore(step, args=ocp.args.Composite(

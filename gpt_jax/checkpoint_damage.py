@@ -1,8 +1,9 @@
 """What can go wrong reading a checkpoint, told apart and put in one line (for gpt_jax/checkpoint.py).
 
-A checkpoint that exists but cannot be read (a truncated array file, garbled JSON) is *damaged*:
-`DamagedCheckpoint` names the step, and nothing here ever deletes it. A well-formed checkpoint of
-another shape is the user's *mismatch*. `resume_newest_good` is the read policy of a resumed run: the newest step
+A checkpoint that exists but cannot be read (a truncated array file, garbled JSON, an item folder
+missing) is *damaged*: `DamagedCheckpoint` names the step, and nothing here ever deletes it. A
+well-formed checkpoint of another shape is the user's *mismatch*: `describe_mismatch` names the first
+array whose shape differs. `resume_newest_good` is the read policy of a resumed run: the newest step
 that restores completely, after moving the damaged ones to `damaged_checkpoints/` on request
 (train.resume_from_last_good). Every restore awaits all of its reads, even after one of them failed
 (`reads_awaited`): a failed restore leaves nothing behind that prints a traceback later.
@@ -19,12 +20,15 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+import jax
+
 from gpt_jax.errors import UserError
 
 if TYPE_CHECKING:
   from gpt_jax.checkpoint import Checkpointer
 
 DAMAGED_DIR = 'damaged_checkpoints'  # Beside `checkpoints/`: where damaged steps are moved on request.
+ITEMS = ('params', 'opt_state', 'progress', 'meta')  # The item folders of every training checkpoint.
 # A failed restore waits this long for its other reads to finish (they do within milliseconds: each one
 # reads one array or fails); past it they are cancelled, so a hung filesystem cannot hang the run.
 READS_GRACE_SECONDS = 60
@@ -41,6 +45,21 @@ class DamagedCheckpoint(UserError):
 
 class CheckpointWriteError(UserError):
   """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
+
+
+def check_complete(directory: str, step: int, items: tuple[str, ...]) -> None:
+  """Raises DamagedCheckpoint if step `step` lacks one of `items` while holding others of gpt_jax's.
+
+  A step folder is renamed into place only once every item is written, so a missing item was lost
+  afterwards (deleted, a partial copy). A folder with none of gpt_jax's items is not gpt_jax's: the
+  restore then reports it as such.
+  """
+  step_dir = os.path.join(directory, str(step))
+  present = [i for i in ITEMS if os.path.isdir(os.path.join(step_dir, i))]
+  missing = [i for i in items if not os.path.isdir(os.path.join(step_dir, i))]
+  if present and missing:
+    raise DamagedCheckpoint(step, directory, 'incomplete: its ' + ', '.join(f'{i}/' for i in missing)
+                            + (' folder is' if len(missing) == 1 else ' folders are') + ' missing')
 
 
 def garbled_metrics(directory: str) -> Optional[tuple[int, str]]:
@@ -114,15 +133,17 @@ def move_steps(directory: str, steps: list[int]) -> str:
 
 def read_error(directory: str, step: int, e: Exception, items: dict[str, Any]) -> UserError:
   """The one-line error for a failed restore of `items` ({item: abstract tree}) from step `step`: a
-  DamagedCheckpoint for unreadable files, else a mismatch."""
+  DamagedCheckpoint for unreadable files, else a mismatch naming the first array of another shape."""
   if is_damage(e):
     return DamagedCheckpoint(step, directory, reason(e))
+  mismatch = describe_mismatch(directory, step, items)
   if 'opt_state' not in items:  # Parameters only: sampling, evaluation.
-    return UserError(f'checkpoint {step} in {directory}: cannot restore parameters ({first_line(e)})')
+    return UserError(f'checkpoint {step} in {directory}: cannot restore parameters'
+                     + (f': {mismatch}.' if mismatch else f' ({first_line(e)})'))
   return UserError(f'checkpoint {step} in {directory} does not fit the configured model and optimizer: '
-                   f'{first_line(e).rstrip(":")}. Resume with the settings it was saved with (the '
-                   'config.json beside the checkpoints: the model section and train.optimizer, '
-                   'muon_batched, ema_decay, grad_clip).')
+                   + (mismatch or (f'{first_line(e).rstrip(":")}. Resume with the settings it was saved '
+                                   'with (the config.json beside the checkpoints: the model section and '
+                                   'train.optimizer, muon_batched, ema_decay, grad_clip)')) + '.')
 
 
 def write_error(directory: str, step: Optional[int], e: Exception) -> CheckpointWriteError:
@@ -134,6 +155,33 @@ def write_error(directory: str, step: Optional[int], e: Exception) -> Checkpoint
       + (f'The earlier checkpoints ({", ".join(map(str, good))}) are intact: {advice}, then continue '
          'with --config.train.resume=True.' if good else f'No checkpoint was written: {advice}, then '
          'start the run again.'))
+
+
+def describe_mismatch(directory: str, step: int, items: dict[str, Any]) -> Optional[str]:
+  """Names the first array of `items` ({item: abstract tree}) whose shape on disk differs, and what to
+  do about it; None if every shape matches (or the saved shapes cannot be read)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  step_dir = os.path.join(directory, str(step))
+  config_json = os.path.join(os.path.dirname(directory), 'config.json')
+  where = config_json if os.path.isfile(config_json) else f'the model section of {step_dir}/meta'
+  for item, abstract in items.items():
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir, item))
+    except Exception:  # No readable metadata: the caller reports Orbax's own words.
+      continue
+    shapes = {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(a.shape)
+              for p, a in jax.tree_util.tree_leaves_with_path(saved) if hasattr(a, 'shape')}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+      name = jax.tree_util.keystr(path, simple=True, separator='/')
+      if name in shapes and hasattr(leaf, 'shape') and shapes[name] != tuple(leaf.shape):
+        if item == 'opt_state':
+          return (f'optimizer state {name} is {shapes[name]} in the checkpoint but {tuple(leaf.shape)} '
+                  'here; resume with the optimizer settings it was saved with (train.optimizer, '
+                  f'muon_batched, ema_decay, grad_clip in {where})')
+        return (f'parameter {name} is {shapes[name]} in the checkpoint but {tuple(leaf.shape)} in this '
+                f'model; the model section must match the checkpoint\'s (saved in {where})')
+  return None
 
 
 class _AwaitingLoopPolicy(asyncio.DefaultEventLoopPolicy):
