@@ -11,25 +11,17 @@ Retention: the newest `keep_last` checkpoints plus the one with the lowest val l
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete, so an
 interrupted or failed save (a full disk) is never listed as a step, and old steps are removed only after
 the new one is complete. The writer (training, which holds the run lock of gpt_jax/training/runlock.py) removes
-such leftovers when it opens the directory. A failed save stops the run with `CheckpointWriteError`.
+such leftovers when it opens the directory. A failed save stops the run with a `CheckpointWriteError`.
 
-A damaged checkpoint (a truncated array file, garbled JSON) raises `DamagedCheckpoint` naming the step;
-nothing here ever deletes it. `resume_state` can continue from the newest readable step instead, after
-moving the damaged ones to `damaged_checkpoints/` beside the checkpoints folder. Every restore awaits all
-of its reads, even after one of them failed (`_reads_awaited`): a failed restore leaves nothing behind
-that prints a traceback later.
+A damaged checkpoint (a truncated array file, garbled JSON, an item folder missing) raises
+`DamagedCheckpoint` naming the step; nothing here ever deletes it. Telling damage from a mismatch, the
+messages for both, and a resume's policy for damaged steps live in gpt_jax/checkpoint_damage.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno as errno_lib
-import json
 import os
-import shutil
-import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,28 +29,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from gpt_jax import checkpoint_damage as damage
+from gpt_jax.checkpoint_damage import DamagedCheckpoint
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 
 FORMAT = 'gpt_jax'
 FORMAT_VERSION = 1
-DAMAGED_DIR = 'damaged_checkpoints'  # Beside `checkpoints/`: where damaged steps are moved on request.
-# A failed restore waits this long for its other reads to finish (they do within milliseconds: each one
-# reads one array or fails); past it they are cancelled, so a hung filesystem cannot hang the run.
-READS_GRACE_SECONDS = 60
-
-
-class DamagedCheckpoint(UserError):
-  """Checkpoint `step` exists but cannot be read: its files are truncated, missing or garbled."""
-
-  def __init__(self, step: int, directory: str, reason: str, advice: str = ''):
-    super().__init__(f'checkpoint {step} in {directory} is damaged ({reason})'
-                     + (f'; {advice}' if advice else ''))
-    self.step, self.reason = step, reason
-
-
-class CheckpointWriteError(UserError):
-  """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
 
 
 def checkpoint_dir(path: str) -> str:
@@ -100,23 +77,18 @@ class Checkpointer:
   def _open(self) -> ocp.CheckpointManager:
     try:
       return ocp.CheckpointManager(self.directory, options=self._options)
-    except Exception as e:  # Orbax reads every step's metrics JSON on opening.
-      for step in _step_dirs(self.directory):
-        try:
-          with open(os.path.join(self.directory, str(step), 'metrics', 'metrics'), 'rb') as f:
-            json.loads(f.read())
-        except FileNotFoundError:
-          pass
-        except ValueError as bad:
-          if self._set_aside:
-            print(f'moved damaged checkpoint {step} to {self._move_steps([step])}')
-            return self._open()
-          raise DamagedCheckpoint(
-              step, self.directory, f'metrics/metrics: {_first_line(bad)}',
-              'move it out of the folder to use the others; a resume with '
-              f'--config.train.resume_from_last_good=True moves it to {self._damaged_dir()} itself'
-          ) from None
-      raise e
+    except Exception:  # Orbax reads every step's metrics JSON on opening.
+      garbled = damage.garbled_metrics(self.directory)
+      if garbled is None:
+        raise
+      step, why = garbled
+      if self._set_aside:
+        print(f'moved damaged checkpoint {step} to {damage.move_steps(self.directory, [step])}')
+        return self._open()
+      raise DamagedCheckpoint(
+          step, self.directory, why, 'move it out of the folder to use the others; a resume with '
+          f'--config.train.resume_from_last_good=True moves it to {damage.damaged_dir(self.directory)} '
+          'itself') from None
 
   # --- queries ---------------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -133,12 +105,13 @@ class Checkpointer:
 
   def meta(self, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step` (raises UserError if it isn't a gpt_jax checkpoint)."""
+    damage.check_complete(self.directory, step, ('meta',))
     try:
-      with _reads_awaited():
+      with damage.reads_awaited():
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
-      if _is_damage(e):
-        raise DamagedCheckpoint(step, self.directory, f'meta: {_reason(e)}') from None
+      if damage.is_damage(e):
+        raise DamagedCheckpoint(step, self.directory, f'meta: {damage.reason(e)}') from None
       raise UserError(f'checkpoint {step} in {self.directory} has no readable gpt_jax metadata ({e}); '
                       'is it a checkpoint written by gpt_jax?') from None
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
@@ -168,7 +141,7 @@ class Checkpointer:
           meta=ocp.args.JsonSave(meta), **items,
       ), metrics={'val_loss': float(val_loss)}, force=True)
     except Exception as e:
-      raise self._write_error(step, e) from None
+      raise damage.write_error(self.directory, step, e) from None
     self._pending = step
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
@@ -188,20 +161,17 @@ class Checkpointer:
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores a full train state shaped (and sharded) like `abstract_state`."""
     abstract_state = _placed(abstract_state)
+    damage.check_complete(self.directory, step, ('params', 'opt_state', 'progress'))
     try:
-      with _reads_awaited():
+      with damage.reads_awaited():
         r = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
             progress=ocp.args.StandardRestore({'step': abstract_state.step, 'key': abstract_state.key}),
         ))
     except Exception as e:
-      if _is_damage(e):
-        raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
-      raise UserError(f'checkpoint {step} in {self.directory} does not fit the configured model and '
-                      f'optimizer: {_first_line(e).rstrip(":")}. Resume with the settings it was '
-                      'saved with (the config.json beside the checkpoints: the model section and '
-                      'train.optimizer, muon_batched, ema_decay, grad_clip).') from None
+      raise damage.read_error(self.directory, step, e, {
+          'params': abstract_state.params, 'opt_state': abstract_state.opt_state}) from None
     return abstract_state.replace(params=r.params, opt_state=r.opt_state,
                                   step=r.progress['step'], key=r.progress['key'])
 
@@ -213,15 +183,13 @@ class Checkpointer:
     """
     abstract_params = _placed(abstract_params)
     item = (self.meta(step) if meta is None else meta).get('inference_params', 'params')
+    damage.check_complete(self.directory, step, (item,))
     try:
-      with _reads_awaited():
+      with damage.reads_awaited():
         return self.manager.restore(step, args=ocp.args.Composite(
             **{item: ocp.args.StandardRestore(abstract_params)}))[item]
     except Exception as e:
-      if _is_damage(e):
-        raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
-      raise UserError(f'checkpoint {step} in {self.directory}: cannot restore parameters '
-                      f'({_first_line(e)})') from None
+      raise damage.read_error(self.directory, step, e, {item: abstract_params}) from None
 
   def wait(self) -> None:
     """Waits for a background save to be complete on disk; raises CheckpointWriteError if it failed."""
@@ -235,78 +203,19 @@ class Checkpointer:
         self.manager.close()
       except Exception:  # The same failure again: already reported below.
         pass
-      raise self._write_error(self._pending, e) from None
+      raise damage.write_error(self.directory, self._pending, e) from None
     self._pending = None
 
   def close(self) -> None:
     self.wait()
     self.manager.close()
 
-  def _write_error(self, step: Optional[int], e: Exception) -> CheckpointWriteError:
-    reason, advice = _os_reason(e)
-    good = [s for s in _step_dirs(self.directory) if s != step]  # Renamed into place: complete.
-    return CheckpointWriteError(
-        f'could not write checkpoint {step} to {self.directory} ({reason}); training stopped. '
-        + (f'The earlier checkpoints ({", ".join(map(str, good))}) are intact: {advice}, then continue '
-           'with --config.train.resume=True.' if good else f'No checkpoint was written: {advice}, then '
-           'start the run again.'))
-
-  # --- damaged checkpoints ---------------------------------------------------------------------
-  def resume_state(self, abstract_state: Any, check_meta: Callable[[int, dict], None],
-                   skip_damaged: bool) -> tuple[int, Any, dict]:
-    """(step, state, meta) of the newest checkpoint that restores completely.
-
-    A damaged newest checkpoint is a DamagedCheckpoint naming it and the newest good one, unless
-    `skip_damaged`: then the damaged steps are moved to `damaged_checkpoints/` (never deleted) and the
-    run continues from the good one. `check_meta(step, meta)` raises for a checkpoint of another run.
-    Every process must call this (restores are collective); they agree on each step's verdict.
-    """
-    from gpt_jax.parallel import distributed
-    damaged: list[DamagedCheckpoint] = []
-    for step in sorted(self.steps(), reverse=True):
-      try:
-        meta = self.meta(step)
-        check_meta(step, meta)
-        state, error = self.restore_state(step, abstract_state), None
-      except DamagedCheckpoint as e:
-        error = e
-      if distributed.any_process(error is not None):  # Damage seen by any process counts for all.
-        damaged.append(error or DamagedCheckpoint(step, self.directory, 'unreadable on another process'))
-        continue
-      if damaged and not skip_damaged:
-        raise DamagedCheckpoint(damaged[0].step, self.directory, damaged[0].reason, (
-            f'the newest good checkpoint is step {step}: continue from it with '
-            f'--config.train.resume=True --config.train.resume_from_last_good=True, which moves '
-            f'{_plural(damaged)} to {self._damaged_dir()} (nothing is deleted)'))
-      if damaged:
-        moved = self.move_aside([d.step for d in damaged])
-        print(f'moved damaged {_plural(damaged)} to {moved}; continuing from checkpoint {step}')
-      return step, state, meta
-    raise DamagedCheckpoint(damaged[0].step, self.directory, damaged[0].reason,
-                            'no other checkpoint is readable either (nothing was deleted); start a new '
-                            'run with another --config.out_dir')
-
-  def _damaged_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
-
+  # --- damaged checkpoints (gpt_jax/checkpoint_damage.py) ---------------------------------------
   def move_aside(self, steps: list[int]) -> str:
     """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/`."""
     self.manager.close()
-    dest = self._move_steps(steps)
+    dest = damage.move_steps(self.directory, steps)
     self.manager = self._open()
-    return dest
-
-  def _move_steps(self, steps: list[int]) -> str:
-    from gpt_jax.parallel import distributed
-    dest = self._damaged_dir()
-    if distributed.is_main():
-      os.makedirs(dest, exist_ok=True)
-      for step in steps:
-        target = os.path.join(dest, str(step))
-        if os.path.exists(target):  # Damaged twice at the same step: keep both.
-          target += time.strftime('.%Y%m%d-%H%M%S')
-        shutil.move(os.path.join(self.directory, str(step)), target)
-    distributed.barrier('gpt_jax: damaged checkpoints moved')
     return dest
 
 
@@ -353,54 +262,6 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
   return model_cfg, params, meta
 
 
-class _AwaitingLoopPolicy(asyncio.DefaultEventLoopPolicy):
-  """Event loops that, when closed, first await the tasks still pending in them (see `_reads_awaited`)."""
-
-  def new_event_loop(self) -> asyncio.AbstractEventLoop:
-    loop = super().new_event_loop()
-    pending: set[asyncio.Task] = set()
-
-    def task_factory(loop, coro, **kwargs):  # Tracks this loop's own tasks: no global task registry.
-      task = asyncio.Task(coro, loop=loop, **kwargs)
-      pending.add(task)
-      task.add_done_callback(pending.discard)
-      return task
-
-    def close(close=loop.close) -> None:
-      if pending and not loop.is_running() and not loop.is_closed():
-        tasks = list(pending)
-        _, late = loop.run_until_complete(asyncio.wait(tasks, timeout=READS_GRACE_SECONDS))
-        for task in late:
-          task.cancel()
-        if late:
-          loop.run_until_complete(asyncio.wait(late))
-        for task in tasks:  # Their errors are the failed restore's, already reported by it.
-          if not task.cancelled():
-            task.exception()
-      close()
-
-    loop.set_task_factory(task_factory)
-    loop.close = close
-    return loop
-
-
-@contextlib.contextmanager
-def _reads_awaited() -> Iterator[None]:
-  """Orbax runs a restore's reads (one asyncio task per array) in an event loop of its own, which it
-  closes as soon as one read fails. The other reads are then left pending in a closed loop: each is
-  destroyed whenever the garbage collector finds it, in whatever thread, and prints a traceback with a
-  TensorStore spec ('Exception ignored in: <coroutine object _read_array_index_and_device_put ...>'),
-  long after gpt_jax reported the damage in one line. Inside this block the loops Orbax creates await
-  their pending tasks before closing, so a failed restore is over when it returns.
-  """
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_AwaitingLoopPolicy())
-  try:
-    yield
-  finally:
-    asyncio.set_event_loop_policy(previous)
-
-
 def _placed(abstract: Any) -> Any:
   """Leaves without a target sharding go to this process's first device.
 
@@ -415,67 +276,5 @@ def _placed(abstract: Any) -> Any:
       if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None else a, abstract)
 
 
-def _step_dirs(directory: str) -> list[int]:
-  """The complete (renamed into place) step folders on disk, oldest first."""
-  try:
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-  except FileNotFoundError:
-    return []
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-  out = []
-  while e is not None and e not in out:
-    out.append(e)
-    e = e.__cause__ or e.__context__
-  return out
-
-
-def _is_damage(e: Exception) -> bool:
-  """Unreadable files, as opposed to a well-formed checkpoint of another shape (a user's mismatch).
-
-  Orbax reports a shape or tree mismatch as ValueError/KeyError/TypeError; garbled JSON surfaces as a
-  JSONDecodeError (a ValueError), and a TensorStore read failure as a bare Exception or an OSError, except
-  when opening an array: then TensorStore's ValueError starts with its status, which names the damage (a
-  file cut short, undecodable, or gone).
-  """
-  if any(isinstance(c, (json.JSONDecodeError, UnicodeDecodeError)) for c in _chain(e)):
-    return True
-  if any(str(c).startswith(('OUT_OF_RANGE:', 'DATA_LOSS:', 'NOT_FOUND:')) for c in _chain(e)):
-    return True
-  return not isinstance(e, (ValueError, KeyError, TypeError))
-
-
-def _reason(e: BaseException) -> str:
-  """The innermost cause's first line: TensorStore's own words beat Orbax's wrapper."""
-  return _first_line(_chain(e)[-1])
-
-
-def _os_reason(e: BaseException) -> tuple[str, str]:
-  """(what failed, what to do) for a failed write; TensorStore reports errno only inside its text."""
-  text = ' '.join(str(c) for c in _chain(e))
-  codes = {getattr(c, 'errno', None) for c in _chain(e)}
-  if errno_lib.ENOSPC in codes or 'No space left' in text or "os_error_code='28'" in text:
-    return 'no space left on device', 'free some space'
-  if errno_lib.EDQUOT in codes or 'quota exceeded' in text.lower():
-    return 'disk quota exceeded', 'free some space'
-  if codes & {errno_lib.EACCES, errno_lib.EPERM} or 'Permission denied' in text:
-    return 'permission denied', 'make the directory writable'
-  if errno_lib.EROFS in codes or 'Read-only file system' in text:
-    return 'read-only file system', 'make the directory writable'
-  return _reason(e), 'fix the cause'
-
-
-def _plural(damaged: list) -> str:
-  steps = ', '.join(str(d.step) for d in damaged)
-  return f'checkpoint {steps}' if len(damaged) == 1 else f'checkpoints {steps}'
-
-
 def _val_loss(metrics: Any) -> float:
   return float(metrics['val_loss'])
-
-
-def _first_line(e: Exception) -> str:
-  s = str(e).strip()
-  s = s.splitlines()[0] if s else type(e).__name__
-  return s if len(s) <= 300 else s[:300] + ' ...'  # Orbax may append the whole tree's keys.

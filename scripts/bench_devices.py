@@ -38,7 +38,7 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   from gpt_jax import config as config_lib, optim
   from gpt_jax.model import GPT
   from gpt_jax.parallel import mesh as sharding
-  from gpt_jax.training import loop as loop_lib, step as step_lib
+  from gpt_jax.training import run_setup, step as step_lib
 
   n = jax.device_count()
   cfg = shakespeare.get_config(preset)
@@ -67,7 +67,7 @@ def worker(preset: str, mesh_kind: str, steps: int, batch_size: int) -> dict:
   t0 = time.perf_counter()
   for i in range(steps):
     state, m = step(state, data)
-    if (i + 1) % loop_lib.CPU_MAX_STEPS_IN_FLIGHT == 0:  # As the train loop does on CPU (see there).
+    if (i + 1) % run_setup.CPU_MAX_STEPS_IN_FLIGHT == 0:  # As the train loop does on CPU (see there).
       m['loss'].block_until_ready()
   m['loss'].block_until_ready()
   dt = (time.perf_counter() - t0) / steps

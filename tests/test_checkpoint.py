@@ -4,6 +4,8 @@ import asyncio
 import gc
 import logging
 import os
+import re
+import shutil
 import sys
 
 import jax
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.training import step as step_lib
@@ -190,3 +192,74 @@ def test_every_cut_or_missing_array_file_is_damage_not_a_model_mismatch(tmp_path
     ckpt.restore_state(5, _abstract(_state()))
   with pytest.raises(checkpoint_lib.DamagedCheckpoint):
     ckpt.restore_params(5, _abstract(_state()).params)
+
+
+def _files(directory):
+  return {p: p.read_bytes() for p in directory.rglob('*') if p.is_file()}
+
+
+@pytest.mark.parametrize('item', ['params', 'meta'])
+def test_a_step_missing_an_item_is_an_incomplete_checkpoint_that_resume_can_set_aside(tmp_path, item):
+  """A step folder without its params/ or meta/ is damaged (incomplete), not a checkpoint of other
+  settings nor one written by something else; a resume names the newest good step and, when asked
+  (train.resume_from_last_good), moves the incomplete one aside whole."""
+  directory = tmp_path / 'run' / 'checkpoints'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.save(6, _state(1), _meta(), 2.4)
+  ckpt.close()
+  shutil.rmtree(directory / '6' / item)
+  before = _files(tmp_path)
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  incomplete = rf'checkpoint 6 in {directory} is damaged \(incomplete: its {item}/ folder is missing\)'
+  read_item = {'params': lambda: ckpt.restore_state(6, _abstract(_state())), 'meta': lambda: ckpt.meta(6)}
+  for read in (read_item[item], lambda: checkpoint_lib.load_for_inference(str(tmp_path / 'run'), step=6)):
+    with pytest.raises(checkpoint_lib.DamagedCheckpoint) as e:
+      read()
+    assert re.match(incomplete, str(e.value)) and '\n' not in str(e.value), str(e.value)
+  with pytest.raises(checkpoint_lib.DamagedCheckpoint) as e:
+    checkpoint_damage.resume_newest_good(ckpt, _abstract(_state()), lambda step, meta: None, False)
+  assert re.fullmatch(incomplete + r'; the newest good checkpoint is step 5: continue from it with '
+                      r'--config\.train\.resume=True --config\.train\.resume_from_last_good=True, which '
+                      rf'moves checkpoint 6 to {tmp_path / "run" / "damaged_checkpoints"} \(nothing is '
+                      r'deleted\)', str(e.value)), str(e.value)
+  assert not re.search('settings it was saved with|written by gpt_jax', str(e.value))
+  assert _files(tmp_path) == before  # Refused: not a byte changed.
+
+  step, _, meta = checkpoint_damage.resume_newest_good(ckpt, _abstract(_state()),
+                                                       lambda step, meta: None, True)
+  ckpt.close()
+  assert step == 5 and meta['step'] == 5
+  aside = tmp_path / 'run' / checkpoint_damage.DAMAGED_DIR / '6'
+  moved = {p.relative_to(aside): b for p, b in _files(aside).items()}
+  assert moved == {p.relative_to(directory / '6'): b for p, b in before.items()
+                   if directory / '6' in p.parents}  # Moved whole, nothing deleted.
+  assert sorted(os.listdir(directory)) == ['5']
+
+
+def test_parameters_of_another_shape_name_the_parameter_and_the_saved_config(tmp_path):
+  """Not Orbax's advice to pass strict=False (which would pad or cut the arrays): the first parameter
+  whose shape differs, both shapes, and the config the checkpoint was saved with."""
+  directory = tmp_path / 'run' / 'checkpoints'
+  ckpt = checkpoint_lib.Checkpointer(str(directory), None)
+  ckpt.save(5, _state(1), _meta(), 2.5)
+  ckpt.close()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  before = _files(tmp_path)
+  wide = ModelConfig(**dict(CFG.to_dict(), n_embd=32))
+  train_cfg = shakespeare.get_config('tiny').train
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(wide, train_cfg))
+  ckpt = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+  names = r'parameter h_0/attn/c_attn/kernel is \(16, 48\) in the checkpoint but \(32, 96\) in this model'
+  advice = rf"; the model section must match the checkpoint's \(saved in {tmp_path / 'run' / 'config.json'}\)\."
+  with pytest.raises(UserError) as e:
+    ckpt.restore_state(5, abstract)
+  assert re.fullmatch(rf'checkpoint 5 in {directory} does not fit the configured model and optimizer: '
+                      + names + advice, str(e.value)), str(e.value)
+  with pytest.raises(UserError) as e:
+    ckpt.restore_params(5, abstract.params)
+  assert re.fullmatch(rf'checkpoint 5 in {directory}: cannot restore parameters: ' + names + advice,
+                      str(e.value)), str(e.value)
+  assert 'strict' not in str(e.value)
+  ckpt.close()
+  assert _files(tmp_path) == before

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from train_procs import TRAIN, Run, garble_meta, metrics, train_flags, truncate_largest_array
 
-from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage
 from gpt_jax.training import preemption
 
 N = 120  # Steps of the whole run.
@@ -165,7 +165,7 @@ def _chaos(tmp_path, rng, moments):
     """The one line of a resume that set the damaged newest checkpoint aside; the step it resumed."""
     bad = damaged[-1][0]
     lines = re.findall(r'^moved damaged.*$', o, re.M)
-    m = re.fullmatch(rf'moved damaged checkpoint {bad} to {out / checkpoint_lib.DAMAGED_DIR}; '
+    m = re.fullmatch(rf'moved damaged checkpoint {bad} to {out / checkpoint_damage.DAMAGED_DIR}; '
                      r'continuing from checkpoint (\d+)', lines[0]) if len(lines) == 1 else None
     assert m and int(m.group(1)) < bad, f'{what}: {o}'
     assert resumed_from(o, what) == int(m.group(1)), f'{what}: {o}'
@@ -208,7 +208,7 @@ def _chaos(tmp_path, rng, moments):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
   # Nothing deleted: each damaged checkpoint is in damaged_checkpoints/, whole and as it was damaged.
-  aside = out / checkpoint_lib.DAMAGED_DIR
+  aside = out / checkpoint_damage.DAMAGED_DIR
   for step, files in damaged:
     copies = [p for p in aside.iterdir() if p.name == str(step) or p.name.startswith(f'{step}.')]
     assert any(_files(p) == files for p in copies), (step, sorted(p.name for p in aside.iterdir()))

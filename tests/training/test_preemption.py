@@ -25,9 +25,9 @@ from train_procs import (  # Shared with test_chaos.py.
   truncate_largest_array as _truncate_largest_array,
 )
 
-from gpt_jax import checkpoint as checkpoint_lib, sampling
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, sampling
 from gpt_jax.errors import UserError
-from gpt_jax.training import loop as loop_lib, preemption, runlock
+from gpt_jax.training import loop as loop_lib, preemption, run_setup, runlock
 
 # 'best' mode, where the stop checkpoint is an extra one; accumulation and dropout, whose key streams
 # a resumed run must continue.
@@ -42,7 +42,7 @@ RUN = ['--config.train.max_steps=30', '--config.train.eval_interval=10', '--conf
 #   GPT_JAX_TEST_SIGNAL=SIGTERM:eval:10 during the eval at step 10 (between its train and val halves)
 SIGNALLING_TRAIN = '''
 import os, runpy, signal, sys
-from gpt_jax.training import loop
+from gpt_jax.training import evaluator, loop
 name, where, at = os.environ['GPT_JAX_TEST_SIGNAL'].split(':')
 sig, at = signal.Signals[name], int(at)
 if where == 'step':
@@ -53,7 +53,7 @@ if where == 'step':
     return log_step(self, metrics)
   loop.Trainer.log_step = hooked_log_step
 else:
-  call, split_loss = loop.Evaluator.__call__, loop.Evaluator.split_loss
+  call, split_loss = evaluator.Evaluator.__call__, evaluator.Evaluator.split_loss
   def hooked_call(self, params, step):
     self.at_step = step
     return call(self, params, step)
@@ -61,7 +61,7 @@ else:
     if split == 'val' and self.at_step == at:
       signal.raise_signal(sig)
     return split_loss(self, params, split)
-  loop.Evaluator.__call__, loop.Evaluator.split_loss = hooked_call, hooked_split_loss
+  evaluator.Evaluator.__call__, evaluator.Evaluator.split_loss = hooked_call, hooked_split_loss
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))  # As `python scripts/train.py` would.
 runpy.run_path(sys.argv[0], run_name='__main__')
@@ -139,8 +139,8 @@ def test_one_cpu_device_bounds_the_steps_a_stop_waits_for():
   """On one CPU device too the loop syncs every CPU_MAX_STEPS_IN_FLIGHT steps: otherwise Python
   queues every step up to the next log line, and a stop request waits for all of them."""
   assert jax.default_backend() == 'cpu' and len(jax.devices()) == 1
-  assert loop_lib.dispatch_is_bounded()
-  assert loop_lib.CPU_MAX_STEPS_IN_FLIGHT <= preemption.SYNC_EVERY
+  assert run_setup.dispatch_is_bounded()
+  assert run_setup.CPU_MAX_STEPS_IN_FLIGHT <= preemption.SYNC_EVERY
 
 
 def test_stop_request_flags_signals_and_restores_handlers():
@@ -338,7 +338,7 @@ def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_goo
   config.train.resume_from_last_good = True
   summary = loop_lib.train_and_evaluate(config)
   assert summary['start_step'] == 10 and summary['final_step'] == 30
-  moved = pathlib.Path(config.out_dir) / checkpoint_lib.DAMAGED_DIR / '20'
+  moved = pathlib.Path(config.out_dir) / checkpoint_damage.DAMAGED_DIR / '20'
   assert {moved / p.relative_to(ckpt_dir / '20') for p in files} == {
       p for p in moved.rglob('*') if p.is_file()}  # Moved whole, not deleted.
   assert sorted(os.listdir(ckpt_dir)) == ['10', '20', '30']  # 20 written anew by the resumed run.

@@ -15,7 +15,7 @@ from gpt_jax.config import ModelConfig
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
-from gpt_jax.training import loop as loop_lib, step as step_lib
+from gpt_jax.training import evaluator as evaluator_lib, loop as loop_lib, step as step_lib
 
 
 def _read_metrics(out_dir):
@@ -239,13 +239,13 @@ def test_a_nan_val_loss_alone_stops_the_run_without_a_checkpoint(tiny_config, mo
   # val-loss guard, not the train-loss one, that must stop the run before step 20 is saved.
   tiny_config.train.update(max_steps=30, eval_interval=10, log_interval=1)
   tiny_config.checkpoint.save = save
-  real, calls = loop_lib.Evaluator.split_loss, []
+  real, calls = evaluator_lib.Evaluator.split_loss, []
 
   def split_loss(self, params, split):
     calls.append(split)
     return math.nan if split == 'val' and calls.count('val') == 3 else real(self, params, split)
 
-  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss', split_loss)
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'split_loss', split_loss)
   with pytest.raises(UserError, match=r'the validation loss is nan at step 20: training diverged.*'
                                       r'last good checkpoint \(step 10\) is untouched'):
     loop_lib.train_and_evaluate(tiny_config)
@@ -264,7 +264,7 @@ def test_target_is_reached_when_the_val_loss_equals_it(tiny_config, monkeypatch)
   tiny_config.sample.eval_tokens = 0
   vals = iter([3.0, 2.5, 2.5, 2.0])
   # split_loss returns the sum over the eval batches, which the evaluator divides by their number.
-  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'split_loss',
                       lambda self, params, split: (next(vals) if split == 'val' else 3.0) * self.eval_iters)
   summary = loop_lib.train_and_evaluate(tiny_config)
   assert summary['target_reached']['step'] == 1 and summary['target_reached']['val_loss'] == 2.5
@@ -279,7 +279,7 @@ def test_without_eval_at_start_the_first_eval_comes_after_eval_interval_steps(ti
                            target_val_loss=3.0)
   tiny_config.sample.eval_tokens = 0
   vals = iter([3.0, 2.0])  # A third eval would raise StopIteration.
-  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'split_loss',
                       lambda self, params, split: (next(vals) if split == 'val' else 3.5) * self.eval_iters)
   summary = loop_lib.train_and_evaluate(tiny_config)
   assert [r['step'] for r in _read_metrics(tiny_config.out_dir) if 'val_loss' in r] == [10, 20]
@@ -306,7 +306,7 @@ def test_a_resumed_run_keeps_its_clock_and_reaches_the_target_once(tiny_config, 
   clock = _Clock(1000.0)
   monkeypatch.setattr(loop_lib, 'time', clock)
   vals = iter([4.0, 3.0, 2.9, 2.8, 2.7])  # Evals at 0, 10, 20, then (resumed) 30, 40.
-  monkeypatch.setattr(loop_lib.Evaluator, 'split_loss',  # A sum over the eval batches, as the real one.
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'split_loss',  # A sum over the eval batches, as the real one.
                       lambda self, params, split: (next(vals) if split == 'val' else 3.5) * self.eval_iters)
   tiny_config.train.update(max_steps=20, eval_interval=10, log_interval=5, target_val_loss=3.0)
   tiny_config.checkpoint.save = 'always'
