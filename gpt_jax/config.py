@@ -17,7 +17,7 @@ import ml_collections
 
 from gpt_jax.errors import UserError
 
-ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See model.attention_implementation.
+ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See attention.attention_implementation.
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSITIONS = ('learned', 'rotary')
 ACTIVATIONS = ('gelu', 'relu2')
@@ -27,7 +27,8 @@ ABLATIONS = ('attention', 'positions', 'residual', 'layernorm', 'heads', 'mlp')
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """GPT-2 shape and behaviour. Defaults are nanoGPT's `shakespeare_char` model."""
+  """GPT-2's shape, how it runs, and the departures from it. Defaults: nanoGPT's `shakespeare_char`."""
+  # GPT-2's shape.
   vocab_size: int = 65
   block_size: int = 256         # Longest context; also the size of the position table `wpe`.
   n_layer: int = 6
@@ -36,17 +37,19 @@ class ModelConfig:
   dropout: float = 0.2
   bias: bool = False            # Biases in Linear and LayerNorm (GPT-2: True; nanoGPT char: False).
   gelu_approximate: bool = False  # False: exact erf GELU (nanoGPT); True: tanh form (GPT-2).
-  attention: str = 'manual'     # Full forwards and prefills: 'manual' (written out), 'xla' / 'cudnn'
-                                # (jax.nn.dot_product_attention's implementations) or 'auto' (cuDNN
-                                # where it applies, else XLA); model.attention_implementation decides.
-                                # Decode steps always use model.cached_attention.
-  attention_dropout: bool = True  # Dropout on the attention probabilities (GPT-2). False keeps only the
-                                # embedding and residual dropout, which lets fused kernels train.
+  # How it runs: none of these changes the parameters.
   dtype: str = 'float32'        # Compute dtype of the matmuls; parameters and the residual stream
                                 # always stay float32 (as torch.autocast keeps them).
+  attention: str = 'manual'     # Full forwards and prefills: 'manual' (written out), 'xla' / 'cudnn'
+                                # (jax.nn.dot_product_attention's implementations) or 'auto' (cuDNN
+                                # where it applies, else XLA); attention.attention_implementation
+                                # decides. Decode steps always use attention.cached_attention.
+  attention_dropout: bool = True  # Dropout on the attention probabilities (GPT-2). False keeps only the
+                                # embedding and residual dropout, which lets fused kernels train.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
-  # Speedrun options (issue 14), all off by default: the defaults are GPT-2 / nanoGPT exactly, and a
-  # saved config without these fields (an older checkpoint) means exactly that model.
+  # Departures from GPT-2 (gpt_jax/model_variants.py), all off by default: the defaults are GPT-2 /
+  # nanoGPT exactly, and a saved config without these fields (an older checkpoint) means that model.
+  # Speedrun options, for a model that trains faster:
   position: str = 'learned'     # 'learned' (GPT-2's table `wpe`) or 'rotary' (RoPE on q, k; no wpe).
   rope_base: float = 10000.0    # position='rotary': the wavelength base of the rotary frequencies.
   qk_norm: bool = False         # RMS-normalise q and k per head (learned scale) before q k^T.
