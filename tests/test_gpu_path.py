@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax import allocator, cli, model as model_lib
+from gpt_jax import allocator, attention as attention_lib, cli, model as model_lib
 from gpt_jax.config import ModelConfig, model_config_from
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -41,7 +41,7 @@ BF16 = ModelConfig(vocab_size=41, block_size=32, n_layer=2, n_head=2, n_embd=32,
 ])
 def test_attention_implementation(attention, dtype, head, platform, drop, want):
   cfg = ModelConfig(n_head=2, n_embd=2 * head, attention=attention, dtype=dtype)
-  assert model_lib.attention_implementation(cfg, drop, platform) == want
+  assert attention_lib.attention_implementation(cfg, drop, platform) == want
 
 
 @pytest.mark.parametrize('dtype, platform, drop, match', [
@@ -52,21 +52,21 @@ def test_attention_implementation(attention, dtype, head, platform, drop, want):
 def test_cudnn_says_why_it_cannot_run(dtype, platform, drop, match):
   cfg = ModelConfig(attention='cudnn', dtype=dtype, n_head=6, n_embd=384)
   with pytest.raises(UserError, match=match):
-    model_lib.attention_implementation(cfg, drop, platform)
+    attention_lib.attention_implementation(cfg, drop, platform)
 
 
 def test_start_up_line_names_the_kernels():
   gpu = model_config_from(shakespeare.get_config('gpu'), 65)
-  assert model_lib.describe_attention(gpu, 'gpu').startswith(
+  assert attention_lib.describe_attention(gpu, 'gpu').startswith(
       'manual in training (attention dropout needs the written-out softmax; '
       'model.attention_dropout=False lifts it), cudnn in evals')
   fused = dataclasses.replace(gpu, attention_dropout=False)
-  assert model_lib.describe_attention(fused, 'gpu').startswith('cudnn (training and evals')
-  assert model_lib.describe_attention(fused, 'cpu').startswith('xla (training and evals')
-  assert model_lib.describe_attention(gpu, 'cpu').startswith('manual in training')
+  assert attention_lib.describe_attention(fused, 'gpu').startswith('cudnn (training and evals')
+  assert attention_lib.describe_attention(fused, 'cpu').startswith('xla (training and evals')
+  assert attention_lib.describe_attention(gpu, 'cpu').startswith('manual in training')
   xla = dataclasses.replace(model_config_from(shakespeare.get_config(''), 65), attention='xla')
-  assert model_lib.describe_attention(xla, 'gpu').startswith('manual in training (attention dropout')
-  assert ', xla in evals' in model_lib.describe_attention(xla, 'gpu')
+  assert attention_lib.describe_attention(xla, 'gpu').startswith('manual in training (attention dropout')
+  assert ', xla in evals' in attention_lib.describe_attention(xla, 'gpu')
 
 
 def test_model_calls_the_chosen_kernel(monkeypatch):
@@ -88,7 +88,7 @@ def test_model_calls_the_chosen_kernel(monkeypatch):
   seen.clear()
   train = lambda c: jax.eval_shape(lambda p: GPT(c).apply({'params': p}, x, deterministic=False,
                                                           rngs={'dropout': jax.random.PRNGKey(1)}), params)
-  with model_lib.target_platform('gpu'):
+  with attention_lib.target_platform('gpu'):
     jax.eval_shape(lambda p: GPT(cfg).apply({'params': p}, x), params)
     assert seen == ['cudnn'] * cfg.n_layer
     seen.clear()

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import shakespeare
-from gpt_jax import model as model_lib, optim, sampling
+from gpt_jax import attention as attention_lib, optim, sampling
 from gpt_jax.config import model_config_from
 from gpt_jax.model import GPT
 from gpt_jax.parallel import mesh as mesh_lib
@@ -139,7 +139,7 @@ def test_gpu_preset_lowers_with_cudnn_attention():
   data = jax.ShapeDtypeStruct((100_000,), jnp.uint16)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   try:
-    with model_lib.target_platform('cuda'):
+    with attention_lib.target_platform('cuda'):
       abstract = jax.eval_shape(lambda: init_train_state(cfg, c.train))
       evaluate = jax.jit(functools.partial(eval_step, model=GPT(cfg), batch_size=BATCH))
       texts = {'eval': evaluate.trace(abstract.params, data, key).lower(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model as model_lib
+from gpt_jax import attention as attention_lib, model as model_lib
 from gpt_jax.config import ModelConfig, num_params
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -158,7 +158,7 @@ def test_attention_matches_jax_dot_product_attention():
 
   def ours(q, k, v):  # Takes and returns head-major (B, H, T, D).
     hm = lambda a: a.transpose(0, 2, 1, 3)
-    return hm(model_lib.causal_attention(hm(q), hm(k), hm(v), mask))
+    return hm(attention_lib.causal_attention(hm(q), hm(k), hm(v), mask))
 
   def ref(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -176,8 +176,8 @@ def test_block_causal_attention_equals_causal_attention(T, block):
   B, H, D = 2, 3, 8
   q, k, v = _normal((3, B, H, T, D), 9)
   mask = jnp.tril(jnp.ones((T, T), bool))
-  full = lambda q, k, v: model_lib.causal_attention(q, k, v, mask)
-  blocked = lambda q, k, v: model_lib.block_causal_attention(q, k, v, block)
+  full = lambda q, k, v: attention_lib.causal_attention(q, k, v, mask)
+  blocked = lambda q, k, v: attention_lib.block_causal_attention(q, k, v, block)
   np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), atol=1e-6, rtol=1e-6)
   g1 = jax.jit(jax.grad(lambda *a: (blocked(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
   g2 = jax.jit(jax.grad(lambda *a: (full(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
@@ -196,12 +196,12 @@ def test_model_uses_blocked_attention_for_long_sequences(monkeypatch):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   calls = []
-  monkeypatch.setattr(model_lib, 'block_causal_attention',
+  monkeypatch.setattr(attention_lib, 'block_causal_attention',
                       lambda *a, **k: calls.append(1) or _BLOCKED(*a, **k))
-  monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 1000)
+  monkeypatch.setattr(attention_lib, 'QUERY_BLOCK', 1000)
   plain, g_plain = loss_and_grad()
   assert not calls
-  monkeypatch.setattr(model_lib, 'QUERY_BLOCK', 4)
+  monkeypatch.setattr(attention_lib, 'QUERY_BLOCK', 4)
   blocked, g_blocked = loss_and_grad()
   assert calls
   np.testing.assert_allclose(blocked, plain, rtol=1e-6)
@@ -209,7 +209,7 @@ def test_model_uses_blocked_attention_for_long_sequences(monkeypatch):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-_BLOCKED = model_lib.block_causal_attention
+_BLOCKED = attention_lib.block_causal_attention
 
 
 def test_xla_attention_backend_matches_manual():

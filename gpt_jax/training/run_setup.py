@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, model as model_lib
+from gpt_jax import attention as attention_lib, checkpoint as checkpoint_lib, checkpoint_damage
 from gpt_jax.config import ModelConfig, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import UserError
@@ -80,7 +80,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       f'{num_params(model_cfg) / 1e6:.2f}M parameters '
       f'({num_params(model_cfg, non_embedding=True) / 1e6:.2f}M without position embeddings)')
   say(f'compute: {model_cfg.dtype} matmuls, float32 parameters and residual stream; attention: '
-      f'{model_lib.describe_attention(model_cfg)}')
+      f'{attention_lib.describe_attention(model_cfg)}')
   return Setup(mesh, source, ds, model_cfg, say)
 
 

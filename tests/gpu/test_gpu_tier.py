@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model as model_lib, sampling
+from gpt_jax import attention as attention_lib, sampling
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
 
@@ -35,7 +35,7 @@ def _params(cfg):
 def test_cudnn_attention_matches_manual():
   cudnn = dataclasses.replace(CFG, dtype='bfloat16', attention='cudnn')
   manual = dataclasses.replace(cudnn, attention='manual')
-  assert model_lib.describe_attention(cudnn).startswith('cudnn')
+  assert attention_lib.describe_attention(cudnn).startswith('cudnn')
   params = _params(manual)
   x = jax.random.randint(jax.random.PRNGKey(1), (4, CFG.block_size), 0, CFG.vocab_size)
   y = jnp.roll(x, -1, axis=1)

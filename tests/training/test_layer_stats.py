@@ -155,7 +155,7 @@ def test_sow_is_a_no_op_unless_intermediates_are_mutable():
 def test_only_an_explicit_request_picks_the_kernel_that_records_probabilities():
   """Instrumentation never steers the forward pass: making 'intermediates' mutable leaves a long
   sequence on the block-skipping kernel (nothing recorded); `record_probs=True` is the one switch."""
-  from gpt_jax.model import QUERY_BLOCK
+  from gpt_jax.attention import QUERY_BLOCK
   cfg = dataclasses.replace(CFG, block_size=2 * QUERY_BLOCK)
   params = jax.jit(GPT(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   x = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, cfg.block_size)))
