@@ -131,7 +131,7 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def _base_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  kind = train_cfg.optimizer
+  kind = {'adamw': 'optax', 'adamw_by_hand': 'scratch'}.get(train_cfg.optimizer, train_cfg.optimizer)
   if kind == 'optax':
     return make_optax_optimizer(train_cfg)
   if kind == 'scratch':

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, sampling, scoring
+from gpt_jax import checkpoint as checkpoint_lib, config_checks, model as model_lib, optim, sampling, scoring
 from gpt_jax.config import ModelConfig, flops_per_token, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import Stopped, UserError
@@ -80,6 +80,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   distributed.barrier('gpt_jax: data prepared')
   ds = ds or load(config.data, verbose=False)
   model_cfg = model_config_from(config, ds.tokenizer.vocab_size)
+  config_checks.check_fits(model_cfg, t, config_checks.split_sizes(ds))  # Before anything compiles.
   if shards_dir:  # Token shards streamed from disk: corpora too big to replicate on every device.
     ds.check_block_size(model_cfg.block_size)
     source = batches_lib.ShardBatches(ds, model_cfg.block_size, t.batch_size, t.grad_accum_steps,
@@ -245,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   it after the step in flight with a checkpoint of that step, raising `Stopped`.
   """
   t_start = time.time()
-  _validate(config)
+  config_checks.validate(config)  # Every setting, before out_dir or anything else is made.
   out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -467,42 +468,3 @@ def _check_finite(value: float, what: str, step: int, ckpt: checkpoint_lib.Check
              if latest is not None else 'no checkpoint had been written yet')
     raise UserError(f'{what} is {value} at step {step}: training diverged and was stopped; {where}. '
                     'Try a lower train.learning_rate, a higher train.warmup_steps or train.grad_clip > 0.')
-
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values a typo-free config can still get wrong, with one message listing them all."""
-  t, c = config.train, config.checkpoint
-  problems = []
-  for name in ('batch_size', 'max_steps', 'eval_interval', 'eval_iters', 'log_interval',
-               'grad_accum_steps'):
-    if int(t[name]) < 1:
-      problems.append(f'train.{name} must be >= 1 (got {t[name]})')
-  if t.target_val_loss < 0:
-    problems.append(f'train.target_val_loss must be >= 0, 0 = none (got {t.target_val_loss})')
-  if t.learning_rate <= 0:
-    problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
-  if t.optimizer not in optim.OPTIMIZERS:
-    problems.append(f'train.optimizer must be one of {optim.OPTIMIZERS} (got {t.optimizer!r})')
-  if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
-    problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
-  if t.optimizer == 'muon' and t.muon_ns_steps < 1:
-    problems.append(f'train.muon_ns_steps must be >= 1 (got {t.muon_ns_steps})')
-  if not 0.0 <= t.ema_decay < 1.0:
-    problems.append(f'train.ema_decay must be in [0, 1), 0 = off (got {t.ema_decay})')
-  if t.lr_schedule not in optim.LR_SCHEDULES:
-    problems.append(f'train.lr_schedule must be one of {optim.LR_SCHEDULES} (got {t.lr_schedule!r})')
-  elif t.lr_schedule == 'wsd':
-    try:
-      optim.wsd_boundaries(t)
-    except UserError as e:
-      problems.append(str(e))
-  if t.val_full_pass and config.data.shards_dir:
-    problems.append('train.val_full_pass scores the in-memory val split; with data.shards_dir set '
-                    'it is not loaded: set --config.train.val_full_pass=False')
-  if config.data.shards_dir and int(t.seed) < 0:
-    problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
-  if c.save not in ('best', 'always'):
-    problems.append(f"checkpoint.save must be 'best' or 'always' (got {c.save!r})")
-  if problems:
-    raise UserError('invalid config: ' + '; '.join(problems))

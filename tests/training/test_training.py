@@ -341,7 +341,7 @@ def test_every_config_problem_is_reported_in_one_message(tiny_config):
                                                    'eval_iters', 'log_interval', 'grad_accum_steps')),
       'train.target_val_loss must be >= 0, 0 = none (got -1.0)',
       'train.learning_rate must be > 0 (got 0.0)',
-      "train.optimizer must be one of ('optax', 'scratch', 'muon') (got 'sgd')",
+      "train.optimizer must be one of ('adamw', 'adamw_by_hand', 'muon') (got 'sgd')",
       'train.seed must be >= 0 with data.shards_dir (got -1)',
       "checkpoint.save must be 'best' or 'always' (got 'sometimes')"]
   assert not pathlib.Path(tiny_config.out_dir).exists()  # Refused before anything is written.
