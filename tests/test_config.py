@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 import re
+import time
 
 import pytest
 
@@ -166,6 +167,15 @@ def test_block_size_longer_than_a_split_is_refused_before_compiling():
   assert 'the val split has only 111,540 tokens in a row, fewer than model.block_size + 1' in message
   assert 'the train split' not in message
   assert 'a training step needs at least' in message and 'Lower model.block_size' in message
+
+
+def test_an_impossible_block_size_is_one_message_within_seconds(tiny_config):
+  """Before the check, block_size 200000 on the tiny preset compiled its eval for many minutes."""
+  tiny_config.model.block_size = 200_000
+  t0 = time.perf_counter()
+  with pytest.raises(UserError, match=r'fewer than model.block_size \+ 1 = 200,001.*needs at least'):
+    loop_lib.train_and_evaluate(tiny_config)
+  assert time.perf_counter() - t0 < 60
 
 
 def test_every_preset_fits_its_splits_and_a_large_host():
