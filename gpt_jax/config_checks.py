@@ -172,13 +172,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def split_sizes(dataset: Any) -> dict[str, int]:
-  """{split: the longest stretch of tokens a window can come from} for in-memory or sharded data."""
-  out = {}
-  for name in ('train', 'val'):
-    split = getattr(dataset, name)
-    sizes = getattr(split, 'sizes', None)  # Sharded: a window lies within one shard.
-    out[name] = int(max(sizes)) if sizes is not None else len(split)
-  return out
+  """{split: tokens} of in-memory splits; {} for token shards, whose own check_block_size (run next,
+  with advice about shard sizes) checks that a window fits inside one shard."""
+  if hasattr(dataset, 'check_block_size'):
+    return {}
+  return {name: len(getattr(dataset, name)) for name in ('train', 'val')}
 
 
 def step_memory_bytes(m: ModelConfig, batch_size: int) -> int:
