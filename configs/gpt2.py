@@ -22,47 +22,42 @@ import os
 
 import ml_collections
 
-from gpt_jax.config import load_config_file
+from gpt_jax.config import load_config_file, preset_config, with_overrides
 
-PRESETS = {  # name: (n_layer, n_head, n_embd)
-    'gpt2': (12, 12, 768),
-    'gpt2-medium': (24, 16, 1024),
-    'gpt2-large': (36, 20, 1280),
-    'gpt2-xl': (48, 25, 1600),
+
+def base() -> ml_collections.ConfigDict:
+  """configs/shakespeare.py's recipe with GPT-2 (124M) and nanoGPT's finetune_shakespeare training."""
+  shakespeare = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'))
+  return with_overrides(shakespeare, {
+      'out_dir': 'out/shakespeare_gpt2',
+      'model.n_layer': 12, 'model.n_head': 12, 'model.n_embd': 768, 'model.block_size': 1024,
+      'model.vocab_size': 50257,      # GPT-2's BPE vocabulary (not padded: the weights have 50257 rows).
+      'model.dropout': 0.0,           # nanoGPT fine-tunes without dropout.
+      'model.bias': True,             # GPT-2 has biases in every Linear and LayerNorm.
+      'model.gelu_approximate': True,  # GPT-2 was trained with the tanh GELU (HF's 'gelu_new').
+      'data.tokenizer': 'gpt2', 'data.data_dir': 'data/shakespeare_gpt2',
+      # nanoGPT's config/finetune_shakespeare.py: 32 x 1 x 1024 tokens per step, 20 steps, lr 3e-5
+      # constant (decay_lr=False: here warmup 0 and min = max), evaluated every 5 steps.
+      'train.batch_size': 1, 'train.grad_accum_steps': 32, 'train.max_steps': 20,
+      'train.learning_rate': 3e-5, 'train.min_learning_rate': 3e-5, 'train.warmup_steps': 0,
+      'train.lr_decay_steps': 20, 'train.beta2': 0.95,
+      'train.eval_interval': 5, 'train.eval_iters': 40, 'train.log_interval': 1,
+      'sample.eval_tokens': 0,        # Sampling 1558M parameters at every eval is slow on a CPU.
+  })
+
+
+PRESETS = {  # The other sizes change only the shape (and their out_dir).
+    '': {},
+    'gpt2': {},
+    'gpt2-medium': {'model.n_layer': 24, 'model.n_head': 16, 'model.n_embd': 1024,
+                    'out_dir': 'out/shakespeare_gpt2-medium'},
+    'gpt2-large': {'model.n_layer': 36, 'model.n_head': 20, 'model.n_embd': 1280,
+                   'out_dir': 'out/shakespeare_gpt2-large'},
+    'gpt2-xl': {'model.n_layer': 48, 'model.n_head': 25, 'model.n_embd': 1600,
+                'out_dir': 'out/shakespeare_gpt2-xl'},
 }
 
 
-def _shakespeare_config() -> ml_collections.ConfigDict:
-  """configs/shakespeare.py's default config."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'))
-
-
-def get_config(preset: str = 'gpt2') -> ml_collections.ConfigDict:
-  """Returns the run config for a GPT-2 size ('' = 'gpt2', the 124M model)."""
-  preset = preset or 'gpt2'
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}')
-  n_layer, n_head, n_embd = PRESETS[preset]
-
-  c = _shakespeare_config()
-  c.out_dir = f'out/shakespeare_{preset}'
-
-  c.model.update(
-      n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024,
-      vocab_size=50257,        # GPT-2's BPE vocabulary (not padded: the weights have 50257 rows).
-      dropout=0.0,             # nanoGPT fine-tunes without dropout.
-      bias=True,               # GPT-2 has biases in every Linear and LayerNorm.
-      gelu_approximate=True,   # GPT-2 was trained with the tanh GELU (HF's 'gelu_new').
-  )
-  c.data.update(tokenizer='gpt2', data_dir='data/shakespeare_gpt2')
-
-  # nanoGPT's config/finetune_shakespeare.py: 32 x 1 x 1024 tokens per step, 20 steps, lr 3e-5
-  # constant (decay_lr=False: here warmup 0 and min = max), evaluated every 5 steps.
-  c.train.update(
-      batch_size=1, grad_accum_steps=32, max_steps=20,
-      learning_rate=3e-5, min_learning_rate=3e-5, warmup_steps=0, lr_decay_steps=20,
-      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0,
-      eval_interval=5, eval_iters=40, log_interval=1,
-  )
-  c.sample.update(eval_tokens=0)  # Sampling 1558M parameters at every eval is slow on a CPU.
-  return c
+def get_config(preset: str = '') -> ml_collections.ConfigDict:
+  """The run config of a GPT-2 size ('' = 'gpt2', the 124M model)."""
+  return preset_config(base, PRESETS, preset)

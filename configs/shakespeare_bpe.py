@@ -13,7 +13,7 @@ embedding/LM-head matmuls then tile evenly. The 47 padded ids never occur in the
 never a target), and sampling and evaluation mask their logits (`vocab_limit` = the tokenizer's
 vocabulary), so they are never produced.
 
-Presets (everything else as in configs/shakespeare.py):
+Presets (everything else as in configs/shakespeare.py's recipe):
   (default)  the `shakespeare_char` model (6 layers, 6 heads, 384 wide, dropout 0.2) on GPT-2 tokens,
              block 256 tokens (~1,000 characters), 2000 steps. Sized for a GPU; not measured here.
   cpu        4 layers, 4 heads, 128 wide, block 64, batch 8, 300 steps: a few minutes on a 2-core
@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from gpt_jax.config import load_config_file
+from gpt_jax.config import load_config_file, preset_config, with_overrides
 
 GPT2_VOCAB_SIZE = 50257
 VOCAB_MULTIPLE = 64
@@ -36,27 +36,40 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
   return -(-vocab_size // multiple) * multiple
 
 
-def base_config(preset: str) -> ml_collections.ConfigDict:
-  """configs/shakespeare.py's config for `preset`."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'),
-                          preset)
+def base() -> ml_collections.ConfigDict:
+  """configs/shakespeare.py's recipe on GPT-2's tokens, 2000 steps."""
+  shakespeare = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.py'))
+  return with_overrides(shakespeare, {
+      'out_dir': 'out/shakespeare_gpt2',
+      'data.tokenizer': 'gpt2', 'data.data_dir': 'data/shakespeare_gpt2',
+      'model.vocab_size': pad_vocab(GPT2_VOCAB_SIZE),  # 50304; 0 would use the unpadded 50257.
+      'train.max_steps': 2000, 'train.lr_decay_steps': 2000,
+  })
+
+
+PRESETS = {
+    '': {},
+    # Each step costs ~0.8 s here, most of it the 50,304-way softmax: a short run, few evals.
+    'cpu': {
+        'out_dir': 'out/shakespeare_gpt2_cpu',
+        'model.n_layer': 4, 'model.n_head': 4, 'model.n_embd': 128, 'model.block_size': 64,
+        'model.dropout': 0.0,
+        'train.batch_size': 8, 'train.learning_rate': 2e-3, 'train.min_learning_rate': 2e-4,
+        'train.warmup_steps': 30, 'train.max_steps': 300, 'train.lr_decay_steps': 300,
+        'train.eval_interval': 150, 'train.eval_iters': 10, 'train.log_interval': 50,
+        'sample.eval_tokens': 40,
+    },
+    'tiny': {  # configs/shakespeare.py's tiny model on GPT-2's tokens.
+        'out_dir': 'out/shakespeare_gpt2_tiny',
+        'model.n_layer': 2, 'model.n_head': 2, 'model.n_embd': 32, 'model.block_size': 32,
+        'model.dropout': 0.0,
+        'train.batch_size': 8, 'train.max_steps': 50, 'train.lr_decay_steps': 50, 'train.warmup_steps': 5,
+        'train.eval_interval': 25, 'train.eval_iters': 4,
+        'sample.eval_tokens': 32, 'sample.max_new_tokens': 64,
+    },
+}
 
 
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
-  """Returns the run config for `preset` ('', 'cpu' or 'tiny')."""
-  if preset not in ('', 'cpu', 'tiny'):
-    raise ValueError(f"unknown preset {preset!r}: use '', 'cpu' or 'tiny'")
-  c = base_config(preset)
-  c.out_dir = 'out/shakespeare_gpt2' + (f'_{preset}' if preset else '')
-  c.data.update(tokenizer='gpt2', data_dir='data/shakespeare_gpt2')
-  c.model.vocab_size = pad_vocab(GPT2_VOCAB_SIZE)  # 50304; 0 would use the unpadded 50257.
-  if preset == '':
-    c.train.update(max_steps=2000, lr_decay_steps=2000, eval_interval=250)
-  elif preset == 'cpu':
-    c.model.update(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
-    # Each step costs ~0.8 s here, most of it the 50,304-way softmax: a short run, few evals.
-    c.train.update(batch_size=8, max_steps=300, lr_decay_steps=300, learning_rate=2e-3,
-                   min_learning_rate=2e-4, warmup_steps=30, eval_interval=150, eval_iters=10,
-                   log_interval=50)
-    c.sample.update(eval_tokens=40)
-  return c
+  """The run config of `preset` ('', 'cpu' or 'tiny')."""
+  return preset_config(base, PRESETS, preset)

@@ -1,9 +1,11 @@
-"""The model's hyperparameters as a small frozen dataclass, and checks on the whole run config.
+"""The model's and the sampler's settings as small frozen dataclasses, and how config files are built.
 
 The run config (optimizer, data, checkpoints, ...) is an `ml_collections.ConfigDict` built by a
-`configs/*.py` file. The model part is turned into a frozen `ModelConfig`: hashable (so it can be a
+`configs/*.py` file: a base recipe plus, per preset, a dict of the dotted fields it changes
+(`with_overrides`). The model part is turned into a frozen `ModelConfig`: hashable (so it can be a
 static attribute of Flax modules and jitted functions) and saved as JSON beside every checkpoint, so
-sampling needs nothing but the checkpoint directory.
+sampling needs nothing but the checkpoint directory. `ModelConfig` and `SampleConfig` hold the
+defaults of their sections; the checks of every section are in gpt_jax/config_checks.py.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
@@ -138,6 +140,20 @@ class ModelConfig:
             for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Text generation: the defaults of scripts/sample.py's flags and of the sample printed at each eval."""
+  prompt: str = '\n'           # Text to continue.
+  num_samples: int = 1          # scripts/sample.py: samples generated together as one batch.
+  max_new_tokens: int = 500     # scripts/sample.py: tokens generated per sample.
+  temperature: float = 0.8      # Softmax temperature; 0 = greedy.
+  top_k: int = 200              # Sample only from the k most likely tokens (0 = all).
+  seed: int = 1337
+  eval_tokens: int = 200        # Length of the sample printed at every eval (0 = none).
+  window_shift: int = 0         # Past block_size: re-encode every `shift` tokens (0 = block_size // 4,
+                                # 1 = nanoGPT's exact crop-to-the-last-block_size).
+
+
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   """Parameter count from the architecture alone (the model's own count must agree).
 
@@ -186,3 +202,29 @@ def load_config_file(path: str, preset: str = '') -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset)
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+                   ) -> ml_collections.ConfigDict:
+  """Sets each dotted field of `overrides` ('train.max_steps': 700) in `config`, in place; returns it.
+
+  Only existing fields: a misspelt one is an error rather than a new field nobody reads.
+  """
+  for key, value in overrides.items():
+    *sections, field = key.split('.')
+    node = config
+    for name in sections:
+      node = node[name]
+    if field not in node:
+      raise KeyError(f'{key!r} is not a field of the base config')
+    node[field] = value
+  return config
+
+
+def preset_config(base: Callable[[], ml_collections.ConfigDict], presets: Mapping[str, Mapping[str, Any]],
+                  preset: str) -> ml_collections.ConfigDict:
+  """`base()` with the overrides of `presets[preset]` ('' = the base recipe as it is)."""
+  if preset not in presets:
+    raise ValueError(f'unknown preset {preset!r}: use one of '
+                     + ', '.join(repr(name) for name in presets))
+  return with_overrides(base(), presets[preset])

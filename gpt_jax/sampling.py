@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax.config import ModelConfig
+from gpt_jax.config import ModelConfig, SampleConfig
 from gpt_jax.model import GPT, init_cache
+
+_S = SampleConfig()  # The defaults of sample_from_checkpoint (scripts/sample.py's flags).
 
 
 def resolve_shift(cfg: ModelConfig, window_shift: int) -> int:
@@ -147,12 +149,13 @@ def generate_uncached(params: Any, cfg: ModelConfig, prompt: np.ndarray, max_new
   return tokens
 
 
-def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt: str = '\n',
-                           prompt_file: Optional[str] = None, num_samples: int = 1,
-                           max_new_tokens: int = 500, temperature: float = 0.8, top_k: int = 200,
-                           seed: int = 1337, window_shift: int = 0, verbose: bool = True) -> list[str]:
+def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt: str = _S.prompt,
+                           prompt_file: Optional[str] = None, num_samples: int = _S.num_samples,
+                           max_new_tokens: int = _S.max_new_tokens, temperature: float = _S.temperature,
+                           top_k: int = _S.top_k, seed: int = _S.seed, window_shift: int = _S.window_shift,
+                           verbose: bool = True) -> list[str]:
   """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt."""
-  from gpt_jax import checkpoint as checkpoint_lib
+  from gpt_jax import checkpoint as checkpoint_lib, config_checks
   from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
   from gpt_jax.errors import UserError
 
@@ -164,12 +167,9 @@ def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt:
       raise UserError(f'cannot read --prompt_file {prompt_file}: {e.strerror}') from None
   if not prompt:
     raise UserError('the prompt is empty; give at least one character (e.g. --prompt "\\n").')
-  for name, value, low in (('num_samples', num_samples, 1), ('max_new_tokens', max_new_tokens, 1),
-                           ('top_k', top_k, 0)):
-    if value < low:
-      raise UserError(f'--{name} must be >= {low} (got {value})')
-  if temperature < 0:
-    raise UserError(f'--temperature must be >= 0 (got {temperature})')
+  config_checks.raise_problems(config_checks.check_sampling(dict(
+      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+      window_shift=window_shift), prefix='--'), 'invalid arguments')
 
   cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
   tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])

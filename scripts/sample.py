@@ -9,19 +9,21 @@ from absl import app, flags
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
 from gpt_jax import allocator, cli
+from gpt_jax.config import SampleConfig
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
 flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')
 flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the best one).')
-flags.DEFINE_string('prompt', '\n', 'Text to continue.')
+_S = SampleConfig()  # The defaults: the sample section of every config.
+flags.DEFINE_string('prompt', _S.prompt, 'Text to continue.')
 flags.DEFINE_string('prompt_file', None, 'Read the prompt from this file instead of --prompt.')
-flags.DEFINE_integer('num_samples', 1, 'How many samples (generated together as one batch).')
-flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate per sample.')
-flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
-flags.DEFINE_integer('top_k', 200, 'Sample only from the k most likely tokens (0 = all).')
-flags.DEFINE_integer('seed', 1337, 'PRNG seed.')
-flags.DEFINE_integer('window_shift', 0, 'Past block_size, re-encode every N tokens (0 = auto, '
+flags.DEFINE_integer('num_samples', _S.num_samples, 'How many samples (generated together as one batch).')
+flags.DEFINE_integer('max_new_tokens', _S.max_new_tokens, 'Tokens to generate per sample.')
+flags.DEFINE_float('temperature', _S.temperature, 'Softmax temperature; 0 = greedy.')
+flags.DEFINE_integer('top_k', _S.top_k, 'Sample only from the k most likely tokens (0 = all).')
+flags.DEFINE_integer('seed', _S.seed, 'PRNG seed.')
+flags.DEFINE_integer('window_shift', _S.window_shift, 'Past block_size, re-encode every N tokens (0 = auto, '
                      '1 = exact nanoGPT cropping).')
 flags.mark_flag_as_required('ckpt_dir')
 FLAGS = flags.FLAGS

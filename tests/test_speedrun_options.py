@@ -112,7 +112,7 @@ def test_the_speedrun_preset_is_speedrun_gpt2_with_the_levers_and_nothing_else()
   assert diff == {
       ('model', 'dropout'): (0.1, 0.0), ('model', 'position'): ('learned', 'rotary'),
       ('model', 'qk_norm'): (False, True), ('model', 'activation'): ('gelu', 'relu2'),
-      ('model', 'zero_init_proj'): (False, True), ('train', 'optimizer'): ('optax', 'muon'),
+      ('model', 'zero_init_proj'): (False, True), ('train', 'optimizer'): ('adamw', 'muon'),
       ('train', 'lr_schedule'): ('cosine', 'wsd'), ('train', 'cooldown_fraction'): (0.2, 0.5),
       ('train', 'max_steps'): (5600, 700), ('train', 'lr_decay_steps'): (5600, 700),
       ('train', 'eval_interval'): (500, 700), ('train', 'eval_iters'): (40, 5),

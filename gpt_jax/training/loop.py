@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from gpt_jax import checkpoint as checkpoint_lib, optim, optim_variants
+from gpt_jax import checkpoint as checkpoint_lib, config_checks, optim, optim_variants
 from gpt_jax.config import flops_per_token
 from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
@@ -37,7 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   it after the step in flight with a checkpoint of that step, raising `Stopped`.
   """
   t_start = time.time()
-  _validate(config)
+  config_checks.validate(config)  # Every setting, before out_dir or anything else is made.
   out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -238,43 +238,3 @@ class Trainer:
     if t.target_val_loss > 0:
       self.s.say(evaluator.time_to_target(t, summary.get('target_reached')))
     return summary
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values a typo-free config can still get wrong, with one message listing them all."""
-  t, c = config.train, config.checkpoint
-  problems = []
-  for name in ('batch_size', 'max_steps', 'eval_interval', 'eval_iters', 'log_interval',
-               'grad_accum_steps'):
-    if int(t[name]) < 1:
-      problems.append(f'train.{name} must be >= 1 (got {t[name]})')
-  if t.target_val_loss < 0:
-    problems.append(f'train.target_val_loss must be >= 0, 0 = none (got {t.target_val_loss})')
-  if t.learning_rate <= 0:
-    problems.append(f'train.learning_rate must be > 0 (got {t.learning_rate})')
-  try:
-    optim.optimizer_name(t.optimizer)  # Today's names and the old ones ('optax', 'scratch').
-  except UserError as e:
-    problems.append(str(e))
-  if t.optimizer == 'muon' and t.muon_learning_rate <= 0:
-    problems.append(f'train.muon_learning_rate must be > 0 (got {t.muon_learning_rate})')
-  if t.optimizer == 'muon' and t.muon_ns_steps < 1:
-    problems.append(f'train.muon_ns_steps must be >= 1 (got {t.muon_ns_steps})')
-  if not 0.0 <= t.ema_decay < 1.0:
-    problems.append(f'train.ema_decay must be in [0, 1), 0 = off (got {t.ema_decay})')
-  if t.lr_schedule not in optim.LR_SCHEDULES:
-    problems.append(f'train.lr_schedule must be one of {optim.LR_SCHEDULES} (got {t.lr_schedule!r})')
-  elif t.lr_schedule == 'wsd':
-    try:
-      optim_variants.wsd_boundaries(t)
-    except UserError as e:
-      problems.append(str(e))
-  if t.val_full_pass and config.data.shards_dir:
-    problems.append('train.val_full_pass scores the in-memory val split; with data.shards_dir set '
-                    'it is not loaded: set --config.train.val_full_pass=False')
-  if config.data.shards_dir and int(t.seed) < 0:
-    problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
-  if c.save not in ('best', 'always'):
-    problems.append(f"checkpoint.save must be 'best' or 'always' (got {c.save!r})")
-  if problems:
-    raise UserError('invalid config: ' + '; '.join(problems))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from gpt_jax import attention as attention_lib, checkpoint as checkpoint_lib, checkpoint_damage
+from gpt_jax import attention as attention_lib, checkpoint as checkpoint_lib, checkpoint_damage, config_checks
 from gpt_jax.config import ModelConfig, model_config_from, num_params
 from gpt_jax.data import batches as batches_lib, shards as shards_lib, text as text_lib
 from gpt_jax.errors import UserError
@@ -68,6 +68,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   distributed.barrier('gpt_jax: data prepared')
   ds = ds or load(config.data, verbose=False)
   model_cfg = model_config_from(config, ds.tokenizer.vocab_size)
+  config_checks.check_fits(model_cfg, t, config_checks.split_sizes(ds))  # Before anything compiles.
   if shards_dir:  # Token shards streamed from disk: corpora too big to replicate on every device.
     ds.check_block_size(model_cfg.block_size)
     source = batches_lib.ShardBatches(ds, model_cfg.block_size, t.batch_size, t.grad_accum_steps,
