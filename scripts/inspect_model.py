@@ -10,13 +10,12 @@ Shapes use B = train.batch_size (or --batch_size) and T = model.block_size.
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
 from gpt_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
     'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:cpu).')
 flags.DEFINE_integer('batch_size', None, 'Batch size B shown in the shapes (default: train.batch_size).')
