@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from absl import flags, logging as absl_logging
 
+from gpt_jax import files
 from gpt_jax.errors import exit_on_user_error
 
 
@@ -216,7 +217,11 @@ def run_main(fn: Callable[[], object]) -> None:
   enable_compilation_cache()
   try:
     with exit_on_user_error():
-      fn()
+      try:
+        fn()
+      except (OSError, UnicodeDecodeError) as e:  # A path no helper of gpt_jax/files.py guarded yet.
+        with files.guard(getattr(e, 'filename', None) or 'a file', 'use'):
+          raise
   except SystemExit as e:
     if e.code:  # Reported in one line. What Orbax's I/O coroutines of a failed read or write still
       sys.unraisablehook = lambda unraisable: None  # raise while the interpreter exits is noise.

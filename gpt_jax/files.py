@@ -24,8 +24,8 @@ _FIXES = {
     errno.ENOTDIR: 'a file stands where a folder is needed; give a folder path',
     errno.EISDIR: 'it is a folder; give a file path',
     errno.EEXIST: 'a file is in the way; remove it or give another path',
-    errno.EACCES: 'you lack permission there; give a path you can write to, or fix its permissions',
-    errno.EPERM: 'you lack permission there; give a path you can write to, or fix its permissions',
+    errno.EACCES: 'you lack permission for it; fix its permissions or give another path',
+    errno.EPERM: 'you lack permission for it; fix its permissions or give another path',
     errno.EROFS: 'the disk is read-only; give a path on a writable disk',
     errno.ENOSPC: 'the disk is full; free some space or give a path on another disk',
     errno.EDQUOT: 'your disk quota is used up; free some space or give a path on another disk',
@@ -88,20 +88,23 @@ def read_json(path: str, what: str = 'file', keys: Mapping[str, type] | None = N
 
 
 def check_writable(path: str, what: str = 'output file') -> str:
-  """Fails early, before any work, if the file `path` cannot be written; creates no file.
+  """Fails early, before any work, if the file `path` could not be written; creates nothing.
 
-  Its folder is created if missing (that is where the file goes anyway).
+  Its folder may be missing (it is created when the file is written): the nearest existing folder
+  above it must then be writable.
   """
   if os.path.isdir(path):
     raise UserError(f'cannot write the {what} {path}: it is a folder; give a file path.')
   folder = os.path.dirname(os.path.abspath(path))
-  make_dir(folder, f'folder of the {what}')
-  target = path if os.path.exists(path) else folder
-  if not os.access(target, os.W_OK):
-    raise UserError(os_error_message(OSError(errno.EACCES, os.strerror(errno.EACCES)), path,
-                                     f'write the {what}'))
-  with guard(path, f'write the {what}'):  # A read-only mount passes os.access for root: try it.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise UserError(os_error_message(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), folder,
+                                     f'write the {what} {path} under'))
+  with guard(path, f'write the {what}'):  # Trying is the only sure test (root passes os.access).
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.gpt_jax_check.', suffix='.tmp')
     os.close(fd)
     os.remove(tmp)
   return path
