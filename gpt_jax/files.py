@@ -54,54 +54,54 @@ def guard(path: str, verb: str) -> Iterator[None]:
     raise UserError(os_error_message(e, getattr(e, 'filename', None) or path, verb)) from None
 
 
-def make_dir(path: str, what: str = 'folder') -> str:
+def make_dir(path: str, what: str = 'the folder') -> str:
   """Creates folder `path` (and its parents) if absent; returns it."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f'cannot use {path} as the {what}: it is a file; give a folder path.')
-  with guard(path, f'create the {what}'):
+    raise UserError(f'cannot use {path} as {what}: it is a file; give a folder path.')
+  with guard(path, f'create {what}'):
     os.makedirs(path, exist_ok=True)
   return path
 
 
-def read_text(path: str, what: str = 'file') -> str:
+def read_text(path: str, what: str = 'the file') -> str:
   """The UTF-8 text of a file."""
   if os.path.isdir(path):
-    raise UserError(f'cannot read the {what} {path}: it is a folder; give a file path.')
-  with guard(path, f'read the {what}'), open(path, encoding='utf-8') as f:
+    raise UserError(f'cannot read {what} {path}: it is a folder; give a file path.')
+  with guard(path, f'read {what}'), open(path, encoding='utf-8') as f:
     return f.read()
 
 
-def read_json(path: str, what: str = 'file', keys: Mapping[str, type] | None = None) -> Any:
+def read_json(path: str, what: str = 'the file', keys: Mapping[str, type] | None = None) -> Any:
   """The JSON in a file; with `keys`, it must be an object holding each key with a value of that type."""
   text = read_text(path, what)
   try:
     obj = json.loads(text)
   except ValueError as e:
-    raise UserError(f'the {what} {path} is not valid JSON ({e}); restore it or write it again.') from None
+    raise UserError(f'{what} {path} is not valid JSON ({e}); restore it or write it again.') from None
   for key, kind in (keys or {}).items():
     if not isinstance(obj, dict) or key not in obj:
-      raise UserError(f'the {what} {path} has no {key!r}; restore it or write it again.')
+      raise UserError(f'{what} {path} has no {key!r}; restore it or write it again.')
     if not isinstance(obj[key], kind) or isinstance(obj[key], bool) and kind is not bool:
-      raise UserError(f'the {what} {path} has {key}={obj[key]!r}, not a {kind.__name__}; restore it '
+      raise UserError(f'{what} {path} has {key}={obj[key]!r}, not a {kind.__name__}; restore it '
                       'or write it again.')
   return obj
 
 
-def check_writable(path: str, what: str = 'output file') -> str:
+def check_writable(path: str, what: str = 'the output file') -> str:
   """Fails early, before any work, if the file `path` could not be written; creates nothing.
 
   Its folder may be missing (it is created when the file is written): the nearest existing folder
   above it must then be writable.
   """
   if os.path.isdir(path):
-    raise UserError(f'cannot write the {what} {path}: it is a folder; give a file path.')
+    raise UserError(f'cannot write {what} {path}: it is a folder; give a file path.')
   folder = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(folder):
     folder = os.path.dirname(folder)
   if not os.path.isdir(folder):
     raise UserError(os_error_message(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), folder,
-                                     f'write the {what} {path} under'))
-  with guard(path, f'write the {what}'):  # Trying is the only sure test (root passes os.access).
+                                     f'write {what} {path} under'))
+  with guard(path, f'write {what}'):  # Trying is the only sure test (root passes os.access).
     if os.path.exists(path) and not os.access(path, os.W_OK):
       raise OSError(errno.EACCES, os.strerror(errno.EACCES))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.gpt_jax_check.', suffix='.tmp')
@@ -110,11 +110,11 @@ def check_writable(path: str, what: str = 'output file') -> str:
   return path
 
 
-def write_bytes(path: str, data: bytes | Iterator[bytes], what: str = 'file') -> str:
+def write_bytes(path: str, data: bytes | Iterator[bytes], what: str = 'the file') -> str:
   """Writes `data` to `path` atomically (a unique temporary file, renamed over it when complete)."""
   folder = os.path.dirname(os.path.abspath(path))
   tmp = None
-  with guard(path, f'write the {what}'):
+  with guard(path, f'write {what}'):
     try:
       fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
       with os.fdopen(fd, 'wb') as f:
@@ -128,11 +128,11 @@ def write_bytes(path: str, data: bytes | Iterator[bytes], what: str = 'file') ->
   return path
 
 
-def write_text(path: str, text: str, what: str = 'file') -> str:
+def write_text(path: str, text: str, what: str = 'the file') -> str:
   """Writes UTF-8 `text` to `path` atomically."""
   return write_bytes(path, text.encode('utf-8'), what)
 
 
-def write_json(path: str, obj: Any, what: str = 'file') -> str:
+def write_json(path: str, obj: Any, what: str = 'the file') -> str:
   """Writes `obj` as indented JSON to `path` atomically."""
   return write_text(path, json.dumps(obj, indent=1, ensure_ascii=False), what)

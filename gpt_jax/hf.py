@@ -310,7 +310,7 @@ def save_gpt2(model: GPT, params: Any, path: str) -> None:
   cfg = model.config
   check_gpt2(cfg, 'cannot export to Hugging Face GPT-2')  # Before anything is written.
   path = os.path.abspath(os.path.expanduser(path))
-  files_lib.make_dir(path, 'Hugging Face folder')
+  files_lib.make_dir(path, 'the Hugging Face folder')
   sd = state_dict_from_params(params, cfg)
   weights = os.path.join(path, 'model.safetensors')
   tmp = f'{weights}.{os.getpid()}.tmp'
@@ -326,7 +326,7 @@ def save_gpt2(model: GPT, params: Any, path: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
   files_lib.write_text(os.path.join(path, 'config.json'), json.dumps(hf_config_from(cfg), indent=2),
-                   'Hugging Face config.json')
+                   'the Hugging Face config.json')
 
 
 def init_params_from(path: str, model_cfg: ModelConfig) -> Any:
@@ -367,9 +367,9 @@ def write_hf_tokenizer(tok_dict: Mapping[str, Any], hf_dir: str) -> bool:
     return False
   encoder = dict(tok_dict['encoder'], **tok_dict.get('special_tokens', {}))
   files_lib.write_text(os.path.join(hf_dir, 'vocab.json'), json.dumps(encoder, ensure_ascii=False),
-                   'Hugging Face vocab.json')
+                   'the Hugging Face vocab.json')
   files_lib.write_text(os.path.join(hf_dir, 'merges.txt'),
-                   '#version: 0.2\n' + ''.join(m + '\n' for m in tok_dict['merges']), 'merges.txt')
+                   '#version: 0.2\n' + ''.join(m + '\n' for m in tok_dict['merges']), 'the merges.txt')
   return True
 
 
@@ -391,7 +391,7 @@ def convert_to_checkpoint(hf_dir: str, out_dir: str, encoder_json: Optional[str]
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f'{ckpt_dir} already holds checkpoints; pick an empty --out_dir '
                     '(nothing was overwritten).')
-  files_lib.check_writable(os.path.join(ckpt_dir, 'x'), 'checkpoint')
+  files_lib.check_writable(os.path.join(ckpt_dir, 'x'), 'the checkpoint')
   meta = {'model': model.config.to_dict(), 'tokenizer': tok.to_dict(),
           'source': {'hf_dir': hf_dir}}
   _save_params_checkpoint(ckpt_dir, params, meta)
@@ -417,7 +417,7 @@ def export_checkpoint(ckpt_dir: str, hf_dir: str, step: Optional[int] = None) ->
   if os.path.isfile(os.path.join(hf_dir, 'model.safetensors')):
     raise UserError(f'{hf_dir} already holds a model.safetensors; pick an empty --hf_dir '
                     '(nothing was overwritten).')
-  files_lib.check_writable(os.path.join(hf_dir, 'config.json'), 'Hugging Face files')  # Before loading.
+  files_lib.check_writable(os.path.join(hf_dir, 'config.json'), 'the Hugging Face files')  # Before loading.
   cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
   check_gpt2(cfg, f'cannot export the checkpoint in {ckpt_dir} to Hugging Face GPT-2')
   save_gpt2(GPT(cfg), params, hf_dir)

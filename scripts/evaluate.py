@@ -45,7 +45,7 @@ def main(argv):
     if output:  # Before any work: a result that cannot be written is reported now, not after it.
       hint = ' (or pass --output=PATH elsewhere, or --output="" to write none)' if FLAGS.output is None else ''
       try:
-        files.check_writable(output, 'results (--output)')
+        files.check_writable(output, 'the results (--output)')
       except UserError as e:
         raise UserError(f"{e}{hint}") from None
     scoring.evaluate_checkpoint(FLAGS.ckpt_dir, step=FLAGS.step, data_dir=FLAGS.data_dir,

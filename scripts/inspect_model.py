@@ -31,7 +31,7 @@ def _vocab_size(config) -> tuple[int, str]:
     return config.model.vocab_size, ''
   meta = os.path.join(os.path.expanduser(config.data.data_dir), 'meta.json')
   if os.path.exists(meta):
-    vocab = files.read_json(meta, 'prepared data\'s meta.json', {'vocab_size': int})['vocab_size']
+    vocab = files.read_json(meta, "the prepared data's meta.json", {'vocab_size': int})['vocab_size']
     return vocab, f'vocab_size {{}} from {meta}'
   v = _DEFAULT_VOCAB.get(config.data.tokenizer, 65)
   return v, (f'vocab_size {{}} assumed for tokenizer {config.data.tokenizer!r} (no prepared data in '

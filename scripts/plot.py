@@ -33,7 +33,7 @@ def main(argv):
     if FLAGS.dpi < 1:
       raise UserError(f'--dpi must be >= 1 (got {FLAGS.dpi}); e.g. --dpi 90.')
     out = plots.image_path(FLAGS.out or os.path.join(argv[1], 'plots.png'))
-    files.check_writable(out, 'plot')  # Before reading and drawing.
+    files.check_writable(out, 'the plot')  # Before reading and drawing.
     runs = [plots.read_run(d) for d in argv[1:]]
     names = [r.name for r in runs]
     for r, d in zip(runs, argv[1:]):  # Same basename twice: fall back to the path given.

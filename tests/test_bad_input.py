@@ -193,7 +193,7 @@ def _shards(tmp, **kw):
 
 def _evaluate_output(tmp, output):
   """What scripts/evaluate.py checks before any work."""
-  return lambda: files.check_writable(str(output), 'results (--output)')
+  return lambda: files.check_writable(str(output), 'the results (--output)')
 
 
 def _export(tmp, hf_dir):

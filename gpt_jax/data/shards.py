@@ -114,7 +114,7 @@ class _ShardWriter:
       return
     name = shard_name(len(self.shards))
     data = memoryview(self.buf[:self.fill]).cast('B')  # No copy of the shard in memory.
-    files_lib.write_bytes(os.path.join(self.out_dir, name), data, 'token shard')
+    files_lib.write_bytes(os.path.join(self.out_dir, name), data, 'the token shard')
     self.shards.append({'file': name, 'tokens': self.fill, 'sha256': hashlib.sha256(data).hexdigest()})
     self.fill = 0
 
@@ -135,7 +135,7 @@ def _source(source: str) -> tuple[str, list[str]]:
 def _clear(out_dir: str) -> None:
   """Removes a dataset in `out_dir` (index first: a crash from here on leaves 'no dataset', never a
   stale mix) and makes sure the folder exists."""
-  files_lib.make_dir(out_dir, 'shards folder')
+  files_lib.make_dir(out_dir, 'the shards folder')
   index_path = os.path.join(out_dir, INDEX)
   with files_lib.guard(out_dir, 'clear the shards folder'):
     if os.path.exists(index_path):
@@ -194,7 +194,7 @@ def _make_index(tokenizer: Any, shard_tokens: int, shards: list[dict[str, Any]],
 
 
 def _write_index(out_dir: str, index: dict[str, Any]) -> None:
-  files_lib.write_json(os.path.join(out_dir, INDEX), index, 'shard index')
+  files_lib.write_json(os.path.join(out_dir, INDEX), index, 'the shard index')
 
 
 def write_shards(source: str, out_dir: str, tokenizer: Any = 'char', *, shard_tokens: int = 1 << 24,

@@ -214,7 +214,7 @@ def source_sha256(files: Sequence[str]) -> str:
 
 
 def _read_utf8(path: str) -> str:
-  return files_lib.read_text(path, 'text')
+  return files_lib.read_text(path, 'the text')
 
 
 def read_text(path: str) -> str:
@@ -435,10 +435,10 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
   if os.path.exists(_meta_path(data_dir)):
     with files_lib.guard(_meta_path(data_dir), 'replace'):
       os.remove(_meta_path(data_dir))
-  files_lib.write_bytes(os.path.join(data_dir, 'train.bin'), train_ids.tobytes(), 'prepared data')
-  files_lib.write_bytes(os.path.join(data_dir, 'val.bin'), val_ids.tobytes(), 'prepared data')
+  files_lib.write_bytes(os.path.join(data_dir, 'train.bin'), train_ids.tobytes(), 'the prepared data')
+  files_lib.write_bytes(os.path.join(data_dir, 'val.bin'), val_ids.tobytes(), 'the prepared data')
   tok_path = os.path.join(data_dir, 'tokenizer.json')
-  files_lib.write_text(tok_path, json.dumps(tok.to_dict(), ensure_ascii=False), 'tokenizer')
+  files_lib.write_text(tok_path, json.dumps(tok.to_dict(), ensure_ascii=False), 'the tokenizer')
   meta = {
       'version': META_VERSION,
       'tokenizer': data_cfg.tokenizer,
@@ -456,7 +456,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
     meta['source_files'] = [os.path.relpath(p, source).replace(os.sep, '/') for p in files]
   if data_cfg.tokenizer == 'bpe':
     meta['bpe_train_seconds'] = round(tokenizer_seconds, 3)
-  files_lib.write_json(_meta_path(data_dir), meta, 'meta.json')
+  files_lib.write_json(_meta_path(data_dir), meta, 'the meta.json')
   if verbose:
     trained = (f' (BPE trained on the train split in {tokenizer_seconds:.1f}s)'
                if data_cfg.tokenizer == 'bpe' else '')

@@ -74,7 +74,7 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
     raise UserError(f'no metrics.jsonl in {run_dir}; pass the out_dir of a training run.')
   records: list[dict] = []
   offset = 0.0  # Wall-clock seconds already spent before the current process started.
-  for n, line in enumerate(files.read_text(path, 'metrics file').split('\n'), 1):
+  for n, line in enumerate(files.read_text(path, 'the metrics file').split('\n'), 1):
     if not line.strip():
       continue
     try:
@@ -287,7 +287,7 @@ def overview(runs: Sequence[Run], out: str, panels: Optional[Sequence[str]] = No
     ax.set_axis_off()
   fig.tight_layout()
   out = image_path(out)
-  files.make_dir(os.path.dirname(os.path.abspath(out)), 'folder of the plot')
+  files.make_dir(os.path.dirname(os.path.abspath(out)), 'the folder of the plot')
   try:
     with files.guard(out, 'write the plot'):
       fig.savefig(out, dpi=dpi)
