@@ -461,3 +461,54 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
   w = _world(tmp_path)
   out = plots.overview([plots.read_run(str(w / 'run'))], str(w / 'pics' / 'x'), ['loss'], 30)
   assert out == str(w / 'pics' / 'x.png') and os.path.isfile(out)
+
+
+# --- Ctrl-C during sampling; a text without a newline ---------------------------------------------------
+
+def test_generation_stops_between_chunks_with_the_tokens_so_far(monkeypatch):
+  """A stop request ends generation after the chunk in flight; the tokens made are those of a full run."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gpt_jax import sampling
+  from gpt_jax.config import ModelConfig
+  from gpt_jax.model import GPT
+  cfg = ModelConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8)
+  params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  monkeypatch.setattr(sampling, 'CHUNK', 5)
+  prompt, key = np.array([[1, 2, 3]]), jax.random.PRNGKey(1)
+  full = np.asarray(sampling.generate(params, cfg, prompt, 40, key, 0.8, 5, 2))
+  asked = []
+  part = np.asarray(sampling.generate(params, cfg, prompt, 40, key, 0.8, 5, 2,
+                                      stop=lambda: asked.append(1) or len(asked) > 3))
+  assert 3 < part.shape[1] < full.shape[1] and (part == full[:, :part.shape[1]]).all()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_sampling_and_prints_the_text_so_far(tmp_path):
+  import signal
+  import time
+  shutil.copytree(FIXTURE_RUN, tmp_path / 'run')
+  p = subprocess.Popen([sys.executable, str(REPO / 'scripts' / 'sample.py'), f'--ckpt_dir={tmp_path / "run"}',
+                        '--max_new_tokens=4000000'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  assert p.stdout.readline().startswith('checkpoint step')  # Loaded; generation starts.
+  time.sleep(3)
+  p.send_signal(signal.SIGINT)
+  t0 = time.monotonic()
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130 and 'Traceback' not in err and err.strip() == 'interrupted', err
+  assert '---------- sample 1/1 ----------' in out and len(out) < 4_000_000
+  assert time.monotonic() - t0 < 60  # Seconds on an idle machine: the chunk in flight, or a compile.
+
+
+@pytest.mark.slow
+def test_a_text_without_a_newline_trains(tmp_path):
+  """The eval sample's default prompt is '\\n': without a sample none is encoded; with one, the message
+  names the prompt."""
+  from gpt_jax.training import loop
+  w = _world(tmp_path)
+  config = _run_config(w, **{'data.text_path': str(w / 'no_newline.txt'), 'sample.eval_tokens': 0,
+                             'train.eval_interval': 1})
+  assert loop.train_and_evaluate(config)['final_step'] == 2

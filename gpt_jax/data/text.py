@@ -40,6 +40,7 @@ Batches are drawn from these splits by gpt_jax/data/batches.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -432,9 +433,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
 
   files_lib.make_dir(data_dir, 'data_dir')
   # Invalidate first: if we crash half-way, the next run sees 'not prepared', never a mix.
-  if os.path.exists(_meta_path(data_dir)):
-    with files_lib.guard(_meta_path(data_dir), 'replace'):
-      os.remove(_meta_path(data_dir))
+  with files_lib.guard(_meta_path(data_dir), 'replace'), contextlib.suppress(FileNotFoundError):
+    os.remove(_meta_path(data_dir))  # (Another process preparing the same folder may have done it.)
   files_lib.write_bytes(os.path.join(data_dir, 'train.bin'), train_ids.tobytes(), 'the prepared data')
   files_lib.write_bytes(os.path.join(data_dir, 'val.bin'), val_ids.tobytes(), 'the prepared data')
   tok_path = os.path.join(data_dir, 'tokenizer.json')
