@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from absl import flags, logging as absl_logging
 
+from gpt_jax import files
 from gpt_jax.errors import exit_on_user_error
 
 
@@ -73,25 +74,104 @@ def _without_traceback(msg: str) -> str:
 _HELP_FLAGS = {'--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml'}
 
 
+class _ConfigFileError(flags.Error):
+  """A config file that cannot be used; its message says what to do (no 'pass --help')."""
+
+
+def _config_file_args(argv: Sequence[str], with_preset: bool = False) -> list[tuple[str, str]]:
+  """(flag, path) of every config-file flag (ml_collections' DEFINE_config_file) given in argv."""
+  names = {n for n in flags.FLAGS if type(flags.FLAGS[n]).__name__ == '_ConfigFlag'}
+  found = []
+  for i, arg in enumerate(argv[1:], 1):
+    name, eq, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in names:
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else '')
+      found.append((name, value if with_preset else value.split(':', 1)[0]))
+  return found
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+  """A config file that is a folder or does not parse as Python: one line, before absl reads it."""
+  for name, path in _config_file_args(argv):
+    if not path:
+      raise _ConfigFileError(f'--{name} needs a file, e.g. --{name}=configs/shakespeare.py:tiny')
+    if os.path.isdir(path):
+      raise _ConfigFileError(f'--{name}={path} is a folder; give a config file in it, e.g. '
+                        f'--{name}={os.path.join(path, "shakespeare.py")}')
+    if os.path.isfile(path):
+      try:
+        with open(path, 'rb') as f:
+          compile(f.read(), path, 'exec')
+      except SyntaxError as e:
+        raise _ConfigFileError(f'the config file {path} has a syntax error at line {e.lineno}: {e.msg}; '
+                          'fix it') from None
+      except (OSError, ValueError) as e:
+        raise _ConfigFileError(f'cannot read the config file {path}: {e}') from None
+    elif not os.path.exists(path):
+      raise _ConfigFileError(f'cannot read the config file {path}: No such file or directory; check '
+                             'the path (e.g. --config=configs/shakespeare.py:tiny)')
+
+
+def _check_config_values(argv: Sequence[str]) -> None:
+  """Every loaded config must be a ConfigDict (a get_config() returning None or a number is not)."""
+  from ml_collections import ConfigDict
+  for name, value in _config_file_args(argv, with_preset=True):
+    try:
+      config = flags.FLAGS[name].parser.parse(value)  # The file's own value, before any override.
+    except Exception:  # noqa: BLE001  (its own errors are reported by absl's parse)
+      continue
+    if config is not None and not isinstance(config, ConfigDict):
+      raise _ConfigFileError(f'the config file {value} (--{name}) returned {type(config).__name__}, not '
+                             'an ml_collections.ConfigDict; make its get_config() return one')
+
+
+_DEFINE_ERRORS: list[str] = []
+
+
+def define_config_file(name: str, default: str, help_string: str):
+  """ml_collections' DEFINE_config_file, whose parse of sys.argv at definition (an override typo with the
+  default config file) is reported by `parse_flags` in one line instead of a traceback."""
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    bad = [a for a in sys.argv[1:] if a.startswith(f'--{name}.')]
+    _DEFINE_ERRORS.append(f'invalid config override: {_innermost_message(e)} '
+                          f'(in: {" ".join(bad) or f"the --{name} flag"})')
+    return None
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parsing that reports a bad flag (e.g. a config-override typo) in one line, no traceback.
 
   An asked-for --help exits with status 0 (absl's own exits with 1, as if it were an error).
   """
+  if _DEFINE_ERRORS:
+    sys.stderr.write(f'error: {_DEFINE_ERRORS[0]}\n')
+    sys.exit(2)
   try:
     try:
+      if not set(argv[1:]) & _HELP_FLAGS:
+        _check_config_files(argv)
       args = flags.FLAGS(argv)
     except SystemExit as e:
       if e.code == 1 and set(argv[1:]) & _HELP_FLAGS:
         sys.exit(0)
       raise
-    for name in list(flags.FLAGS):
-      value = flags.FLAGS[name].value
-      if type(value).__name__ == '_ErrorConfig':  # ml_collections defers config-file errors.
-        _ = value.to_dict  # Raises the deferred error now, while we can report it.
+    except (AttributeError, KeyError, ValueError, TypeError):
+      _check_config_values(argv)  # An override failed because the config file returned no ConfigDict?
+      raise
+    _check_config_values(argv)
     return args
+  except _ConfigFileError as e:
+    sys.stderr.write(f'error: {e}.\n')
   except flags.Error as e:
-    sys.stderr.write(f'error: {_without_traceback(str(e))}\nPass --help to see the flags.\n')
+    msg = _without_traceback(str(e)) or type(e).__name__
+    m = re.match(r'flag --(\S+?)=(.*?): Error whilst parsing config file: (.*)$', msg)
+    if m:  # get_config() raised: the file's own error, in one line.
+      sys.stderr.write(f'error: the config file {m.group(2)} (--{m.group(1)}) failed: {m.group(3)}\n')
+      sys.exit(2)
+    sys.stderr.write(f'error: {msg}; pass --help to see the flags.\n')
   except OSError as e:
     sys.stderr.write(f'error: {_without_traceback(str(e))}\n')
   except (AttributeError, KeyError, ValueError, TypeError) as e:
@@ -137,7 +217,11 @@ def run_main(fn: Callable[[], object]) -> None:
   enable_compilation_cache()
   try:
     with exit_on_user_error():
-      fn()
+      try:
+        fn()
+      except (OSError, UnicodeDecodeError) as e:  # A path no helper of gpt_jax/files.py guarded yet.
+        with files.guard(getattr(e, 'filename', None) or 'a file', 'use'):
+          raise
   except SystemExit as e:
     if e.code:  # Reported in one line. What Orbax's I/O coroutines of a failed read or write still
       sys.unraisablehook = lambda unraisable: None  # raise while the interpreter exits is noise.

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax import files as files_lib
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, init_params
@@ -71,19 +72,30 @@ def read_hf_config(path: str) -> dict[str, Any]:
     raise UserError(f'{path} has no config.json, so it is not a Hugging Face model directory. '
                     f'{_HOW_TO_GET}')
   try:
-    with open(cfg_path, encoding='utf-8') as f:
+    with files_lib.guard(cfg_path, 'read'), open(cfg_path, encoding='utf-8') as f:
       hf = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except json.JSONDecodeError as e:
     raise UserError(f'{cfg_path} is not valid JSON ({e}); re-copy the model directory.') from None
   if not isinstance(hf, dict):
     raise UserError(f'{cfg_path} should hold a JSON object; re-copy the model directory.')
   return hf
 
 
+_SIZES = ('vocab_size', 'n_positions', 'n_layer', 'n_head', 'n_embd')  # Whole numbers >= 1.
+
+
 def config_from_hf(hf: Mapping[str, Any], where: str = 'config.json') -> ModelConfig:
   """Maps a GPT2Config dict to ModelConfig(bias=True, dropout=0.0); UserError for what we can't run."""
   c = dict(HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k == 'n_inner'})
-  problems = []
+  problems = [f'{key} is {c[key]!r}, not a whole number >= 1' for key in _SIZES
+              if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1]
+  if c['n_inner'] is not None and (isinstance(c['n_inner'], bool) or not isinstance(c['n_inner'], int)):
+    problems.append(f"n_inner is {c['n_inner']!r}, not a whole number")
+  if isinstance(c['layer_norm_epsilon'], bool) or not isinstance(c['layer_norm_epsilon'], (int, float)):
+    problems.append(f"layer_norm_epsilon is {c['layer_norm_epsilon']!r}, not a number")
+  if problems:
+    raise UserError(f'{where} is not a usable GPT-2 config: ' + '; '.join(problems) + '; re-copy the '
+                    'model directory.')
   if c.get('model_type', 'gpt2') != 'gpt2':
     problems.append(f"model_type is {c['model_type']!r}, not 'gpt2'")
   if c['activation_function'] not in ACTIVATIONS:
@@ -298,17 +310,23 @@ def save_gpt2(model: GPT, params: Any, path: str) -> None:
   cfg = model.config
   check_gpt2(cfg, 'cannot export to Hugging Face GPT-2')  # Before anything is written.
   path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
+  files_lib.make_dir(path, 'the Hugging Face folder')
   sd = state_dict_from_params(params, cfg)
-  tmp = os.path.join(path, 'model.safetensors.tmp')
-  # metadata format=pt: transformers expects it on safetensors files it loads.
-  _safetensors_numpy().save_file(sd, tmp, metadata={'format': 'pt'})
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)  # The usual permissions of a new file (the writer may use 0600).
-  os.replace(tmp, os.path.join(path, 'model.safetensors'))
-  with open(os.path.join(path, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(hf_config_from(cfg), f, indent=2)
+  weights = os.path.join(path, 'model.safetensors')
+  tmp = f'{weights}.{os.getpid()}.tmp'
+  try:
+    with files_lib.guard(weights, 'write'):
+      # metadata format=pt: transformers expects it on safetensors files it loads.
+      _safetensors_numpy().save_file(sd, tmp, metadata={'format': 'pt'})
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)  # The usual permissions of a new file (the writer may use 0600).
+      os.replace(tmp, weights)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  files_lib.write_text(os.path.join(path, 'config.json'), json.dumps(hf_config_from(cfg), indent=2),
+                   'the Hugging Face config.json')
 
 
 def init_params_from(path: str, model_cfg: ModelConfig) -> Any:
@@ -348,10 +366,10 @@ def write_hf_tokenizer(tok_dict: Mapping[str, Any], hf_dir: str) -> bool:
   if tok_dict.get('type') != 'bpe':
     return False
   encoder = dict(tok_dict['encoder'], **tok_dict.get('special_tokens', {}))
-  with open(os.path.join(hf_dir, 'vocab.json'), 'w', encoding='utf-8') as f:
-    json.dump(encoder, f, ensure_ascii=False)
-  with open(os.path.join(hf_dir, 'merges.txt'), 'w', encoding='utf-8') as f:
-    f.write('#version: 0.2\n' + ''.join(m + '\n' for m in tok_dict['merges']))
+  files_lib.write_text(os.path.join(hf_dir, 'vocab.json'), json.dumps(encoder, ensure_ascii=False),
+                   'the Hugging Face vocab.json')
+  files_lib.write_text(os.path.join(hf_dir, 'merges.txt'),
+                   '#version: 0.2\n' + ''.join(m + '\n' for m in tok_dict['merges']), 'the merges.txt')
   return True
 
 
@@ -373,6 +391,7 @@ def convert_to_checkpoint(hf_dir: str, out_dir: str, encoder_json: Optional[str]
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f'{ckpt_dir} already holds checkpoints; pick an empty --out_dir '
                     '(nothing was overwritten).')
+  files_lib.check_writable(os.path.join(ckpt_dir, 'x'), 'the checkpoint')
   meta = {'model': model.config.to_dict(), 'tokenizer': tok.to_dict(),
           'source': {'hf_dir': hf_dir}}
   _save_params_checkpoint(ckpt_dir, params, meta)
@@ -394,12 +413,13 @@ def export_checkpoint(ckpt_dir: str, hf_dir: str, step: Optional[int] = None) ->
   tokenizer is a BPE (a character vocabulary has no Hugging Face GPT-2 form).
   """
   from gpt_jax import checkpoint as checkpoint_lib
-  cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
-  check_gpt2(cfg, f'cannot export the checkpoint in {ckpt_dir} to Hugging Face GPT-2')
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   if os.path.isfile(os.path.join(hf_dir, 'model.safetensors')):
     raise UserError(f'{hf_dir} already holds a model.safetensors; pick an empty --hf_dir '
                     '(nothing was overwritten).')
+  files_lib.check_writable(os.path.join(hf_dir, 'config.json'), 'the Hugging Face files')  # Before loading.
+  cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
+  check_gpt2(cfg, f'cannot export the checkpoint in {ckpt_dir} to Hugging Face GPT-2')
   save_gpt2(GPT(cfg), params, hf_dir)
   files = ['config.json', 'model.safetensors']
   if write_hf_tokenizer(meta.get('tokenizer', {}), hf_dir):

@@ -20,7 +20,6 @@ import json
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
@@ -31,7 +30,7 @@ allocator.preload()  # Re-executes this script once on mimalloc, before jax load
 _SETTINGS = flags.DEFINE_string('settings', 'baby,char', 'Comma-separated: baby, char (tiny: tests).')
 _STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps per round (0: 40 baby, 2 char).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', "Compute dtype of the JAX model ('bfloat16').")
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', None,
     'Instead of --settings: time the train step of a run config, PATH[:PRESET] (its model, batch size '
     "and optimizer; the vocabulary is TinyShakespeare's). Override fields with --config.KEY=VALUE.")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
@@ -28,7 +27,7 @@ allocator.preload()  # Re-executes this script once on mimalloc, before jax load
 
 LEVERS = ('base:;rotary:model.position=rotary;qk_norm:model.qk_norm=True;relu2:model.activation=relu2;'
           'muon:train.optimizer=muon;muon_ns3:train.optimizer=muon,train.muon_ns_steps=3')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run config, PATH[:PRESET].')
+_CONFIG = cli.define_config_file('config', None, 'The run config, PATH[:PRESET].')
 _VARIANTS = flags.DEFINE_string('variants', LEVERS,
                                  'NAME:KEY=VALUE,...;NAME:... (the first is the baseline).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds; the best counts.')

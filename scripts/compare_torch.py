@@ -15,7 +15,6 @@ Needs PyTorch (a dev requirement): pip install torch==2.13.0
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
@@ -23,7 +22,7 @@ from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py') + ':tiny',
     'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:tiny).')
 _STEPS = flags.DEFINE_integer('steps', 0, 'Optimizer steps per side (0 = config.train.max_steps).',

@@ -41,6 +41,11 @@ def _run() -> None:
     if not FLAGS.hf_dir or not FLAGS.out_dir:
       raise UserError('import needs --hf_dir (the HF GPT-2 directory) and --out_dir (where the '
                       'checkpoint goes).')
+    from gpt_jax.training import runlock
+    out = os.path.expanduser(FLAGS.out_dir)
+    if os.path.isdir(out) and os.listdir(out) and not runlock.is_run_dir(out):
+      raise UserError(f'--out_dir {out} already holds files that are not a gpt_jax run; nothing was '
+                      'written there. Pick a new or empty --out_dir.')
     ckpt_dir = hf.convert_to_checkpoint(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.encoder_json,
                                         FLAGS.vocab_bpe)
     print(f'wrote a gpt_jax checkpoint to {ckpt_dir}; sample with:\n'

@@ -31,10 +31,26 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import scoring  # Imported after flag parsing so --help is instant.
-  cli.run_main(lambda: scoring.evaluate_checkpoint(
-      FLAGS.ckpt_dir, step=FLAGS.step, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
-      output=FLAGS.output))
+  import os
+
+  from gpt_jax import files, scoring  # Imported after flag parsing so --help is instant.
+  from gpt_jax.errors import UserError
+
+  def run():
+    output = FLAGS.output
+    if output is None:
+      output = os.path.join(scoring.run_dir(FLAGS.ckpt_dir), 'eval.json')
+      if not os.path.isdir(os.path.dirname(output)):
+        output = None  # No such run: evaluate_checkpoint says so.
+    if output:  # Before any work: a result that cannot be written is reported now, not after it.
+      hint = ' (or pass --output=PATH elsewhere, or --output="" to write none)' if FLAGS.output is None else ''
+      try:
+        files.check_writable(output, 'the results (--output)')
+      except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+    scoring.evaluate_checkpoint(FLAGS.ckpt_dir, step=FLAGS.step, data_dir=FLAGS.data_dir,
+                                batch_size=FLAGS.batch_size, output=output)
+  cli.run_main(run)
 
 
 if __name__ == '__main__':

@@ -10,13 +10,12 @@ Shapes use B = train.batch_size (or --batch_size) and T = model.block_size.
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
 from gpt_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
     'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:cpu).')
 flags.DEFINE_integer('batch_size', None, 'Batch size B shown in the shapes (default: train.batch_size).')
@@ -27,13 +26,13 @@ _DEFAULT_VOCAB = {'char': 65, 'gpt2': 50257}
 
 
 def _vocab_size(config) -> tuple[int, str]:
-  import json
+  from gpt_jax import files
   if config.model.vocab_size:
     return config.model.vocab_size, ''
   meta = os.path.join(os.path.expanduser(config.data.data_dir), 'meta.json')
   if os.path.exists(meta):
-    with open(meta, encoding='utf-8') as f:
-      return int(json.load(f)['vocab_size']), f'vocab_size {{}} from {meta}'
+    vocab = files.read_json(meta, "the prepared data's meta.json", {'vocab_size': int})['vocab_size']
+    return vocab, f'vocab_size {{}} from {meta}'
   v = _DEFAULT_VOCAB.get(config.data.tokenizer, 65)
   return v, (f'vocab_size {{}} assumed for tokenizer {config.data.tokenizer!r} (no prepared data in '
              f'{config.data.data_dir}; set --config.model.vocab_size to change it)')
@@ -46,7 +45,11 @@ def main(argv):
   from gpt_jax.lab import shape_flow  # Imported after flag parsing so --help is instant.
 
   def run():
+    from gpt_jax.errors import UserError
     config = _CONFIG.value
+    if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+      raise UserError(f'--batch_size must be >= 1 (got {FLAGS.batch_size}); leave it out to use '
+                      'train.batch_size.')
     vocab, note = _vocab_size(config)
     cfg = model_config_from(config, vocab)
     rows = shape_flow.shape_flow(cfg, FLAGS.batch_size or config.train.batch_size)

@@ -28,13 +28,18 @@ def main(argv):
   from gpt_jax.lab import plots  # Imported after flag parsing so --help is instant.
 
   def run():
+    from gpt_jax import files
+    from gpt_jax.errors import UserError
+    if FLAGS.dpi < 1:
+      raise UserError(f'--dpi must be >= 1 (got {FLAGS.dpi}); e.g. --dpi 90.')
+    out = plots.image_path(FLAGS.out or os.path.join(argv[1], 'plots.png'))
+    files.check_writable(out, 'the plot')  # Before reading and drawing.
     runs = [plots.read_run(d) for d in argv[1:]]
     names = [r.name for r in runs]
     for r, d in zip(runs, argv[1:]):  # Same basename twice: fall back to the path given.
       if names.count(r.name) > 1:
         r.name = d
-    out = FLAGS.out or os.path.join(argv[1], 'plots.png')
-    plots.overview(runs, out, FLAGS.panels, FLAGS.dpi)
+    out = plots.overview(runs, out, FLAGS.panels, FLAGS.dpi)
     print(f'wrote {out}')
   cli.run_main(run)
 

@@ -21,13 +21,12 @@ with flat memory (gpt_jax/data/shards.py); scripts/train.py with the same settin
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
 from gpt_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
     'Run config whose `data` section says what to prepare.')
 flags.DEFINE_bool('force', False, 'Prepare again even if the files are up to date.')

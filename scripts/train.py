@@ -7,7 +7,6 @@
 import os
 
 from absl import app
-from ml_collections import config_flags
 
 import _bootstrap  # noqa: F401  (makes `gpt_jax` importable from a checkout)
 
@@ -15,7 +14,7 @@ from gpt_jax import allocator, cli
 
 allocator.preload()  # Re-executes this script once on mimalloc, before jax loads (gpt_jax/allocator.py).
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(_bootstrap.REPO_ROOT, 'configs', 'shakespeare.py'),
     'Run config: a configs/*.py file, optionally with :preset (e.g. configs/shakespeare.py:cpu).')
 

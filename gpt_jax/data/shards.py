@@ -45,6 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from gpt_jax import files as files_lib
 from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
@@ -113,10 +114,7 @@ class _ShardWriter:
       return
     name = shard_name(len(self.shards))
     data = memoryview(self.buf[:self.fill]).cast('B')  # No copy of the shard in memory.
-    tmp = os.path.join(self.out_dir, name + '.tmp')
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, os.path.join(self.out_dir, name))
+    files_lib.write_bytes(os.path.join(self.out_dir, name), data, 'the token shard')
     self.shards.append({'file': name, 'tokens': self.fill, 'sha256': hashlib.sha256(data).hexdigest()})
     self.fill = 0
 
@@ -137,12 +135,13 @@ def _source(source: str) -> tuple[str, list[str]]:
 def _clear(out_dir: str) -> None:
   """Removes a dataset in `out_dir` (index first: a crash from here on leaves 'no dataset', never a
   stale mix) and makes sure the folder exists."""
-  os.makedirs(out_dir, exist_ok=True)
+  files_lib.make_dir(out_dir, 'the shards folder')
   index_path = os.path.join(out_dir, INDEX)
-  if os.path.exists(index_path):
-    os.remove(index_path)
-  for old in glob.glob(os.path.join(out_dir, 'shard_*.bin')):
-    os.remove(old)
+  with files_lib.guard(out_dir, 'clear the shards folder'):
+    if os.path.exists(index_path):
+      os.remove(index_path)
+    for old in glob.glob(os.path.join(out_dir, 'shard_*.bin')):
+      os.remove(old)
 
 
 def _scan(files: Sequence[str], chunk_chars: int) -> tuple[int, set[str]]:
@@ -195,11 +194,7 @@ def _make_index(tokenizer: Any, shard_tokens: int, shards: list[dict[str, Any]],
 
 
 def _write_index(out_dir: str, index: dict[str, Any]) -> None:
-  path = os.path.join(out_dir, INDEX)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(index, f, indent=1, ensure_ascii=False)
-  os.replace(tmp, path)
+  files_lib.write_json(os.path.join(out_dir, INDEX), index, 'the shard index')
 
 
 def write_shards(source: str, out_dir: str, tokenizer: Any = 'char', *, shard_tokens: int = 1 << 24,

@@ -40,6 +40,7 @@ Batches are drawn from these splits by gpt_jax/data/batches.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from gpt_jax import files as files_lib
 from gpt_jax.data import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
@@ -78,7 +80,7 @@ _GPT2_HINT = '--config.data.gpt2_dir=DIR (a folder holding encoder.json and voca
 
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files_lib.guard(path, 'read'), open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       h.update(chunk)
   return h.hexdigest()
@@ -87,17 +89,6 @@ def sha256_file(path: str) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
   """uint16 while every id (0 .. vocab_size - 1) fits in it, else uint32."""
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-  _atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode('utf-8'))
 
 
 # --- finding files ---------------------------------------------------------------------------------
@@ -217,18 +208,14 @@ def source_sha256(files: Sequence[str]) -> str:
   for i, path in enumerate(files):
     if i:
       h.update(FILE_SEPARATOR.encode('utf-8'))
-    with open(path, 'rb') as f:
+    with files_lib.guard(path, 'read the text'), open(path, 'rb') as f:
       for chunk in iter(lambda: f.read(1 << 20), b''):
         h.update(chunk)
   return h.hexdigest()
 
 
 def _read_utf8(path: str) -> str:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return f.read()
-  except UnicodeDecodeError as e:
-    raise UserError(f'{path} is not UTF-8 text ({e}); convert it to UTF-8 first.') from None
+  return files_lib.read_text(path, 'the text')
 
 
 def read_text(path: str) -> str:
@@ -298,6 +285,27 @@ def _describe_change(old: dict, new: dict) -> str:
                    if old.get(k) != new.get(k))
 
 
+# meta.json's keys that reading a preparation relies on, with their types.
+_META_KEYS = {'tokenizer': str, 'vocab_size': int, 'dtype': str, 'train_tokens': int, 'val_tokens': int,
+              'train_sha256': str, 'val_sha256': str, 'tokenizer_sha256': str}
+
+
+def _meta_problem(meta: dict) -> str:
+  """What is wrong with a meta.json of this version ('' if nothing): a missing key, a bad type or dtype."""
+  for key, kind in _META_KEYS.items():
+    if key not in meta:
+      return f'meta.json has no {key!r}'
+    if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+      return f'meta.json has {key}={meta[key]!r}, not a {kind.__name__}'
+  try:
+    dtype = np.dtype(meta['dtype'])
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.kind != 'u':
+    return f'meta.json has dtype={meta["dtype"]!r}, not an unsigned integer type such as uint16'
+  return ''
+
+
 def check_prepared(data_dir: str, source_sha256: str | None = None,
                    settings: dict[str, Any] | None = None) -> tuple[dict | None, str]:
   """Returns (meta, '') if `data_dir` holds a complete, uncorrupted preparation, else (None, why).
@@ -306,20 +314,27 @@ def check_prepared(data_dir: str, source_sha256: str | None = None,
   counts as stale.
   """
   try:
-    with open(_meta_path(data_dir), encoding='utf-8') as f:
+    with files_lib.guard(_meta_path(data_dir), 'read'), open(_meta_path(data_dir), encoding='utf-8') as f:
       meta = json.load(f)
   except FileNotFoundError:
     return None, 'not prepared yet'
-  except json.JSONDecodeError:
+  except UserError as e:
+    if os.path.isdir(data_dir) and not os.path.exists(_meta_path(data_dir)):
+      return None, 'not prepared yet'
+    return None, str(e)
+  except (json.JSONDecodeError, UnicodeDecodeError):
     return None, 'meta.json is not valid JSON'
   if not isinstance(meta, dict) or meta.get('version') != META_VERSION:
     return None, 'meta.json is from another version'
+  problem = _meta_problem(meta)
+  if problem:
+    return None, problem
   if source_sha256 and meta.get('source_sha256') != source_sha256:
     return None, 'the source text has changed since it was prepared'
   if settings is not None and meta.get('settings') != settings:
     change = _describe_change(meta.get('settings') or {}, settings)
     return None, f'the tokenizer settings changed ({change})'
-  itemsize = np.dtype(meta.get('dtype', 'uint16')).itemsize
+  itemsize = np.dtype(meta['dtype']).itemsize
   for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.isfile(path):
@@ -336,13 +351,67 @@ def check_prepared(data_dir: str, source_sha256: str | None = None,
   return meta, ''
 
 
+def _prepared_meta(data_dir: str) -> dict | None:
+  """meta.json of data_dir if it is one of this version (its files unchecked), else None."""
+  try:
+    with open(_meta_path(data_dir), encoding='utf-8') as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return meta if isinstance(meta, dict) and meta.get('version') == META_VERSION else None
+
+
+def _choose_source(data_cfg: ml_collections.ConfigDict, data_dir: str, force: bool,
+                   verbose: bool) -> tuple[str | None, dict | None]:
+  """(source to prepare from, or None to use what data_dir holds; that meta) by where data_dir's came from.
+
+  Prepared data records its source (path and SHA-256). A run that names no text keeps using the text
+  data_dir was prepared from; one that names a different file than the one prepared there is refused
+  (with `force`, prepare_data.py's --force, it replaces it, saying so): a user's corpus is never
+  replaced by another text silently.
+  """
+  old = _prepared_meta(data_dir)
+  old_src, old_sha = (old or {}).get('source'), (old or {}).get('source_sha256')
+  default_sha = data_cfg.get('sha256') or ''
+  if not data_cfg.text_path and old_sha and old_sha != default_sha and old_src:
+    # Prepared from the user's own text, and this run names none: that text, not TinyShakespeare.
+    if os.path.exists(old_src):
+      return old_src, old
+    meta, why = check_prepared(data_dir, None, tokenizer_settings(data_cfg))
+    if meta is not None:
+      if verbose:
+        print(f'using {data_dir}, prepared from {old_src} (that text is gone; the prepared files are intact)')
+      return None, meta
+    raise UserError(f'{data_dir} was prepared from {old_src}, which no longer exists, and cannot be used '
+                    f'as it is ({why}); pass --config.data.text_path=TEXT to prepare a text there again, '
+                    'or another --config.data.data_dir.')
+  source = find_text(data_cfg)
+  if old_src and old_sha and os.path.abspath(source) != old_src and not force:
+    new_sha = source_sha256(source_files(source))
+    if new_sha != old_sha:
+      raise UserError(f'{data_dir} holds data prepared from {old_src}, not from {source}; nothing was '
+                      f'changed. Give {source} its own --config.data.data_dir (or remove {data_dir}, '
+                      'or run scripts/prepare_data.py --force to replace it).')
+  elif old_src and force and os.path.abspath(source) != old_src and verbose:
+    print(f'replacing the data in {data_dir} (prepared from {old_src}) with {source} (--force)')
+  return source, old
+
+
 def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: bool = True) -> dict:
   """Tokenizes the source text into `data_dir` unless an identical preparation is already there."""
-  source = find_text(data_cfg)
+  data_dir = os.path.expanduser(data_cfg.data_dir)
+  if not data_dir.strip():
+    raise UserError('data.data_dir is empty; give the folder for the prepared data, e.g. '
+                    '--config.data.data_dir=data/my_text.')
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise UserError(f'data.data_dir {data_dir} is a file, not a folder; pick another '
+                    '--config.data.data_dir.')
+  source, prepared = _choose_source(data_cfg, data_dir, force, verbose)
+  if source is None:
+    return prepared  # type: ignore[return-value]
   files = source_files(source)
   source_sha = source_sha256(files)
   settings = tokenizer_settings(data_cfg)
-  data_dir = os.path.expanduser(data_cfg.data_dir)
   meta, why = check_prepared(data_dir, source_sha, settings)
   if meta is not None and not force:
     if verbose:
@@ -362,14 +431,14 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
   train_ids = np.array(encode_text(tok, train_text), dtype=dtype)
   val_ids = np.array(encode_text(tok, val_text), dtype=dtype)
 
-  os.makedirs(data_dir, exist_ok=True)
+  files_lib.make_dir(data_dir, 'data_dir')
   # Invalidate first: if we crash half-way, the next run sees 'not prepared', never a mix.
-  if os.path.exists(_meta_path(data_dir)):
-    os.remove(_meta_path(data_dir))
-  _atomic_write_bytes(os.path.join(data_dir, 'train.bin'), train_ids.tobytes())
-  _atomic_write_bytes(os.path.join(data_dir, 'val.bin'), val_ids.tobytes())
+  with files_lib.guard(_meta_path(data_dir), 'replace'), contextlib.suppress(FileNotFoundError):
+    os.remove(_meta_path(data_dir))  # (Another process preparing the same folder may have done it.)
+  files_lib.write_bytes(os.path.join(data_dir, 'train.bin'), train_ids.tobytes(), 'the prepared data')
+  files_lib.write_bytes(os.path.join(data_dir, 'val.bin'), val_ids.tobytes(), 'the prepared data')
   tok_path = os.path.join(data_dir, 'tokenizer.json')
-  tokenizer_lib.save_tokenizer(tok, tok_path)
+  files_lib.write_text(tok_path, json.dumps(tok.to_dict(), ensure_ascii=False), 'the tokenizer')
   meta = {
       'version': META_VERSION,
       'tokenizer': data_cfg.tokenizer,
@@ -387,7 +456,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, force: bool = False, verbose: b
     meta['source_files'] = [os.path.relpath(p, source).replace(os.sep, '/') for p in files]
   if data_cfg.tokenizer == 'bpe':
     meta['bpe_train_seconds'] = round(tokenizer_seconds, 3)
-  _atomic_write_json(_meta_path(data_dir), meta)
+  files_lib.write_json(_meta_path(data_dir), meta, 'the meta.json')
   if verbose:
     trained = (f' (BPE trained on the train split in {tokenizer_seconds:.1f}s)'
                if data_cfg.tokenizer == 'bpe' else '')
@@ -407,7 +476,7 @@ class Dataset:
       raise UserError(f'no usable prepared data in {data_dir} ({why}); run scripts/prepare_data.py')
     self.meta = meta
     self.tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer.json'))
-    dtype = np.dtype(meta.get('dtype', 'uint16'))
+    dtype = np.dtype(meta['dtype'])
     self.train = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=dtype, mode='r')
     self.val = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=dtype, mode='r')
 

@@ -23,6 +23,7 @@ matplotlib.use('Agg')  # Headless: render straight to PNG. Must precede pyplot's
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpt_jax import files  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 
 PANELS = ('loss', 'loss_time', 'lr', 'grad_norm', 'grad_heatmap', 'update_ratio', 'act_rms',
@@ -45,6 +46,27 @@ class Run:
     return np.array(steps, np.int64), np.array([rows[s][key] for s in steps], np.float64)
 
 
+def _record_problem(rec: dict) -> str:
+  """What makes a metrics record unusable ('' if nothing): a step or time that is not a number."""
+  for key in ('step', 'time'):
+    if key in rec and (isinstance(rec[key], bool) or not isinstance(rec[key], (int, float))):
+      return f'has {key}={rec[key]!r}, not a number'
+  return ''
+
+
+def image_path(out: str) -> str:
+  """The file an image written to `out` lands in: PNG unless `out` ends in a format matplotlib writes."""
+  ext = os.path.splitext(out)[1].lower().lstrip('.')
+  if not ext:
+    return out + '.png'  # What savefig does with a name without an extension.
+  from matplotlib.backend_bases import FigureCanvasBase
+  formats = FigureCanvasBase.get_supported_filetypes()
+  if ext not in formats:
+    raise UserError(f'cannot write a picture as {out}: .{ext} is not an image format; end the name in '
+                    '.png (or .' + ', .'.join(f for f in ('pdf', 'svg', 'jpg') if f in formats) + ').')
+  return out
+
+
 def read_run(run_dir: str, name: Optional[str] = None) -> Run:
   """Parses run_dir/metrics.jsonl (see the module docstring for how resumes are handled)."""
   path = os.path.join(run_dir, 'metrics.jsonl') if os.path.isdir(run_dir) else run_dir
@@ -52,25 +74,29 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
     raise UserError(f'no metrics.jsonl in {run_dir}; pass the out_dir of a training run.')
   records: list[dict] = []
   offset = 0.0  # Wall-clock seconds already spent before the current process started.
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A line cut short by a crash mid-write; everything else is still usable.
-      if rec.get('event') == 'resume':
-        s = int(rec['step'])
-        records = [r for r in records if r['step'] <= s]  # Drop the abandoned timeline.
-        times = [r['time'] for r in records if 'time' in r]
-        offset = 0.0 if 'time' in rec else max(times) if times else 0.0
-        continue
-      if 'step' not in rec or 'event' in rec:
-        continue
-      if 'time' in rec:
-        rec = dict(rec, time=rec['time'] + offset)
-      records.append(rec)
+  for n, line in enumerate(files.read_text(path, 'the metrics file').split('\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A line cut short by a crash mid-write; everything else is still usable.
+    if not isinstance(rec, dict):
+      continue
+    problem = _record_problem(rec)
+    if problem:
+      raise UserError(f'line {n} of {path} {problem}; fix or delete that line.')
+    if rec.get('event') == 'resume' and 'step' in rec:
+      s = int(rec['step'])
+      records = [r for r in records if r['step'] <= s]  # Drop the abandoned timeline.
+      times = [r['time'] for r in records if 'time' in r]
+      offset = 0.0 if 'time' in rec else max(times) if times else 0.0
+      continue
+    if 'step' not in rec or 'event' in rec:
+      continue
+    if 'time' in rec:
+      rec = dict(rec, time=rec['time'] + offset)
+    records.append(rec)
   run = Run(name or os.path.basename(os.path.normpath(os.path.dirname(path))), {}, {}, {})
   for rec in records:  # In file order, so later records for a step overwrite earlier ones.
     table = run.layer_stats if 'layer_stats' in rec else run.evals if 'val_loss' in rec else run.train
@@ -260,9 +286,13 @@ def overview(runs: Sequence[Run], out: str, panels: Optional[Sequence[str]] = No
   for ax in list(axes.flat)[len(cells):]:
     ax.set_axis_off()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=dpi)
-  plt.close(fig)
+  out = image_path(out)
+  files.make_dir(os.path.dirname(os.path.abspath(out)), 'the folder of the plot')
+  try:
+    with files.guard(out, 'write the plot'):
+      fig.savefig(out, dpi=dpi)
+  finally:
+    plt.close(fig)
   return out
 
 

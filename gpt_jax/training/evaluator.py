@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from gpt_jax import checkpoint as checkpoint_lib, sampling, scoring
-from gpt_jax.data import batches as batches_lib, text as text_lib
+from gpt_jax.data import batches as batches_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
 from gpt_jax.parallel import distributed, mesh as mesh_lib
@@ -41,8 +41,9 @@ class Evaluator:
     base = jax.random.fold_in(jax.random.PRNGKey(t.seed), batches_lib.EVAL_KEY_SALT)
     self.keys = [mesh_lib.put_replicated(np.asarray(jax.random.fold_in(base, i)), s.mesh)
                  for i in range(t.eval_iters)]
-    self.prompt = mesh_lib.put_replicated(np.array(
-        [text_lib.encode_text(s.dataset.tokenizer, self.cfg_s.prompt or '\n')], np.int32), s.mesh)
+    self.prompt = mesh_lib.put_replicated(np.array([sampling.encode_prompt(  # Only for a sample.
+        s.dataset.tokenizer, self.cfg_s.prompt or '\n', '--config.sample.prompt')], np.int32), s.mesh
+        ) if self.cfg_s.eval_tokens > 0 else None
     self.bounded_dispatch = dispatch_is_bounded()
     self.full_val = self._full_val_windows(t.batch_size) if t.val_full_pass else None
 

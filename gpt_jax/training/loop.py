@@ -38,15 +38,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   """
   t_start = time.time()
   config_checks.validate(config)  # Every setting, before out_dir or anything else is made.
-  out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
+  out_dir, created = runlock.claim(config.out_dir)  # Refuses a folder that is not a gpt_jax run's.
   try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:  # A file in the way, no permission, a read-only disk: one line, not a traceback.
-    raise UserError(f'cannot create out_dir {out_dir}: {e.strerror}; pick another --config.out_dir.'
-                    ) from None
-  distributed.initialize(config.distributed)  # Multi-process runs: before any JAX call.
-  with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
-    return Trainer(config, out_dir, stop, t_start).run()
+    distributed.initialize(config.distributed)  # Multi-process runs: before any JAX call.
+    with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
+      return Trainer(config, out_dir, stop, t_start).run()
+  except BaseException:
+    if created:  # A run refused before it wrote anything leaves no stray folder behind.
+      runlock.release_unused(out_dir)
+    raise
 
 
 class Trainer:

@@ -5,6 +5,10 @@ lock left behind never blocks a resume, unlike a PID file. The file also names i
 start time), which the refusal quotes. In a multi-process run process 0 holds the lock for all of them
 and tells the others whether it got it.
 
+Before the lock, `claim` makes sure the folder is the run's to write: new, empty, or a run folder of
+gpt_jax (a `checkpoints/` folder, or a config.json of gpt_jax's run config beside metrics.jsonl); a user's
+other folder is refused and never written to.
+
 Filesystems without flock (some Lustre or NFS mounts) make the lock a no-op with a warning: the run
 then goes on unprotected rather than not at all.
 """
@@ -20,6 +24,7 @@ import socket
 import time
 from typing import Iterator, Optional
 
+from gpt_jax import files
 from gpt_jax.errors import UserError
 from gpt_jax.parallel import distributed
 
@@ -35,6 +40,55 @@ def _describe(holder: str) -> str:
     return 'another process'
 
 
+_CONFIG_KEYS = ('model', 'train', 'data', 'out_dir')  # Top-level sections of every run config.
+
+
+def is_run_dir(path: str) -> bool:
+  """Whether `path` is a run folder of gpt_jax: a checkpoints/ folder, or its run config as config.json."""
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return True
+  try:
+    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and all(k in config for k in _CONFIG_KEYS)
+
+
+def claim(out_dir: str) -> tuple[str, bool]:
+  """(absolute out_dir, whether it was created now), once it is sure to be this run's to write.
+
+  New or empty folders are created / taken; a folder holding anything but a gpt_jax run is refused.
+  """
+  if not str(out_dir).strip():
+    raise UserError('out_dir is empty; give the folder the run writes to, e.g. '
+                    '--config.out_dir=out/my_run (a new folder, or an earlier run\'s to resume it).')
+  path = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise UserError(f'out_dir {path} is a file, not a folder; pick another --config.out_dir.')
+  existed = os.path.isdir(path)
+  if existed:
+    with files.guard(path, 'list out_dir'):
+      entries = [e for e in os.listdir(path) if e != LOCK_NAME]
+    if entries and not is_run_dir(path):
+      shown = ', '.join(sorted(entries)[:3]) + (', ...' if len(entries) > 3 else '')
+      raise UserError(f'out_dir {path} already holds files that are not a gpt_jax run ({shown}); '
+                      'nothing was written there. Pick a new or empty --config.out_dir.')
+  files.make_dir(path, 'out_dir')
+  return path, not existed
+
+
+def release_unused(out_dir: str) -> None:
+  """Removes an out_dir that `claim` created if the run left nothing in it but its lock file."""
+  try:
+    if set(os.listdir(out_dir)) <= {LOCK_NAME}:
+      if os.path.exists(os.path.join(out_dir, LOCK_NAME)):
+        os.remove(os.path.join(out_dir, LOCK_NAME))
+      os.rmdir(out_dir)
+  except OSError:
+    pass  # Another process took it meanwhile, or it is not ours to remove: leave it.
+
+
 def acquire(out_dir: str) -> Optional[int]:
   """Takes the lock of `out_dir` (created if absent) and returns its file descriptor.
 
@@ -42,7 +96,8 @@ def acquire(out_dir: str) -> Optional[int]:
   filesystem cannot lock.
   """
   path = os.path.join(out_dir, LOCK_NAME)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  with files.guard(path, 'take the lock'):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
