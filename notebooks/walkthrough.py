@@ -57,7 +57,7 @@ from absl import logging as absl_logging
 from IPython.display import Image, display
 
 from configs import shakespeare
-from gpt_jax import config as config_lib, model as model_lib, optim, sampling
+from gpt_jax import attention as attention_lib, config as config_lib, model as model_lib, optim, sampling
 from gpt_jax.data import batches, bpe, text as text_lib
 from gpt_jax.lab import plots, probes, shape_flow, torch_compare, torch_ref
 from gpt_jax.training import layer_stats, loop, step as step_lib
@@ -216,7 +216,7 @@ out = probs @ v                                                        # 4. (1, 
 np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
 assert (probs[..., ~causal] == 0).all()  # The future gets exactly zero weight.
 # The same as the project's attention and as JAX's own (which takes (B, T, H, D)):
-np.testing.assert_allclose(out, model_lib.causal_attention(q, k, v, causal), atol=1e-6)
+np.testing.assert_allclose(out, attention_lib.causal_attention(q, k, v, causal), atol=1e-6)
 bthd = lambda a: a.transpose(0, 2, 1, 3)
 np.testing.assert_allclose(out, bthd(jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True)),
                            atol=1e-6)

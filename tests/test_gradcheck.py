@@ -6,7 +6,7 @@ to rounding: in float32 that is ~1e-2 relative, in float64 ~1e-10, so a 1e-6 che
 How the model runs in float64. gpt_jax.model works in `cfg.dtype` and keeps its statistics
 (LayerNorm mean/variance, attention scores, logits) in `jnp.float32`; ModelConfig allows only
 float32/bfloat16/float16. Rather than replace any model code, the test swaps the `jnp` name *inside
-gpt_jax.model* for jax.numpy with float32 meaning float64 (`_Float64Numpy`), so every line of the
+gpt_jax.model, gpt_jax.attention and gpt_jax.model_variants* for jax.numpy with float32 meaning float64 (`_Float64Numpy`), so every line of the
 model runs as written, with its working precision raised to float64. The test asserts that logits
 and gradients really are float64, and the patch and x64 mode are undone afterwards.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gpt_jax import model as model_lib
+from gpt_jax import attention as attention_lib, model as model_lib, model_variants as variants
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
 from gpt_jax.training.step import loss_fn
@@ -48,7 +48,8 @@ def float64_model(monkeypatch):
   """x64 mode on and gpt_jax.model computing in float64, both restored after the test."""
   before = jax.config.jax_enable_x64
   with jax.enable_x64(True):
-    monkeypatch.setattr(model_lib, 'jnp', _Float64Numpy())
+    for module in (model_lib, attention_lib, variants):  # The model and the code it calls.
+      monkeypatch.setattr(module, 'jnp', _Float64Numpy())
     yield
     monkeypatch.undo()
   assert jax.config.jax_enable_x64 == before
@@ -107,7 +108,7 @@ def test_gradients_match_central_differences(float64_model, gelu_approximate):
 def test_x64_is_off_again():
   """The fixture leaves the rest of the suite in float32."""
   assert not jax.config.jax_enable_x64
-  assert model_lib.jnp is jnp
+  assert model_lib.jnp is attention_lib.jnp is variants.jnp is jnp
   params = jax.eval_shape(lambda: model_lib.init_params(CFG, jax.random.PRNGKey(0)))
   assert jax.eval_shape(GPT(CFG).apply, {'params': params}, jnp.zeros((1, 4), jnp.int32)
                         ).dtype == jnp.float32

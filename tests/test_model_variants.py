@@ -107,7 +107,7 @@ def test_old_checkpoint_without_the_new_fields_loads_as_gpt2(tmp_path):
   cfg = _cfg()
   params = _params(cfg)
   old_meta = cfg.to_dict()
-  for field in ('position', 'rope_base', 'qk_norm', 'activation', 'zero_init_proj'):
+  for field in ('position', 'rope_base', 'qk_norm', 'activation', 'zero_init_proj', 'ablate'):
     del old_meta[field]
   assert ModelConfig.from_dict(old_meta) == cfg
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'))
