@@ -51,6 +51,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       qk_norm=False,           # RMS-normalise q, k per head: bounded attention logits, higher stable lr.
       activation='gelu',       # 'relu2': relu(x)^2 in the MLP (Primer), cheaper and faster to train.
       zero_init_proj=False,    # attn/mlp c_proj start at 0: every block starts as the identity.
+      ablate='',               # e.g. 'attention,mlp': train without those pieces (gpt_jax.config.ABLATIONS).
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -21,6 +21,8 @@ ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See model.attention_i
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSITIONS = ('learned', 'rotary')
 ACTIVATIONS = ('gelu', 'relu2')
+# The pieces `ModelConfig.ablate` can take out of GPT-2, to see what each one is for.
+ABLATIONS = ('attention', 'positions', 'residual', 'layernorm', 'heads', 'mlp')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,11 @@ class ModelConfig:
   qk_norm: bool = False         # RMS-normalise q and k per head (learned scale) before q k^T.
   activation: str = 'gelu'      # MLP nonlinearity: 'gelu' (GPT-2) or 'relu2' (ReLU squared).
   zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj kernels start at zero (init only).
+  # Ablations, to learn what each piece of GPT-2 is for by training without it: a comma-separated
+  # subset of ABLATIONS ('' = none). attention: each position attends only to itself; positions: no
+  # position information; residual: no residual connections; layernorm: ln_1, ln_2, ln_f are the
+  # identity; heads: one head of size n_embd; mlp: no MLP sub-layer. See `ablated`.
+  ablate: str = ''
 
   def __post_init__(self):
     problems = []
@@ -64,11 +71,15 @@ class ModelConfig:
       problems.append(f'model.attention must be one of {ATTENTION_BACKENDS} (got {self.attention!r})')
     if self.dtype not in DTYPES:
       problems.append(f'model.dtype must be one of {DTYPES} (got {self.dtype!r})')
+    unknown = sorted(self.ablated - set(ABLATIONS))
+    if unknown:
+      problems.append(f'model.ablate: unknown piece(s) {unknown}; it takes a comma-separated subset of '
+                      f'{ABLATIONS}, e.g. \'attention,mlp\' (\'\' = the whole model)')
     if self.position not in POSITIONS:
       problems.append(f'model.position must be one of {POSITIONS} (got {self.position!r})')
-    elif self.position == 'rotary' and self.n_head >= 1 and (self.n_embd // self.n_head) % 2:
+    elif self.position == 'rotary' and self.n_head >= 1 and self.head_size % 2:
       problems.append(f'model.position=\'rotary\' rotates pairs of head dimensions, so the head size '
-                      f'n_embd // n_head must be even (got {self.n_embd // self.n_head})')
+                      f'n_embd // n_head must be even (got {self.head_size})')
     if not self.rope_base > 0:
       problems.append(f'model.rope_base must be > 0 (got {self.rope_base})')
     if self.activation not in ACTIVATIONS:
@@ -77,8 +88,18 @@ class ModelConfig:
       raise UserError('invalid model config: ' + '; '.join(problems))
 
   @property
+  def ablated(self) -> frozenset[str]:
+    """The pieces `ablate` names, as a set (empty for the whole model)."""
+    return frozenset(a.strip() for a in self.ablate.split(',') if a.strip())
+
+  @property
+  def heads(self) -> int:
+    """How many heads attention splits into: n_head, or 1 with the 'heads' ablation."""
+    return 1 if 'heads' in self.ablated else self.n_head
+
+  @property
   def head_size(self) -> int:
-    return self.n_embd // self.n_head
+    return self.n_embd // self.heads
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
@@ -104,6 +125,8 @@ class ModelConfig:
       out.append('model.qk_norm=True')
     if self.activation != 'gelu':
       out.append(f'model.activation={self.activation!r}')
+    if self.ablated:
+      out.append(f'model.ablate={self.ablate!r}')
     return out
 
   def diff(self, other: 'ModelConfig') -> list[str]:
@@ -119,13 +142,15 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   (4C x C) = 12 C^2 weights, plus 13 C biases when `bias`, plus two head-size scales with `qk_norm`.
   The LM head is tied to `wte`, so it adds nothing. Like nanoGPT, `non_embedding=True` leaves out the
   position table `wpe` (the token table is kept because it is also the output layer); a rotary model
-  has no such table.
+  has no such table. Ablations remove what they name: the LayerNorms, the MLP (with its ln_2), `wpe`.
   """
-  C, L = cfg.n_embd, cfg.n_layer
-  ln = 2 * C if cfg.bias else C
+  C, L, off = cfg.n_embd, cfg.n_layer, cfg.ablated
+  ln = 0 if 'layernorm' in off else 2 * C if cfg.bias else C
   qk = 2 * cfg.head_size if cfg.qk_norm else 0  # attn.q_norm and attn.k_norm scales.
-  per_block = 12 * C * C + 2 * ln + (9 * C if cfg.bias else 0) + qk
-  wpe = cfg.block_size * C if cfg.position == 'learned' else 0
+  attn = ln + 4 * C * C + (4 * C if cfg.bias else 0) + qk  # ln_1, c_attn, c_proj.
+  mlp = 0 if 'mlp' in off else ln + 8 * C * C + (5 * C if cfg.bias else 0)  # ln_2, c_fc, c_proj.
+  per_block = attn + mlp
+  wpe = cfg.block_size * C if cfg.position == 'learned' and 'positions' not in off else 0
   n = cfg.vocab_size * C + wpe + L * per_block + ln
   return n - wpe if non_embedding else n
 

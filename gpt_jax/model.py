@@ -341,7 +341,7 @@ class CausalSelfAttention(nn.Module):
                pos: Any = 0) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
     cfg = self.config
     B, T, C = x.shape
-    H, D = cfg.n_head, cfg.head_size
+    H, D = cfg.heads, cfg.head_size  # One head of size C with the 'heads' ablation.
     dtype = jnp.dtype(cfg.dtype)
     # GPT-2: scale residual projections by 1/sqrt(N) (or start them at 0 with zero_init_proj).
     resid_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
@@ -356,7 +356,7 @@ class CausalSelfAttention(nn.Module):
       # starts at 1 and sets how sharp attention can get. The softmax scale stays the standard
       # 1/sqrt(D): for unit-RMS q and k in random directions, q.k / sqrt(D) has unit variance.
       q, k = RMSNorm(name='q_norm')(q), RMSNorm(name='k_norm')(k)
-    if cfg.position == 'rotary':
+    if cfg.position == 'rotary' and 'positions' not in cfg.ablated:
       # Absolute positions pos .. pos + T - 1; the cache stores keys already rotated. Re-encoding a
       # window from position 0 (gpt_jax/sampling.py) changes no score, as only differences count.
       positions = pos + jnp.arange(T)
@@ -366,7 +366,13 @@ class CausalSelfAttention(nn.Module):
     drop_probs = use_dropout and cfg.attention_dropout  # Dropout on the attention probabilities.
     prefill = cache is not None and isinstance(pos, int) and pos == 0  # Nothing cached to read yet.
     impl = attention_implementation(cfg, drop_probs)
-    if cache is not None and not prefill:
+    if 'attention' in cfg.ablated:
+      # Ablation: each position attends only to itself (a softmax over one score is 1), so y = v.
+      y = causal_attention(q, k, v, jnp.eye(T, dtype=bool), cfg.dropout,
+                           self.make_rng('dropout') if drop_probs else None,
+                           probs_hook=(lambda p: self.sow('intermediates', 'attn_probs', p))
+                           if self.record_probs else None)
+    elif cache is not None and not prefill:
       # Generation: the new tokens attend over the cache's past and, causally, over each other.
       y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
     elif impl in ('xla', 'cudnn') and not self.record_probs:
@@ -420,11 +426,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool, cache: Optional[dict[str, jax.Array]] = None,
                pos: Any = 0) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
-    cfg = self.config
-    a, cache = CausalSelfAttention(cfg, self.record_probs, name='attn')(
-        LayerNorm(cfg.bias, name='ln_1')(x), deterministic, cache, pos)
-    x = x + a  # The residual stream carries everything; each sub-layer adds a correction to it.
-    x = x + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x), deterministic)
+    cfg, off = self.config, self.config.ablated
+    ln = lambda name: (lambda x: x) if 'layernorm' in off else LayerNorm(cfg.bias, name=name)
+    a, cache = CausalSelfAttention(cfg, self.record_probs, name='attn')(ln('ln_1')(x), deterministic,
+                                                                        cache, pos)
+    # The residual stream carries everything; each sub-layer adds a correction to it (unless ablated).
+    x = a if 'residual' in off else x + a
+    if 'mlp' not in off:
+      m = MLP(cfg, name='mlp')(ln('ln_2')(x), deterministic)
+      x = m if 'residual' in off else x + m
     self.sow('intermediates', 'resid', x)  # Residual stream after the block (no-op unless mutable).
     return x, cache
 
@@ -438,14 +448,15 @@ class GPT(nn.Module):
     cfg = self.config
     init = nn.initializers.normal(0.02)
     self.wte = self.param('wte', init, (cfg.vocab_size, cfg.n_embd), jnp.float32)  # Tokens.
-    if cfg.position == 'learned':  # Rotary models encode positions inside attention instead.
+    self.positions = cfg.position == 'learned' and 'positions' not in cfg.ablated
+    if self.positions:  # Rotary models encode positions inside attention instead.
       self.wpe = self.param('wpe', init, (cfg.block_size, cfg.n_embd), jnp.float32)  # Positions.
     self.drop = Dropout(cfg.dropout)
     # remat: keep only each block's input for the backward pass and recompute the rest (activation
     # memory O(L) blocks' inputs instead of all their intermediates). `deterministic` is static.
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
     self.h = [block(cfg, self.record_probs, name=f'h_{i}') for i in range(cfg.n_layer)]
-    self.ln_f = LayerNorm(cfg.bias)
+    self.ln_f = (lambda x: x) if 'layernorm' in cfg.ablated else LayerNorm(cfg.bias)
 
   def _forward(self, idx: jax.Array, deterministic: bool, cache: Optional[Cache],
                pos: Any) -> tuple[jax.Array, Optional[Cache]]:
@@ -455,7 +466,7 @@ class GPT(nn.Module):
       raise ValueError(f'sequence length {T} exceeds block_size {cfg.block_size}')
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.take(self.wte, idx, axis=0)  # (B, T, C)
-    if cfg.position == 'learned':
+    if self.positions:
       x = x + jnp.take(self.wpe, pos + jnp.arange(T), axis=0)
     # The residual stream stays float32 whatever the compute dtype (as under torch.autocast): each
     # Linear casts its input to `dtype` and its bf16 output is added back in float32.
@@ -486,7 +497,7 @@ class GPT(nn.Module):
 
 def init_cache(config: ModelConfig, batch_size: int) -> Cache:
   """An empty KV cache covering the whole context window: per layer k, v of (B, H, S, D)."""
-  shape = (batch_size, config.n_head, config.block_size, config.head_size)
+  shape = (batch_size, config.heads, config.block_size, config.head_size)
   dtype = jnp.dtype(config.dtype)
   return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
                for _ in range(config.n_layer))
