@@ -1,7 +1,8 @@
 """Why each piece: the model trained with one piece of GPT-2 removed at a time, against the full model.
 
 Every variant starts from the same config and seed and sees the same batches; only `model.ablate`
-differs (gpt_jax/model_variants.py: 'attention', 'positions', 'residual', 'layernorm', 'heads', 'mlp').
+differs (ModelConfig.ablate in gpt_jax/config.py: 'attention', 'positions', 'residual', 'layernorm',
+'heads' or 'mlp').
 Val loss is measured on one fixed set of val windows, the same for every variant and every eval, so
 the curves differ by the model alone. The walkthrough notebook trains one seed of this;
 scripts/why_each_piece.py runs several seeds and writes the table of docs/why-each-piece.md.
@@ -93,16 +94,16 @@ def run(config: ml_collections.ConfigDict, train: np.ndarray, val: np.ndarray, v
   return curves
 
 
-def orderings(curves: dict[str, Curve]) -> list[tuple[str, str]]:
-  """Every (a, b) with a's final val loss below b's: the comparisons one run supports."""
-  return [(a, b) for a in curves for b in curves if curves[a].final < curves[b].final]
+def orderings(curves: dict[str, Curve], margin: float = 0.0) -> list[tuple[str, str]]:
+  """Every (a, b) with a's final val loss below b's by more than `margin`."""
+  return [(a, b) for a in curves for b in curves if curves[a].final + margin < curves[b].final]
 
 
-def held_in_every(runs: Sequence[dict[str, Curve]]) -> list[tuple[str, str]]:
-  """The orderings (a below b) that held in every one of `runs` (one run per seed)."""
-  common = set(orderings(runs[0]))
+def held_in_every(runs: Sequence[dict[str, Curve]], margin: float = 0.0) -> list[tuple[str, str]]:
+  """The orderings (a below b by more than `margin`) that held in every one of `runs` (one per seed)."""
+  common = set(orderings(runs[0], margin))
   for curves in runs[1:]:
-    common &= set(orderings(curves))
+    common &= set(orderings(curves, margin))
   return sorted(common, key=lambda ab: (runs[0][ab[0]].final, runs[0][ab[1]].final))
 
 

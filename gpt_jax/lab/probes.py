@@ -137,7 +137,8 @@ def head_scores(maps: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray
   out = {}
   for name, target in attention_targets(labels).items():
     queries = np.flatnonzero(target >= 0)
-    out[name] = maps[:, :, queries, target[queries]].mean(axis=-1) if len(queries) else np.zeros(maps.shape[:2])
+    on_target = maps[:, :, queries, target[queries]]  # (L, H, queries)
+    out[name] = on_target.mean(axis=-1) if len(queries) else np.zeros(maps.shape[:2])
   return out
 
 
