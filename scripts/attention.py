@@ -4,7 +4,9 @@
   python scripts/attention.py --ckpt_dir out/shakespeare_char_cpu --text "To be, or not" --out att.png
 
 Row t of a heatmap is where the token at position t looks: the probabilities over positions 0..t
-(the causal mask leaves the upper triangle at 0). Characters (or BPE pieces) label the axes.
+(the causal mask leaves the upper triangle at 0). Characters (or BPE pieces) label the axes; each map's
+title names the head's strongest pattern on this text (probes.head_scores: previous token, line start,
+word start) with its score.
 """
 from absl import app, flags
 
@@ -35,8 +37,9 @@ def main(argv):
     probs = probes.attention_maps(params, cfg, ids)  # (L, H, T, T)
     labels = [probes.token_text(tok, i) for i in ids]
     shown = FLAGS.text if len(FLAGS.text) <= 60 else FLAGS.text[:57] + '...'
+    titles = probes.best_pattern(probes.head_scores(probs, labels))
     plots.attention_grid(probs, labels, FLAGS.out, f'attention on {shown!r} ({len(ids)} tokens; row: '
-                         'query position, column: key position)', FLAGS.dpi)
+                         'query position, column: key position)', FLAGS.dpi, head_titles=titles)
     print(f'wrote {FLAGS.out} ({cfg.n_layer} layers x {cfg.n_head} heads, {len(ids)} tokens)')
   cli.run_main(run)
 

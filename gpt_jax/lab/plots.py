@@ -302,11 +302,12 @@ def axis_label(s: str) -> str:
 
 
 def attention_grid(probs: np.ndarray, labels: Sequence[str], out: str, title: str = '',
-                   dpi: int = 80) -> str:
+                   dpi: int = 80, head_titles: Optional[Sequence[Sequence[str]]] = None) -> str:
   """Heatmaps of attention probabilities, one per layer (rows) and head (columns).
 
   probs: (L, H, T, T), row = query position, column = key position. Labels name the tokens; with
-  more than 48 tokens only every k-th is printed so they stay readable.
+  more than 48 tokens only every k-th is printed so they stay readable. head_titles[l][h] replaces
+  'layer l, head h' (e.g. probes.best_pattern's names).
   """
   L, H, T, _ = probs.shape
   size = min(4.5, max(2.4, 0.13 * T + 0.6))  # Inches per heatmap: ~0.13 in per token, bounded.
@@ -324,7 +325,7 @@ def attention_grid(probs: np.ndarray, labels: Sequence[str], out: str, title: st
       ax.set_xticklabels(shown, fontsize=fontsize, rotation=90)
       ax.set_yticklabels(shown, fontsize=fontsize)
       ax.tick_params(length=1, pad=1)
-      ax.set_title(f'layer {l}, head {h}', fontsize=8)
+      ax.set_title(head_titles[l][h] if head_titles else f'layer {l}, head {h}', fontsize=8)
       if h == 0:
         ax.set_ylabel('query (attends from)', fontsize=7)
       if l == L - 1:

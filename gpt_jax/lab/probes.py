@@ -1,7 +1,9 @@
-"""Inference-side probes of a trained model: attention maps and token traces.
+"""Inference-side probes of a trained model: attention maps, token traces, head scores, a copying test.
 
 `attention_maps` and `token_trace` are the tools behind scripts/attention.py and scripts/trace.py;
-they use the statistics forward pass of gpt_jax/training/layer_stats.py.
+they use the statistics forward pass of gpt_jax/training/layer_stats.py. `head_scores` measures what
+each head attends to (the previous token, the start of the line, the start of the word), and
+`copy_losses` whether the model predicts a phrase better the second time it reads it.
 """
 
 from __future__ import annotations
@@ -98,6 +100,84 @@ def encode_for_model(tok: Any, cfg: ModelConfig, text: str, extra: int = 0) -> t
     return ids[:limit], (f'note: the text is {len(ids)} tokens; only the first {limit} fit the '
                          f'context window (block_size {cfg.block_size}).')
   return ids, ''
+
+
+HEAD_PATTERNS = ('previous token', 'line start', 'word start')
+
+
+def attention_targets(labels: Sequence[str]) -> dict[str, np.ndarray]:
+  """For each pattern of HEAD_PATTERNS, the key position each query should attend to (-1: none).
+
+  labels are the tokens' texts. 'previous token': t - 1. 'line start': the most recent newline, the
+  token that opens the line; 'word start': the most recent whitespace, the token that opens the word.
+  The two starts count only where they lie before t - 1, so that neither is the previous token (nor
+  the query itself).
+  """
+  T = len(labels)
+  targets = {name: np.full(T, -1) for name in HEAD_PATTERNS}
+  targets['previous token'][1:] = np.arange(T - 1)
+  line = word = -1
+  for t in range(T):
+    if labels[t].endswith('\n'):
+      line = t
+    if labels[t][-1:].isspace():
+      word = t
+    for name, start in (('line start', line), ('word start', word)):
+      if 0 <= start < t - 1:
+        targets[name][t] = start
+  return targets
+
+
+def head_scores(maps: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+  """{pattern: (n_layer, n_head) mean attention weight on the pattern's key, over the queries it has}.
+
+  maps: (L, H, T, T) from `attention_maps`. A head that always attends to the previous token scores
+  1 for 'previous token'; uniform attention over t + 1 positions scores about 1 / (t + 1).
+  """
+  out = {}
+  for name, target in attention_targets(labels).items():
+    queries = np.flatnonzero(target >= 0)
+    on_target = maps[:, :, queries, target[queries]]  # (L, H, queries)
+    out[name] = on_target.mean(axis=-1) if len(queries) else np.zeros(maps.shape[:2])
+  return out
+
+
+def mean_head_scores(params: Any, cfg: ModelConfig, tok: Any, windows: Sequence[Sequence[int]]
+                     ) -> dict[str, np.ndarray]:
+  """`head_scores` averaged over several token windows (each at most block_size long)."""
+  per = [head_scores(attention_maps(params, cfg, w), [token_text(tok, i) for i in w]) for w in windows]
+  return {name: np.mean([p[name] for p in per], axis=0) for name in HEAD_PATTERNS}
+
+
+def best_pattern(scores: dict[str, np.ndarray]) -> list[list[str]]:
+  """A title per head naming its highest-scoring pattern, e.g. 'L0 H3: previous token 0.82'."""
+  L, H = next(iter(scores.values())).shape
+  titles = []
+  for l in range(L):
+    row = []
+    for h in range(H):
+      name = max(scores, key=lambda n: scores[n][l, h])
+      row.append(f'L{l} H{h}: {name} {scores[name][l, h]:.2f}')
+    titles.append(row)
+  return titles
+
+
+def copy_losses(params: Any, cfg: ModelConfig, tok: Any, phrase: str, before: str = '',
+                between: str = ' ') -> tuple[float, float]:
+  """Mean loss (nats/token) on `phrase` the first and the second time the model reads it.
+
+  The text is before + phrase + between + phrase; each occurrence is scored on its tokens after its
+  first (which nothing in the text announces). A model that copies from its context does far
+  better the second time.
+  """
+  a, p, m = tok.encode(before), tok.encode(phrase), tok.encode(between)
+  ids = a + p + m + p
+  if len(ids) - 1 > cfg.block_size:
+    raise UserError(f'the copying text is {len(ids)} tokens; the model reads at most {cfg.block_size + 1}.')
+  nll = [-math.log(max(r.prob, 1e-30)) for r in token_trace(params, cfg, ids, top_k=1)]  # nll[t]: ids[t+1]
+  first = len(a)  # ids[first] is the phrase's first token; nll[first + i - 1] scores ids[first + i].
+  second = len(a) + len(p) + len(m)
+  return (float(np.mean(nll[first:first + len(p) - 1])), float(np.mean(nll[second:second + len(p) - 1])))
 
 
 def load(ckpt_dir: str, step: Optional[int] = None) -> tuple[ModelConfig, Any, Any]:

@@ -264,3 +264,47 @@ def test_token_labels_are_readable():
   assert pieces[0] == "' the'"  # A BPE piece with its leading space, decoded per token.
   assert ''.join(probes.token_text(tok, i) for i in tok.encode('the queen')) == 'the queen'
   assert plots.axis_label(' a\n') == '␣a\\n'
+
+
+# --- what heads attend to, and copying --------------------------------------------------------------
+
+def test_attention_targets_by_hand():
+  labels = list('ab c\nde f')
+  #              012345678
+  t = probes.attention_targets(labels)
+  assert t['previous token'].tolist() == [-1, 0, 1, 2, 3, 4, 5, 6, 7]
+  # The newline (4) opens the line: counted for queries past the token after it.
+  assert t['line start'].tolist() == [-1] * 6 + [4, 4, 4]
+  # The most recent whitespace (the newline too) opens the word; 'c' and 'f' follow theirs directly.
+  assert t['word start'].tolist() == [-1] * 6 + [4, -1, -1]
+
+
+def test_head_scores_find_a_previous_token_head():
+  labels = list('ab cd\nef gh')
+  T = len(labels)
+  prev = np.eye(T, k=-1)
+  prev[0, 0] = 1.0
+  uniform = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+  maps = np.stack([np.stack([prev, uniform])])  # (1 layer, 2 heads, T, T)
+  scores = probes.head_scores(maps, labels)
+  assert scores['previous token'][0, 0] == 1.0 and scores['previous token'][0, 1] < 0.3
+  assert scores['line start'][0, 0] == 0.0 and scores['word start'][0, 0] == 0.0
+  targets = probes.attention_targets(labels)['word start']
+  queries = np.flatnonzero(targets >= 0)
+  assert scores['word start'][0, 1] == pytest.approx(np.mean(1 / (queries + 1)))
+  assert probes.best_pattern(scores)[0][0] == 'L0 H0: previous token 1.00'
+
+
+@pytest.mark.slow
+def test_copy_losses_score_each_occurrence(tiny_run, tmp_path):
+  cfg, params, tok = probes.load(tiny_run)
+  first, second = probes.copy_losses(params, cfg, tok, 'the king', before='ROMEO:\n', between=' ')
+  nll = [-np.log(r.prob) for r in probes.token_trace(params, cfg, tok.encode('ROMEO:\nthe king the king'))]
+  assert first == pytest.approx(np.mean(nll[7:14]), rel=1e-6)   # 'he king' after 't' at 7
+  assert second == pytest.approx(np.mean(nll[16:23]), rel=1e-6)  # the same, at 16
+  with pytest.raises(probes.UserError, match='reads at most'):
+    probes.copy_losses(params, cfg, tok, 'the king ' * 20)
+  maps = probes.attention_maps(params, cfg, tok.encode('ROMEO:\nthe king'))
+  titles = probes.best_pattern(probes.head_scores(maps, list('ROMEO:\nthe king')))
+  out = plots.attention_grid(maps, list('ROMEO:\nthe king'), str(tmp_path / 'a.png'), head_titles=titles)
+  assert _png(out) < 300_000 and titles[0][0].startswith('L0 H0: ')
