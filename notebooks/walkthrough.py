@@ -512,6 +512,23 @@ for name in ('line start', 'word start'):  # Held after 200 and after 500 steps.
   assert head_scores[name].max() > 3 * np.median(head_scores[name]), name
 
 # %% [markdown]
+# The previous-token head, measured on the model behind the README's attention picture: the `cpu`
+# preset trained for 7,000 steps (`python scripts/train.py --config configs/shakespeare.py:cpu`; its
+# parameters are kept in `runs/cpu_model/`). Scored on the same val windows as above, one of its heads
+# puts most of its weight on the previous character: with it, the next character can be predicted from
+# the last two, which is what a trigram table does and what this short run has not learnt yet.
+
+# %%
+cpu_cfg, cpu_params, cpu_tok = probes.load(str(ROOT / 'runs' / 'cpu_model'))
+cpu_scores = probes.mean_head_scores(cpu_params, cpu_cfg, cpu_tok,
+                                     [ds.val[s:s + cpu_cfg.block_size] for s in starts])
+prev = cpu_scores['previous token']
+l, h = np.unravel_index(prev.argmax(), prev.shape)
+print(f'cpu model, strongest previous-token head: layer {l}, head {h}: {prev[l, h]:.2f} '
+      f'(median head {np.median(prev):.2f}; this run\'s best {head_scores["previous token"].max():.2f})')
+assert prev.max() > 0.5 > head_scores['previous token'].max()  # The trained model has one; this run not yet.
+
+# %% [markdown]
 # **A copying test.** Does the model use what it has just read? In "O Romeo, Romeo!" the name comes
 # twice; the second time, every letter after the `R` is in the context already. `probes.copy_losses`
 # compares the loss on a phrase's letters (all but its first) the first and the second time the model
