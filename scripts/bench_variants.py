@@ -1,7 +1,7 @@
 """Step cost of a run's variants (its levers), measured side by side in one process.
 
   python scripts/bench_variants.py --config configs/shakespeare.py:speedrun_gpt2
-  python scripts/bench_variants.py --config configs/shakespeare.py:speedrun_gpt2 \
+  python scripts/bench_variants.py --config configs/shakespeare.py:speedrun_gpt2 \\
       --variants 'base:;muon:train.optimizer=muon;muon_ns3:train.optimizer=muon,train.muon_ns_steps=3'
 
 Each variant is the config with the given fields changed (`NAME:KEY=VALUE,KEY=VALUE`, variants joined

@@ -6,7 +6,8 @@
 Stages, each a subprocess with its own time limit, so one failure never hides the rest:
   environment  Python, jax/jaxlib (and a CUDA plugin), flax, optax, orbax, ml_collections: what is
                installed and what is missing. Uses the CUDA-enabled JAX already installed; with none,
-               installs jax[cuda12] (unless --no_install; the machine may have no network).
+               installs jax[cuda13]==0.11.2, what the one GPU run used (JAX_GPU; unless --no_install:
+               the machine may have no network).
   gpu_tests    the GPU test tier: pytest -m gpu on the files that hold it (GPU_TESTS).
   train        the `gpu` preset to its end (wall time, time to val <= 1.47 at the evals), then
                scripts/evaluate.py's full pass over the validation text on the best checkpoint.
@@ -31,6 +32,10 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy')
 CUDA_PLUGINS = ('jax-cuda13-plugin', 'jax-cuda12-plugin')
+# What the one GPU run so far used (an H200 with a CUDA 13 driver; docs/gpu.md): jax 0.11.2 with its
+# CUDA 13 plugin. The CPU pin of requirements.txt has not been run on a GPU. A CUDA 12 driver needs
+# the jax-cuda12-plugin instead.
+JAX_GPU = 'jax[cuda13]==0.11.2'
 TARGET = 1.47
 # The files holding the gpu-marked tests (tests/test_gpu_check.py checks that none is missing). Not
 # `tests` whole: collecting every module needs the dev requirements (jupytext), a GPU machine may lack.
@@ -66,7 +71,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def environment(args) -> dict:
-  """What is installed, and whether JAX sees a GPU (installing jax[cuda12] if allowed and needed)."""
+  """What is installed, and whether JAX sees a GPU (installing JAX_GPU if allowed and needed)."""
   info = {'python': platform.python_version(), **{p: version(p) for p in PACKAGES + CUDA_PLUGINS}}
   missing = [p for p in PACKAGES if info[p] is None]
   probe = [sys.executable, '-c', 'import jax; d = jax.devices(); print(jax.default_backend(), '
@@ -77,8 +82,8 @@ def environment(args) -> dict:
   found = backend() if 'jax' not in missing else None
   if (not args.dry_run and not args.no_install and (found is None or found[0] != 'gpu')
       and not any(info[p] for p in CUDA_PLUGINS)):
-    print('no CUDA-enabled JAX here: pip install -U "jax[cuda12]" (needs the network) ...', flush=True)
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-U', 'jax[cuda12]'], check=False)
+    print(f'no CUDA-enabled JAX here: pip install -U "{JAX_GPU}" (needs the network) ...', flush=True)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-U', JAX_GPU], check=False)
     info.update({p: version(p) for p in PACKAGES + CUDA_PLUGINS})
     found = backend()
   if found:
@@ -88,7 +93,7 @@ def environment(args) -> dict:
     problems.append('jax is installed but cannot start (see `python -c "import jax; jax.devices()"`)')
   elif found and found[0] != 'gpu' and not args.dry_run:
     problems.append(f'JAX runs on {found[0]}, not a GPU: install a CUDA-enabled JAX '
-                    '(pip install -U "jax[cuda12]", or the jax-cuda13-plugin matching your jax)')
+                    f'(pip install -U "{JAX_GPU}", or the CUDA plugin matching your jax and driver)')
   info['ok'] = not problems
   info['problems'] = problems
   return info
@@ -171,7 +176,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--dry_run', action='store_true', help='every stage at the tiny preset, on any device')
   p.add_argument('--out', default=os.path.join(REPO, 'out', 'gpu_check'), help='where logs and JSON go')
-  p.add_argument('--no_install', action='store_true', help='never pip install jax[cuda12]')
+  p.add_argument('--no_install', action='store_true', help=f'never pip install {JAX_GPU}')
   p.add_argument('--stage_timeout', type=float, default=600, help='seconds per stage')
   p.add_argument('--gpt2_batch', type=int, default=16, help='GPT-2 124M rows of 1024 tokens per step')
   args = p.parse_args()

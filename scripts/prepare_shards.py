@@ -3,7 +3,7 @@
 Streams: memory stays flat however big the corpus (see gpt_jax/data/shards.py).
 
   python scripts/prepare_shards.py --source corpus/ --out_dir data/corpus_shards
-  python scripts/prepare_shards.py --source corpus/ --out_dir data/corpus_bpe \
+  python scripts/prepare_shards.py --source corpus/ --out_dir data/corpus_bpe \\
       --tokenizer data/shakespeare_bpe/tokenizer.json     # any saved gpt_jax tokenizer
   python scripts/prepare_shards.py --check data/corpus_shards   # verify every shard's SHA-256
 """

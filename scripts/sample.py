@@ -1,7 +1,7 @@
 """Samples text from a trained checkpoint (parameters only; no optimizer state is loaded).
 
   python scripts/sample.py --ckpt_dir out/shakespeare_char
-  python scripts/sample.py --ckpt_dir out/shakespeare_char --prompt "ROMEO:" --num_samples 3 \
+  python scripts/sample.py --ckpt_dir out/shakespeare_char --prompt "ROMEO:" --num_samples 3 \\
       --max_new_tokens 300 --temperature 0.8 --top_k 200 --seed 7
 """
 from absl import app, flags

@@ -36,7 +36,7 @@ RUNS = [('tiny/memory', 'tiny', False, {}), ('tiny/shards', 'tiny', True, {}),
         ('nanogpt_cpu/memory', 'nanogpt_cpu', False, {}), ('nanogpt_cpu/shards', 'nanogpt_cpu', True, {}),
         ('tiny/dropout_accum', 'tiny', False, {'model.dropout': 0.1, 'train.grad_accum_steps': 2})]
 # Absolute, on every train and val loss: between what another CPU's rounding does to these runs and
-# what the smallest real change does (measured in README's Tests section).
+# what the smallest real change does (both measured in docs/faithfulness.md, "Golden losses").
 TOLERANCE = 5e-5
 
 
