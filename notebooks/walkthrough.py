@@ -228,7 +228,7 @@ layer_out, _ = model_lib.CausalSelfAttention(model_cfg).apply({'params': p0['att
 by_hand = model_lib.Linear(C, use_bias=False).apply({'params': p0['attn']['c_proj']},
                                                     bthd(out).reshape(1, Tp, C))
 np.testing.assert_allclose(by_hand, layer_out, atol=1e-6)
-print('scores -> mask -> softmax -> weighted sum equals model.causal_attention, '
+print('scores -> mask -> softmax -> weighted sum equals attention.causal_attention, '
       'jax.nn.dot_product_attention and the model\'s attention layer')
 
 fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))

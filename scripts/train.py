@@ -1,4 +1,5 @@
-"""Trains a GPT. Intentionally kept short: everything lives in gpt_jax/training/loop.py.
+"""Trains a GPT. Intentionally kept short: the loop is gpt_jax/training/loop.py
+(its setup in run_setup.py, its evals in evaluator.py).
 
   python scripts/train.py --config configs/shakespeare.py:cpu
   python scripts/train.py --config configs/shakespeare.py --config.train.max_steps=200

@@ -99,7 +99,7 @@ def test_same_gradients_wrt_every_parameter(bias, options):
 def test_same_logits_through_the_kv_cache(bias, options):
   """Prefill a prompt, then decode one token at a time (traced positions, as in generation).
 
-  The prefill runs the selected backend's kernel; every later step runs model.cached_attention.
+  The prefill runs the selected backend's kernel; every later step runs attention.cached_attention.
   Both configs must agree with each other and with the full forward pass.
   """
   manual, xla, params = _pair(bias, options)

@@ -19,7 +19,7 @@ text is split as in gpt_jax/data/text.py (the first 1 - val_fraction of its char
 val) into two such shard sets, `shards_dir/train` and `shards_dir/val`; val/index.json is written
 last, so both indexes present means a complete dataset. Training draws step k's batch from the train
 set with (train.seed, k) and evaluation batch i from either set with a fixed eval seed, so every
-eval sees the same batches (gpt_jax/training/loop.py).
+eval sees the same batches (gpt_jax/training/evaluator.py).
 
 Reading (`ShardedTokens`). Shards are checked (size, and SHA-256 unless verify=False) and opened as
 read-only memmaps. The global batch of step k is `batch_size` windows of block_size + 1 tokens

@@ -288,7 +288,7 @@ class TorchTrainer:
     """`float64`: train in double precision (from the same float32 weights), as a stand-in for
     exact arithmetic that both float32 sides can be measured against."""
     if train_cfg.get('optimizer') == 'muon':
-      raise UserError('the PyTorch reference trains with AdamW only; compare with train.optimizer=optax.')
+      raise UserError('the PyTorch reference trains with AdamW only; compare with train.optimizer=adamw.')
     self.torch = require_torch()
     self.torch.manual_seed(seed)  # Only dropout masks draw from it; weights come from `params`.
     self.model = jax_to_torch(params, build_model(model_cfg))

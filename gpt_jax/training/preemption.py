@@ -29,7 +29,7 @@ from gpt_jax.parallel import distributed
 
 EX_TEMPFAIL = Stopped.exit_status  # 75: stopped by a signal after saving a resumable checkpoint.
 # Multi-process runs: steps between agreements on stopping. Each agreement waits for the steps queued
-# before it; the CPU loop waits for every 8th step anyway (loop.CPU_MAX_STEPS_IN_FLIGHT), and on a
+# before it; the CPU loop waits for every 8th step anyway (run_setup.CPU_MAX_STEPS_IN_FLIGHT), and on a
 # GPU one drained queue per 8 steps costs at most one step's dispatch time.
 SYNC_EVERY = 8
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -1,8 +1,8 @@
 """Sharded token datasets: streaming writer, checksums, deterministic per-process memmap batches,
 and training from them (train/val splits, exact resume, 4 simulated devices against 1).
 
-The 4-device half runs this very file as a subprocess (`python tests/test_shards.py SPEC.json`, see
-tests/test_sharding.py for the pattern).
+The 4-device half runs this very file as a subprocess (`python tests/data/test_shards.py SPEC.json`,
+with tests/multidevice.py's helpers).
 """
 
 import functools

@@ -1,6 +1,6 @@
 """Preemption safety: signals stop a run at a checkpoint that resumes exactly; one writer per run
 directory; a full disk; damaged checkpoints. Signals and locks are tested on real subprocesses of
-scripts/train.py; the multi-process agreement is in tests/test_multihost.py."""
+scripts/train.py; the multi-process agreement is in tests/parallel/test_multihost.py."""
 
 import errno
 import os
