@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax import checkpoint as checkpoint_lib, sampling, scoring
+from gpt_jax import checkpoint as checkpoint_lib, sample_run, sampling, scoring
 from gpt_jax.data import batches as batches_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -41,7 +41,7 @@ class Evaluator:
     base = jax.random.fold_in(jax.random.PRNGKey(t.seed), batches_lib.EVAL_KEY_SALT)
     self.keys = [mesh_lib.put_replicated(np.asarray(jax.random.fold_in(base, i)), s.mesh)
                  for i in range(t.eval_iters)]
-    self.prompt = mesh_lib.put_replicated(np.array([sampling.encode_prompt(  # Only for a sample.
+    self.prompt = mesh_lib.put_replicated(np.array([sample_run.encode_prompt(  # Only for a sample.
         s.dataset.tokenizer, self.cfg_s.prompt or '\n', '--config.sample.prompt')], np.int32), s.mesh
         ) if self.cfg_s.eval_tokens > 0 else None
     self.bounded_dispatch = dispatch_is_bounded()
