@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
@@ -108,6 +108,18 @@ class Evaluator:
       rec['sample'] = self.s.dataset.tokenizer.decode(
           distributed.to_host(out)[0, self.prompt.shape[1]:])
     return rec
+
+
+def note_target(rec: dict, target: float, summary: dict, write: Callable[[dict], None],
+                say: Callable[[str], None]) -> None:
+  """The first eval record `rec` whose val loss reaches `target` (> 0) goes in `summary`, the log and
+  the console; later ones change nothing."""
+  if not (target > 0 and rec['val_loss'] <= target) or 'target_reached' in summary:
+    return
+  step = rec['step']
+  summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
+  write({'event': 'target_reached', 'step': step, 'time': rec['time'], 'target_val_loss': target})
+  say(f'  reached the target val loss {target} at step {step}, {rec["time"] / 60:.1f} min after the start')
 
 
 def time_to_target(t: ml_collections.ConfigDict, hit: dict | None) -> str:
