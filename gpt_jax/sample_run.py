@@ -3,6 +3,7 @@
 `sample_from_checkpoint` loads a run, encodes the prompt, and generates with `sampling.generate`, which
 Ctrl-C stops between chunks. `generate_uncached` is the plain full-recomputation reference with the same
 window rule; greedy decoding gives identical tokens with both (tests/test_sampling.py).
+`generate_in_one_program` is `generate` without chunks, for lowering the whole loop at once.
 """
 
 from __future__ import annotations
