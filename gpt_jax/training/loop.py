@@ -177,7 +177,7 @@ class Trainer:
     loss = float(metrics['loss'])  # Syncs with the device.
     evaluator.check_finite(loss, 'the training loss', self.step, self.ckpt)
     rec = metrics_lib.step_record(self.step, loss, metrics, self.timer.per_step(), self.tokens_per_step,
-                                  self.s.model_cfg, self.peak, self.t_start)
+                                  self.s.model_cfg, self.peak, time.time() - self.t_start)
     self.log.write(rec)
     self.say(metrics_lib.step_line(rec, self.peak_src))
     self.bar.set_postfix(loss=f'{loss:.3f}')

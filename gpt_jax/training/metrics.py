@@ -158,14 +158,14 @@ class TensorBoardLog:
 
 
 def step_record(step: int, loss: float, metrics: dict, dt: float, tokens_per_step: int,
-                model_cfg: ModelConfig, peak: float, t_start: float) -> dict:
-  """The log record of a training step taking `dt` seconds: its loss, lr, gradient norm, speed and MFU
-  (model FLOPs per second, config.flops_per_token, over the devices' `peak`)."""
+                model_cfg: ModelConfig, peak: float, elapsed: float) -> dict:
+  """The log record of a training step taking `dt` seconds, `elapsed` seconds into the run: its loss,
+  lr, gradient norm, speed and MFU (model FLOPs per second, config.flops_per_token, over `peak`)."""
   return {'step': step, 'train_loss': loss, 'lr': float(metrics['lr']),
           'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
           'tokens_per_s': round(tokens_per_step / dt, 1),
           'mfu': round(flops_per_token(model_cfg) * tokens_per_step / dt / peak, 5),
-          'time': round(time.time() - t_start, 3)}
+          'time': round(elapsed, 3)}
 
 
 def step_line(rec: dict, peak_src: str) -> str:
