@@ -1,34 +1,19 @@
-"""Character-level GPT on TinyShakespeare.
+"""Character-level GPT on TinyShakespeare: `base()` is nanoGPT's `shakespeare_char` recipe.
 
     python scripts/train.py --config configs/shakespeare.py          # nanoGPT's shakespeare_char (GPU)
-    python scripts/train.py --config configs/shakespeare.py:gpu      # the same on one GPU, bf16 + cuDNN
-    python scripts/train.py --config configs/shakespeare.py:speedrun # val loss 1.47 on a CPU, every lever on
-    python scripts/train.py --config configs/shakespeare.py:cpu      # a few minutes on a laptop CPU
-    python scripts/train.py --config configs/shakespeare.py:tiny     # seconds, for tests
     python scripts/train.py --config configs/shakespeare.py:cpu --config.train.max_steps=500
 
-`base()` is the recipe; each preset in PRESETS lists only the fields it changes from it:
-  (default)  nanoGPT's `shakespeare_char`: 6 layers, 6 heads, 384 wide, block 256, batch 64,
-             dropout 0.2, lr 1e-3 -> 1e-4 over 5000 steps, warmup 100, beta2 0.99. Val loss ~1.47 on
-             a GPU; hours on a CPU.
-  gpu        The default recipe for one NVIDIA GPU: bf16 matmuls (float32 parameters, optimizer state
-             and residual stream), cuDNN flash attention, no dropout inside attention (docs/gpu.md).
-  speedrun   nanoGPT's headline, val loss <= 1.47, in as few CPU steps as the project can: the
-             speedrun_gpt2 model with rotary positions, QK-norm, ReLU^2, zero-initialised
-             projections, Muon and an EMA of the weights, 700 steps (record 4; docs/speedrun.md
-             has every run behind it).
-  speedrun_gpt2  The same target with GPT-2's architecture and AdamW (record 1: within an hour on
-             a 2-core CPU, 5,600 steps).
-  cpu        The best 3-minute recipe found for a 2-core CPU (nanoGPT's small CPU model, trained longer).
-  nanogpt_cpu  nanoGPT's own CPU recipe, exactly as its README gives it.
-  tiny       A toy model that trains in seconds; used by the test-suite.
+The recipe: 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, lr 1e-3 -> 1e-4 over 5000
+steps, warmup 100, beta2 0.99 (val loss ~1.47 on a GPU, hours on a CPU). Each preset in PRESETS lists
+only the fields it changes (docs/configuration.md; the speedrun presets' runs: docs/speedrun.md).
 """
 
 import dataclasses
 
 import ml_collections
 
-from gpt_jax.config import ModelConfig, SampleConfig, preset_config
+from gpt_jax.config import ModelConfig, SampleConfig
+from gpt_jax.config_files import preset_config
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -37,11 +22,10 @@ def base() -> ml_collections.ConfigDict:
   """nanoGPT's shakespeare_char recipe. Model and sample fields: see ModelConfig and SampleConfig."""
   return ConfigDict(dict(
       out_dir='out/shakespeare_char',
-      init_from='',              # '' = GPT-2 init; else a local Hugging Face GPT-2 directory to fine-tune from.
-      # ModelConfig's defaults (nanoGPT's shakespeare_char model); vocab_size 0 = from the prepared data.
-      model=ConfigDict(dict(dataclasses.asdict(ModelConfig()), vocab_size=0)),
+      init_from='',              # '' = GPT-2 init; else a local Hugging Face GPT-2 directory to fine-tune.
+      model=ConfigDict(dict(dataclasses.asdict(ModelConfig()), vocab_size=0)),  # 0 = from the data.
       data=ConfigDict(dict(
-          text_path='',          # A local text file or folder; '' = the copy shipped with gpt_jax (by sha256).
+          text_path='',          # A local text file or folder; '' = the copy shipped with gpt_jax.
           url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
           sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
           cache_dir='~/.cache/gpt_jax',
@@ -50,146 +34,92 @@ def base() -> ml_collections.ConfigDict:
           gpt2_dir='',           # tokenizer='gpt2': folder with encoder.json + vocab.bpe; '' = shipped copy.
           bpe_vocab_size=0,      # tokenizer='bpe': vocabulary size to train (e.g. 1024).
           val_fraction=0.1,      # The last 10% of the text is the val split.
-          shards_dir='',         # '' = the in-memory splits above; else train from token shards here
-                                 # (train/ + val/, prepared from text_path if absent; gpt_jax/data/shards.py).
+          shards_dir='',         # '' = in-memory splits; else token shards here (gpt_jax/data/shards.py).
           shard_tokens=1 << 24,  # shards_dir: tokens per shard file when preparing (16M = 32 MB).
       )),
       train=ConfigDict(dict(
           batch_size=64,         # Sequences per micro-batch (per optimizer step: x grad_accum_steps).
-          grad_accum_steps=1,
-          max_steps=5000,
+          grad_accum_steps=1, max_steps=5000,
           learning_rate=1e-3, min_learning_rate=1e-4,  # Peak, and the floor the schedule decays to.
-          warmup_steps=100, lr_decay_steps=5000,
-          beta1=0.9, beta2=0.99, weight_decay=0.1,
+          warmup_steps=100, lr_decay_steps=5000, beta1=0.9, beta2=0.99, weight_decay=0.1,
           grad_clip=1.0,         # Global-norm clip of the gradients; 0 = none.
-          optimizer='adamw',     # 'adamw' (optax's chain), 'adamw_by_hand' (hand-written AdamW) or
-                                 # 'muon' (Muon on the block matrices, AdamW on the rest).
-          lr_schedule='cosine',  # 'cosine' (nanoGPT) or 'wsd' (warmup, constant, 1-sqrt cooldown):
-                                 # a constant peak until the cooldown, so one run serves many lengths.
+          optimizer='adamw',     # 'adamw' (optax), 'adamw_by_hand', 'muon' (block matrices; AdamW the rest).
+          lr_schedule='cosine',  # 'cosine' (nanoGPT) or 'wsd': constant peak, 1-sqrt cooldown (any length).
           cooldown_fraction=0.2,  # wsd: cooldown over this last part of lr_decay_steps (Hagele et al.).
-          muon_learning_rate=0.02,  # muon: peak lr of the block matrices (Muon's reference default),
-                                 # following the same schedule as learning_rate.
+          muon_learning_rate=0.02,  # muon: peak lr of the block matrices, on learning_rate's schedule.
           muon_momentum=0.95,    # muon: Nesterov momentum of the matrices before orthogonalisation.
           muon_ns_steps=5,       # muon: Newton-Schulz iterations per update (fewer: cheaper, rougher).
           muon_weight_decay=0.0,  # muon: decoupled decay of the matrices (x muon lr); 0 as modded-nanogpt.
-          muon_batched=False,    # muon: orthogonalise the n_layer matrices of each shape as one batch
-                                 # (the same update up to rounding; faster on a CPU).
-          ema_decay=0.0,         # > 0: keep an EMA of the weights (in the optimizer state); evals and
-                                 # the kept checkpoint use it. 0 = off (GPT-2 / nanoGPT).
-          seed=1337,
-          eval_interval=250, eval_iters=200, log_interval=10,
-          eval_at_start=True,    # Evaluate before the first step too (nanoGPT); False saves a speedrun's
-                                 # clock an eval whose answer is known (about ln(vocab_size)).
-          val_full_pass=False,   # True: each eval's val loss is scripts/evaluate.py's full pass (every
-                                 # val token once, no sampling noise) instead of eval_iters batches.
-          resume=False,
-          resume_from_last_good=False,  # resume=True and the newest checkpoint is damaged: continue from
-                                 # the newest readable one (the damaged are moved aside, never deleted).
+          muon_batched=False,    # muon: each shape's matrices as one batch (same update; faster on a CPU).
+          ema_decay=0.0,         # > 0: evals and the kept checkpoint use an EMA of the weights (opt state).
+          seed=1337, eval_interval=250, eval_iters=200, log_interval=10, resume=False,
+          eval_at_start=True,    # Evaluate before step 1 (nanoGPT); False spares a speedrun a known answer.
+          val_full_pass=False,   # True: evals' val loss is a full pass (every val token once, no noise).
+          resume_from_last_good=False,  # Skip a damaged newest checkpoint (moved aside, never deleted).
           peak_flops=0.0,        # For the MFU estimate; 0 = look up the device or measure a matmul.
           layer_stats_interval=0,  # Every N steps log per-layer statistics (0 = off); see scripts/plot.py.
           tensorboard=False,     # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
           target_val_loss=0.0,   # > 0: report when an eval's val loss first reaches it (time to target).
       )),
-      mesh=ConfigDict(dict(      # Device mesh (gpt_jax/parallel/mesh.py); -1 = all the rest.
-          data=-1,               # Data-parallel axis: the batch is split over it, parameters replicated.
-          fsdp=1,                # FSDP axis: the batch *and* parameters/optimizer state split over it.
-      )),
-      distributed=ConfigDict(dict(  # Multi-process runs (gpt_jax/parallel/distributed.py).
+      # Device mesh (gpt_jax/parallel/mesh.py): `data` splits the batch (parameters replicated), `fsdp`
+      # the batch *and* the parameters and optimizer state; -1 = all the remaining devices.
+      mesh=ConfigDict(dict(data=-1, fsdp=1)),
+      distributed=ConfigDict(dict(  # Multi-process runs (gpt_jax/parallel/distributed.py; docs/gpu.md).
           coordinator_address='',  # HOST:PORT of process 0; '' = JAX_COORDINATOR_ADDRESS or auto-detect.
           num_processes=0,       # 0 = JAX_NUM_PROCESSES, a launcher's (Slurm, MPI, TPU), or 1 process.
           process_id=-1,         # -1 = JAX_PROCESS_ID or the launcher's.
-          local_device_ids='',   # This process's GPUs, e.g. '0' or '0,1'; '' = JAX_LOCAL_DEVICE_IDS, one
-                                 # per process under Slurm/Open MPI, else all of the host's (docs/gpu.md).
+          local_device_ids='',   # This process's GPUs ('0,1'); '' = JAX_LOCAL_DEVICE_IDS, launcher's or all.
       )),
       checkpoint=ConfigDict(dict(
           save='best',           # 'best': when val loss improves (nanoGPT); 'always': every eval.
-          keep_last=2,           # Most recent checkpoints kept, beside the best one.
-          async_save=True,       # Write in the background while training continues.
+          keep_last=2, async_save=True,  # The newest 2 kept beside the best; written in the background.
       )),
-      sample=ConfigDict(dataclasses.asdict(SampleConfig())),  # SampleConfig's defaults.
+      sample=ConfigDict(dataclasses.asdict(SampleConfig())),
   ))
 
 
 PRESETS = {
     '': {},
-    # nanoGPT's shakespeare_char set up for one NVIDIA GPU: bf16 matmuls with float32 parameters,
-    # optimizer state and residual stream (what torch.autocast gives nanoGPT), and cuDNN flash
-    # attention where it applies (model.attention='auto', which prints its choice). No fused kernel can
-    # drop attention probabilities and keep a step a pure function of (seed, step), so training keeps
-    # the written-out softmax with nanoGPT's attention dropout and only the evals (no dropout) run
-    # cuDNN: dropping attention dropout for the fused kernel cost far more val loss than the kernel
-    # saves time (docs/gpu.md, "Measured on an H200").
-    'gpu': {
-        'out_dir': 'out/shakespeare_char_gpu',
-        'model.dtype': 'bfloat16', 'model.attention': 'auto',
-        'train.target_val_loss': 1.47,
-    },
-    # Record 4 (docs/speedrun.md): speedrun_gpt2's model with the levers that paid for their step cost
-    # at 500 steps: rotary positions, QK-norm, ReLU^2 and zero-initialised projections, Muon on the
-    # block matrices (each shape's matrices orthogonalised as one batch: a cheaper step). They learn per
-    # step several times as fast, so 700 steps (2.9M tokens, ~3 epochs) replace 5,600; no dropout (0.1
-    # was behind at every eval of the same run); a constant lr, then a 1-sqrt cooldown over the second
-    # half (WSD); evals and the kept checkpoint use an EMA of the weights (decay 0.99, a half-life of
-    # ~70 steps), which averages out the noise of the constant-lr phase (record 3). One eval, at the end
-    # (record 4: the clock counts every eval), over the whole val split (val_full_pass: the reported
-    # figure; 20 random batches once missed 1.47 by 0.02 where the full pass reached it), with a
-    # 5-batch train estimate and no samples. Its record runs set MIMALLOC_PURGE_DELAY=-1 in the
-    # environment: the same losses, a faster step, more memory (docs/performance.md).
-    'speedrun': {
+    # One NVIDIA GPU: bf16 matmuls, cuDNN attention in evals; training keeps attention dropout (docs/gpu.md).
+    'gpu': {'out_dir': 'out/shakespeare_char_gpu', 'model.dtype': 'bfloat16', 'model.attention': 'auto',
+            'train.target_val_loss': 1.47},
+    'speedrun': {  # Record 4: val loss <= 1.47 in the fewest CPU steps found, every lever on.
         'out_dir': 'out/shakespeare_char_speedrun',
-        'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.0,
-        'model.position': 'rotary', 'model.qk_norm': True, 'model.activation': 'relu2',
-        'model.zero_init_proj': True,
+        'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.0, 'model.position': 'rotary',
+        'model.qk_norm': True, 'model.activation': 'relu2', 'model.zero_init_proj': True,
         'train.batch_size': 16, 'train.learning_rate': 1.5e-3, 'train.min_learning_rate': 1.5e-4,
-        'train.optimizer': 'muon', 'train.muon_batched': True,
-        'train.lr_schedule': 'wsd', 'train.cooldown_fraction': 0.5, 'train.ema_decay': 0.99,
-        'train.max_steps': 700, 'train.lr_decay_steps': 700,
-        'train.eval_interval': 700, 'train.eval_at_start': False, 'train.eval_iters': 5,
-        'train.val_full_pass': True, 'train.log_interval': 50, 'train.target_val_loss': 1.47,
-        'sample.eval_tokens': 0,
+        'train.optimizer': 'muon', 'train.muon_batched': True, 'train.lr_schedule': 'wsd',
+        'train.cooldown_fraction': 0.5, 'train.ema_decay': 0.99, 'train.max_steps': 700,
+        'train.lr_decay_steps': 700, 'train.eval_interval': 700, 'train.eval_at_start': False,
+        'train.eval_iters': 5, 'train.val_full_pass': True, 'train.log_interval': 50,
+        'train.target_val_loss': 1.47, 'sample.eval_tokens': 0,
     },
-    # Record 1 (docs/speedrun.md): nanoGPT's headline (val loss <= 1.47) within an hour on a 2-core
-    # CPU with GPT-2 and AdamW: a smaller model (4.8M parameters) and a batch of 16, so that an hour
-    # of CPU buys ~5,600 optimizer steps over ~23M tokens instead of ~800 steps of the default recipe;
-    # dropout 0.1 for the ~20 epochs that makes; lr 1.5e-3 decayed over the real step count.
-    'speedrun_gpt2': {
+    'speedrun_gpt2': {  # Record 1: the same target with GPT-2 and AdamW, sized to a CPU hour.
         'out_dir': 'out/shakespeare_char_speedrun_gpt2',
         'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.1,
         'train.batch_size': 16, 'train.learning_rate': 1.5e-3, 'train.min_learning_rate': 1.5e-4,
-        'train.max_steps': 5600, 'train.lr_decay_steps': 5600,
-        'train.eval_interval': 500, 'train.eval_iters': 40, 'train.log_interval': 50,
-        'train.target_val_loss': 1.47,
+        'train.max_steps': 5600, 'train.lr_decay_steps': 5600, 'train.eval_interval': 500,
+        'train.eval_iters': 40, 'train.log_interval': 50, 'train.target_val_loss': 1.47,
     },
-    # The most nanoGPT's "baby" CPU model (4 layers, 4 heads, 128 wide, block 64, batch 12, no dropout)
-    # learns in three minutes on a 2-core CPU (docs/speedrun.md): trained 3.5x longer than nanoGPT's
-    # own CPU recipe with a 2x higher peak lr decayed over the real step count. Muon reached the same
-    # val loss in the same time with half the steps, so AdamW stays.
-    'cpu': {
+    'cpu': {  # nanoGPT's small CPU model, trained 3.5x longer at twice the lr.
         'out_dir': 'out/shakespeare_char_cpu',
         'model.n_layer': 4, 'model.n_head': 4, 'model.n_embd': 128, 'model.block_size': 64,
-        'model.dropout': 0.0,
-        'train.batch_size': 12, 'train.learning_rate': 2e-3, 'train.min_learning_rate': 2e-4,
-        'train.max_steps': 7000, 'train.lr_decay_steps': 7000,
+        'model.dropout': 0.0, 'train.batch_size': 12, 'train.learning_rate': 2e-3,
+        'train.min_learning_rate': 2e-4, 'train.max_steps': 7000, 'train.lr_decay_steps': 7000,
         'train.eval_interval': 500, 'train.eval_iters': 50, 'train.log_interval': 100,
     },
-    # nanoGPT's own CPU recipe, as its README gives it (train_shakespeare_char.py with --device=cpu
-    # --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
-    # --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0): lr 1e-3 -> 1e-4. nanoGPT reaches val
-    # loss 1.886 with it; like nanoGPT, no samples during training (scripts/sample.py afterwards).
-    'nanogpt_cpu': {
+    'nanogpt_cpu': {  # nanoGPT's own CPU recipe, as its README gives it; no samples.
         'out_dir': 'out/shakespeare_char_nanogpt_cpu',
         'model.n_layer': 4, 'model.n_head': 4, 'model.n_embd': 128, 'model.block_size': 64,
-        'model.dropout': 0.0,
-        'train.batch_size': 12, 'train.max_steps': 2000, 'train.lr_decay_steps': 2000,
-        'train.eval_iters': 20, 'train.log_interval': 100,
+        'model.dropout': 0.0, 'train.batch_size': 12, 'train.max_steps': 2000,
+        'train.lr_decay_steps': 2000, 'train.eval_iters': 20, 'train.log_interval': 100,
         'sample.eval_tokens': 0,
     },
-    'tiny': {
+    'tiny': {  # A toy model that trains in seconds; used by the test-suite.
         'out_dir': 'out/shakespeare_char_tiny',
         'model.n_layer': 2, 'model.n_head': 2, 'model.n_embd': 32, 'model.block_size': 32,
-        'model.dropout': 0.0,
-        'train.batch_size': 8, 'train.max_steps': 50, 'train.lr_decay_steps': 50, 'train.warmup_steps': 5,
-        'train.eval_interval': 25, 'train.eval_iters': 4,
+        'model.dropout': 0.0, 'train.batch_size': 8, 'train.max_steps': 50, 'train.lr_decay_steps': 50,
+        'train.warmup_steps': 5, 'train.eval_interval': 25, 'train.eval_iters': 4,
         'sample.eval_tokens': 32, 'sample.max_new_tokens': 64,
     },
 }

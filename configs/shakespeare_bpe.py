@@ -1,7 +1,7 @@
 """GPT on TinyShakespeare with GPT-2's BPE tokenizer (the data of nanoGPT's `shakespeare`).
 
     python scripts/train.py --config configs/shakespeare_bpe.py         # a GPU run
-    python scripts/train.py --config configs/shakespeare_bpe.py:cpu     # a few minutes on a 2-core CPU
+    python scripts/train.py --config configs/shakespeare_bpe.py:cpu     # a small model for a 2-core CPU
     python scripts/train.py --config configs/shakespeare_bpe.py:tiny    # seconds, for tests
 
 The text is split 90/10 by characters and each part is encoded with GPT-2's 50,257-token BPE, as in
@@ -16,8 +16,8 @@ vocabulary), so they are never produced.
 Presets (everything else as in configs/shakespeare.py's recipe):
   (default)  the `shakespeare_char` model (6 layers, 6 heads, 384 wide, dropout 0.2) on GPT-2 tokens,
              block 256 tokens (~1,000 characters), 2000 steps. Sized for a GPU; not measured here.
-  cpu        4 layers, 4 heads, 128 wide, block 64, batch 8, 300 steps: a few minutes on a 2-core
-             CPU, where the 50,304-way output layer and softmax are most of the cost of a step.
+  cpu        4 layers, 4 heads, 128 wide, block 64, batch 8, 300 steps, for a 2-core CPU, where the
+             50,304-way output layer and softmax are most of the cost of a step.
   tiny       a toy model for tests.
 """
 
@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from gpt_jax.config import load_config_file, preset_config, with_overrides
+from gpt_jax.config_files import load_config_file, preset_config, with_overrides
 
 GPT2_VOCAB_SIZE = 50257
 VOCAB_MULTIPLE = 64

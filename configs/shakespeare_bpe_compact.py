@@ -22,7 +22,7 @@ import os
 
 import ml_collections
 
-from gpt_jax.config import load_config_file, preset_config, with_overrides
+from gpt_jax.config_files import load_config_file, preset_config, with_overrides
 
 VOCAB_MULTIPLE = 64
 

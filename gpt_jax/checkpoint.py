@@ -1,21 +1,14 @@
 """Orbax checkpoints under `out_dir/checkpoints`.
 
-Each checkpoint step directory holds four items, written by one `CheckpointManager.save`:
-  params     the model parameters (enough for sampling)
-  opt_state  the optimizer state (needed only to resume training)
-  progress   the train step and the base PRNG key
-  meta       JSON: model config, tokenizer vocabulary, losses, and the run config,
-             so a checkpoint directory is all that sampling or evaluation need.
-
-Retention: the newest `keep_last` checkpoints plus the one with the lowest val loss.
-Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete, so an
-interrupted or failed save (a full disk) is never listed as a step, and old steps are removed only after
-the new one is complete. The writer (training, which holds the run lock of gpt_jax/training/runlock.py) removes
-such leftovers when it opens the directory. A failed save stops the run with a `CheckpointWriteError`.
-
-A damaged checkpoint (a truncated array file, garbled JSON, an item folder missing) raises
-`DamagedCheckpoint` naming the step; nothing here ever deletes it. Telling damage from a mismatch, the
-messages for both, and a resume's policy for damaged steps live in gpt_jax/checkpoint_damage.py.
+Each step directory holds four items, written by one `CheckpointManager.save`: `params` (enough for
+sampling), `opt_state` (only to resume training), `progress` (the train step and base PRNG key) and
+`meta` (JSON: model config, tokenizer vocabulary, losses, run config: all that sampling or evaluation
+need). Retention: the newest `keep_last` checkpoints plus the one with the lowest val loss.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a failed
+save (a full disk) is never listed as a step, and old steps go only once the new one is complete; the
+writer (holding the run lock, gpt_jax/training/runlock.py) removes such leftovers when it opens the
+directory. A damaged checkpoint is never deleted here: telling damage from a mismatch, the messages
+for both and a resume's policy for damaged steps live in gpt_jax/checkpoint_damage.py.
 """
 
 from __future__ import annotations
@@ -75,20 +68,8 @@ class Checkpointer:
     self.manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    try:
-      return ocp.CheckpointManager(self.directory, options=self._options)
-    except Exception:  # Orbax reads every step's metrics JSON on opening.
-      garbled = damage.garbled_metrics(self.directory)
-      if garbled is None:
-        raise
-      step, why = garbled
-      if self._set_aside:
-        print(f'moved damaged checkpoint {step} to {damage.move_steps(self.directory, [step])}')
-        return self._open()
-      raise DamagedCheckpoint(
-          step, self.directory, why, 'move it out of the folder to use the others; a resume with '
-          f'--config.train.resume_from_last_good=True moves it to {damage.damaged_dir(self.directory)} '
-          'itself') from None
+    return damage.open_manager(lambda: ocp.CheckpointManager(self.directory, options=self._options),
+                               self.directory, self._set_aside)
 
   # --- queries ---------------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -122,9 +103,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float, ema: Any = None) -> None:
     """Saves the train state (params, opt_state, step, key) and metadata as checkpoint `step`.
 
-    With `ema` (the optimizer's `EmaState`, train.ema_decay > 0), its averaged weights are also saved
-    as the item `ema_params`, which inference reads instead of `params` (`restore_params`); the
-    training params and the whole optimizer state stay in the checkpoint for an exact resume.
+    With `ema` (train.ema_decay > 0) its averaged weights are also saved as the item `ema_params`, which
+    inference reads instead of `params`; params and optimizer state stay for an exact resume.
     """
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
                 val_loss=float(val_loss))
@@ -146,9 +126,7 @@ class Checkpointer:
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """An inference-only checkpoint (e.g. converted GPT-2 weights): no optimizer state, not resumable.
-
-    Orbax refuses an empty item, so `opt_state` is left out and the metadata says so.
-    """
+    Orbax refuses an empty item, so `opt_state` is left out and the metadata says so."""
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
                 val_loss=float('nan'), inference_only=True)
     self.manager.save(step, args=ocp.args.Composite(
@@ -176,11 +154,8 @@ class Checkpointer:
                                   step=r.progress['step'], key=r.progress['key'])
 
   def restore_params(self, step: int, abstract_params: Any = None, meta: Optional[dict] = None) -> Any:
-    """Restores only the parameters (no optimizer state): what sampling and evaluation need.
-
-    Those are the weights the run evaluated: the `ema_params` item when it kept an average
-    (train.ema_decay > 0), else `params`. `meta`: the step's metadata, if the caller has read it.
-    """
+    """Restores only the parameters the run evaluated (`ema_params` when it kept an average, else
+    `params`): what sampling and evaluation need. `meta`: the step's metadata, if already read."""
     abstract_params = _placed(abstract_params)
     item = (self.meta(step) if meta is None else meta).get('inference_params', 'params')
     damage.check_complete(self.directory, step, (item,))
@@ -210,32 +185,6 @@ class Checkpointer:
     self.wait()
     self.manager.close()
 
-  # --- damaged checkpoints (gpt_jax/checkpoint_damage.py) ---------------------------------------
-  def move_aside(self, steps: list[int]) -> str:
-    """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/`."""
-    self.manager.close()
-    dest = damage.move_steps(self.directory, steps)
-    self.manager = self._open()
-    return dest
-
-
-def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
-  """Raises a UserError naming every field where a checkpoint's model differs from `model_cfg`."""
-  saved = ModelConfig.from_dict(meta['model'])
-  # Dropout, compute dtype/backend and remat do not change the parameters, nor zero_init_proj once
-  # they exist: they may differ on resume. (A saved config from before a field existed reads as that
-  # field's default, which is the behaviour the checkpoint was trained with.)
-  def shape_only(c: ModelConfig) -> dict:
-    d = c.to_dict()
-    for k in ('dropout', 'attention', 'attention_dropout', 'dtype', 'remat', 'zero_init_proj'):
-      d.pop(k)
-    return d
-  a, b = shape_only(saved), shape_only(model_cfg)
-  diffs = [f'{k}: checkpoint {a[k]!r}, config {b[k]!r}' for k in a if a[k] != b[k]]
-  if diffs:
-    raise UserError(f'the checkpoint in {where} is for a different model ({"; ".join(diffs)}). '
-                    'Use the same model settings, or another --config.out_dir.')
-
 
 def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[ModelConfig, Any, dict]:
   """Opens a run's checkpoints and returns (model config, params, meta) of `step` (default: best)."""
@@ -263,11 +212,8 @@ def load_for_inference(ckpt_dir: str, step: Optional[int] = None) -> tuple[Model
 
 
 def _placed(abstract: Any) -> Any:
-  """Leaves without a target sharding go to this process's first device.
-
-  Without one, Orbax would rebuild the sharding the checkpoint was saved with, which fails when it
-  was written on another topology (e.g. sharded over 4 devices, now sampled on 1).
-  """
+  """Leaves without a target sharding go to this process's first device. Otherwise Orbax would rebuild
+  the sharding it was saved with, which fails on another topology (saved on 4 devices, read on 1)."""
   if abstract is None:
     return None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -3,10 +3,11 @@
 A checkpoint that exists but cannot be read (a truncated array file, garbled JSON, an item folder
 missing) is *damaged*: `DamagedCheckpoint` names the step, and nothing here ever deletes it. A
 well-formed checkpoint of another shape is the user's *mismatch*: `describe_mismatch` names the first
-array whose shape differs. `resume_newest_good` is the read policy of a resumed run: the newest step
-that restores completely, after moving the damaged ones to `damaged_checkpoints/` on request
-(train.resume_from_last_good). Every restore awaits all of its reads, even after one of them failed
-(`reads_awaited`): a failed restore leaves nothing behind that prints a traceback later.
+array whose shape differs, `check_model_matches` every model field that differs. `resume_newest_good`
+is the read policy of a resumed run: the newest step that restores completely, after moving the
+damaged ones to `damaged_checkpoints/` on request (train.resume_from_last_good). Every restore awaits
+all of its reads, even after one of them failed (`reads_awaited`): a failed restore leaves nothing
+behind that prints a traceback later.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import jax
 
+from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -103,12 +105,57 @@ def resume_newest_good(ckpt: Checkpointer, abstract_state: Any, check_meta: Call
           f'--config.train.resume=True --config.train.resume_from_last_good=True, which moves '
           f'{_plural(damaged)} to {damaged_dir(ckpt.directory)} (nothing is deleted)'))
     if damaged:
-      moved = ckpt.move_aside([d.step for d in damaged])
+      moved = move_aside(ckpt, [d.step for d in damaged])
       print(f'moved damaged {_plural(damaged)} to {moved}; continuing from checkpoint {step}')
     return step, state, meta
   raise DamagedCheckpoint(damaged[0].step, ckpt.directory, damaged[0].reason,
                           'no other checkpoint is readable either (nothing was deleted); start a new '
                           'run with another --config.out_dir')
+
+
+def open_manager(open_fn: Callable[[], Any], directory: str, set_aside: bool) -> Any:
+  """`open_fn()` (the CheckpointManager, which reads every step's metrics JSON on opening). A step whose
+  JSON is garbled is moved to `damaged_checkpoints/` when `set_aside`, else a DamagedCheckpoint."""
+  try:
+    return open_fn()
+  except Exception:
+    garbled = garbled_metrics(directory)
+    if garbled is None:
+      raise
+    step, why = garbled
+    if set_aside:
+      print(f'moved damaged checkpoint {step} to {move_steps(directory, [step])}')
+      return open_manager(open_fn, directory, set_aside)
+    raise DamagedCheckpoint(
+        step, directory, why, 'move it out of the folder to use the others; a resume with '
+        f'--config.train.resume_from_last_good=True moves it to {damaged_dir(directory)} '
+        'itself') from None
+
+
+def move_aside(ckpt: Checkpointer, steps: list[int]) -> str:
+  """Moves checkpoint `steps` out of the managed folder into `damaged_checkpoints/`; reopens it."""
+  ckpt.manager.close()
+  dest = move_steps(ckpt.directory, steps)
+  ckpt.manager = ckpt._open()
+  return dest
+
+
+def check_model_matches(meta: dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
+  """Raises a UserError naming every field where a checkpoint's model differs from `model_cfg`."""
+  saved = ModelConfig.from_dict(meta['model'])
+  # Dropout, compute dtype/backend and remat do not change the parameters, nor zero_init_proj once
+  # they exist: they may differ on resume. (A saved config from before a field existed reads as that
+  # field's default, which is the behaviour the checkpoint was trained with.)
+  def shape_only(c: ModelConfig) -> dict:
+    d = c.to_dict()
+    for k in ('dropout', 'attention', 'attention_dropout', 'dtype', 'remat', 'zero_init_proj'):
+      d.pop(k)
+    return d
+  a, b = shape_only(saved), shape_only(model_cfg)
+  diffs = [f'{k}: checkpoint {a[k]!r}, config {b[k]!r}' for k in a if a[k] != b[k]]
+  if diffs:
+    raise UserError(f'the checkpoint in {where} is for a different model ({"; ".join(diffs)}). '
+                    'Use the same model settings, or another --config.out_dir.')
 
 
 def damaged_dir(directory: str) -> str:

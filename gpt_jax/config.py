@@ -1,29 +1,20 @@
-"""The model's and the sampler's settings as small frozen dataclasses, and how config files are built.
+"""The model's and the sampler's settings as small frozen dataclasses.
 
-The run config (optimizer, data, checkpoints, ...) is an `ml_collections.ConfigDict` built by a
-`configs/*.py` file: a base recipe plus, per preset, a dict of the dotted fields it changes
-(`with_overrides`). The model part is turned into a frozen `ModelConfig`: hashable (so it can be a
-static attribute of Flax modules and jitted functions) and saved as JSON beside every checkpoint, so
-sampling needs nothing but the checkpoint directory. `ModelConfig` and `SampleConfig` hold the
-defaults of their sections; the checks of every section are in gpt_jax/config_checks.py.
+`ModelConfig` is hashable (a static attribute of Flax modules and jitted functions) and saved as JSON
+beside every checkpoint, so sampling needs nothing but the checkpoint directory. The rest of a run's
+config is an `ml_collections.ConfigDict` built by a configs/*.py file (gpt_jax/config_files.py); every
+check of every section is in gpt_jax/config_checks.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 
 from gpt_jax.errors import UserError
 
-ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See attention.attention_implementation.
-DTYPES = ('float32', 'bfloat16', 'float16')
-POSITIONS = ('learned', 'rotary')
-ACTIVATIONS = ('gelu', 'relu2')
-# The pieces `ModelConfig.ablate` can take out of GPT-2, to see what each one is for.
 ABLATIONS = ('attention', 'positions', 'residual', 'layernorm', 'heads', 'mlp')
 
 
@@ -43,9 +34,8 @@ class ModelConfig:
   dtype: str = 'float32'        # Compute dtype of the matmuls; parameters and the residual stream
                                 # always stay float32 (as torch.autocast keeps them).
   attention: str = 'manual'     # Full forwards and prefills: 'manual' (written out), 'xla' / 'cudnn'
-                                # (jax.nn.dot_product_attention's implementations) or 'auto' (cuDNN
-                                # where it applies, else XLA); attention.attention_implementation
-                                # decides. Decode steps always use attention.cached_attention.
+                                # (jax.nn.dot_product_attention's) or 'auto' (cuDNN where it applies,
+                                # else XLA). Decode steps always use attention.cached_attention.
   attention_dropout: bool = True  # Dropout on the attention probabilities (GPT-2). False keeps only the
                                 # embedding and residual dropout, which lets fused kernels train.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
@@ -60,37 +50,12 @@ class ModelConfig:
   # Ablations, to learn what each piece of GPT-2 is for by training without it: a comma-separated
   # subset of ABLATIONS ('' = none). attention: each position attends only to itself; positions: no
   # position information; residual: no residual connections; layernorm: ln_1, ln_2, ln_f are the
-  # identity; heads: one head of size n_embd; mlp: no MLP sub-layer. See `ablated`.
+  # identity; heads: one head of size n_embd; mlp: no MLP sub-layer.
   ablate: str = ''
 
   def __post_init__(self):
-    problems = []
-    for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
-      if int(getattr(self, name)) < 1:
-        problems.append(f'model.{name} must be >= 1 (got {getattr(self, name)})')
-    if self.n_head >= 1 and self.n_embd % self.n_head:
-      problems.append(f'model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})')
-    if not 0.0 <= self.dropout < 1.0:
-      problems.append(f'model.dropout must be in [0, 1) (got {self.dropout})')
-    if self.attention not in ATTENTION_BACKENDS:
-      problems.append(f'model.attention must be one of {ATTENTION_BACKENDS} (got {self.attention!r})')
-    if self.dtype not in DTYPES:
-      problems.append(f'model.dtype must be one of {DTYPES} (got {self.dtype!r})')
-    unknown = sorted(self.ablated - set(ABLATIONS))
-    if unknown:
-      problems.append(f'model.ablate: unknown piece(s) {unknown}; it takes a comma-separated subset of '
-                      f'{ABLATIONS}, e.g. \'attention,mlp\' (\'\' = the whole model)')
-    if self.position not in POSITIONS:
-      problems.append(f'model.position must be one of {POSITIONS} (got {self.position!r})')
-    elif self.position == 'rotary' and self.n_head >= 1 and self.head_size % 2:
-      problems.append(f'model.position=\'rotary\' rotates pairs of head dimensions, so the head size '
-                      f'n_embd // n_head must be even (got {self.head_size})')
-    if not self.rope_base > 0:
-      problems.append(f'model.rope_base must be > 0 (got {self.rope_base})')
-    if self.activation not in ACTIVATIONS:
-      problems.append(f'model.activation must be one of {ACTIVATIONS} (got {self.activation!r})')
-    if problems:
-      raise UserError('invalid model config: ' + '; '.join(problems))
+    from gpt_jax import config_checks  # Lazily: config_checks builds on this module.
+    config_checks.raise_problems(config_checks.model_config_problems(self), 'invalid model config')
 
   @property
   def ablated(self) -> frozenset[str]:
@@ -110,8 +75,7 @@ class ModelConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
     """Builds from a mapping (a ConfigDict section or saved JSON); unknown keys are an error."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
+    if unknown := sorted(set(d) - fields):
       raise UserError(f'unknown model config field(s) {unknown}; known fields are {sorted(fields)}')
     return cls(**{k: d[k] for k in d})
 
@@ -119,10 +83,7 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
   def non_gpt2_options(self) -> list[str]:
-    """The options set that change the function away from GPT-2's (empty for a GPT-2 model).
-
-    zero_init_proj is not among them: it only changes the starting point, not the architecture.
-    """
+    """The options that change the function away from GPT-2's (not zero_init_proj: only the start)."""
     out = []
     if self.position != 'learned':
       out.append(f'model.position={self.position!r}')
@@ -134,7 +95,7 @@ class ModelConfig:
       out.append(f'model.ablate={self.ablate!r}')
     return out
 
-  def diff(self, other: 'ModelConfig') -> list[str]:
+  def diff(self, other: ModelConfig) -> list[str]:
     """Human-readable list of fields where `other` differs from `self`."""
     return [f'{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}'
             for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
@@ -150,8 +111,7 @@ class SampleConfig:
   top_k: int = 200              # Sample only from the k most likely tokens (0 = all).
   seed: int = 1337
   eval_tokens: int = 200        # Length of the sample printed at every eval (0 = none).
-  window_shift: int = 0         # Past block_size: re-encode every `shift` tokens (0 = block_size // 4,
-                                # 1 = nanoGPT's exact crop-to-the-last-block_size).
+  window_shift: int = 0         # Re-encode every N tokens past block_size (0 = block_size // 4; 1 = nanoGPT).
 
 
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
@@ -163,14 +123,13 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
   position table `wpe` (the token table is kept because it is also the output layer); a rotary model
   has no such table. Ablations remove what they name: the LayerNorms, the MLP (with its ln_2), `wpe`.
   """
-  C, L, off = cfg.n_embd, cfg.n_layer, cfg.ablated
+  C, off = cfg.n_embd, cfg.ablated
   ln = 0 if 'layernorm' in off else 2 * C if cfg.bias else C
   qk = 2 * cfg.head_size if cfg.qk_norm else 0  # attn.q_norm and attn.k_norm scales.
   attn = ln + 4 * C * C + (4 * C if cfg.bias else 0) + qk  # ln_1, c_attn, c_proj.
   mlp = 0 if 'mlp' in off else ln + 8 * C * C + (5 * C if cfg.bias else 0)  # ln_2, c_fc, c_proj.
-  per_block = attn + mlp
   wpe = cfg.block_size * C if cfg.position == 'learned' and 'positions' not in off else 0
-  n = cfg.vocab_size * C + wpe + L * per_block + ln
+  n = cfg.vocab_size * C + wpe + cfg.n_layer * (attn + mlp) + ln
   return n - wpe if non_embedding else n
 
 
@@ -189,42 +148,3 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mod
     raise UserError(f'model.vocab_size={m["vocab_size"]} is smaller than the tokenizer\'s vocabulary '
                     f'({vocab_size}); set it to 0 (automatic) or at least {vocab_size}.')
   return ModelConfig.from_dict(m)
-
-
-def load_config_file(path: str, preset: str = '') -> ml_collections.ConfigDict:
-  """`get_config(preset)` of a config file given by path, as `config_flags` would load it.
-
-  Config files are plain files, not a package, so one preset file builds on another through this
-  (e.g. configs/shakespeare_bpe.py starts from configs/shakespeare.py).
-  """
-  name = '_gpt_jax_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
-def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-                   ) -> ml_collections.ConfigDict:
-  """Sets each dotted field of `overrides` ('train.max_steps': 700) in `config`, in place; returns it.
-
-  Only existing fields: a misspelt one is an error rather than a new field nobody reads.
-  """
-  for key, value in overrides.items():
-    *sections, field = key.split('.')
-    node = config
-    for name in sections:
-      node = node[name]
-    if field not in node:
-      raise KeyError(f'{key!r} is not a field of the base config')
-    node[field] = value
-  return config
-
-
-def preset_config(base: Callable[[], ml_collections.ConfigDict], presets: Mapping[str, Mapping[str, Any]],
-                  preset: str) -> ml_collections.ConfigDict:
-  """`base()` with the overrides of `presets[preset]` ('' = the base recipe as it is)."""
-  if preset not in presets:
-    raise ValueError(f'unknown preset {preset!r}: use one of '
-                     + ', '.join(repr(name) for name in presets))
-  return with_overrides(base(), presets[preset])

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gpt_jax import optim, optim_variants
-from gpt_jax.config import ModelConfig
+from gpt_jax.config import ABLATIONS, ModelConfig
 from gpt_jax.errors import UserError
 
 TOKENIZERS = ('char', 'gpt2', 'bpe')
@@ -57,6 +57,42 @@ def raise_problems(problems: list[str], what: str = 'invalid config') -> None:
   """One UserError naming every problem, or nothing."""
   if problems:
     raise UserError(f'{what}: ' + '; '.join(problems))
+
+
+ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See attention.attention_implementation.
+DTYPES = ('float32', 'bfloat16', 'float16')
+POSITIONS = ('learned', 'rotary')
+ACTIVATIONS = ('gelu', 'relu2')
+
+
+def model_config_problems(m: ModelConfig) -> list[str]:
+  """The problems of one ModelConfig (run by its __post_init__, so no invalid one is ever built)."""
+  problems = []
+  for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
+    if int(getattr(m, name)) < 1:
+      problems.append(f'model.{name} must be >= 1 (got {getattr(m, name)})')
+  if m.n_head >= 1 and m.n_embd % m.n_head:
+    problems.append(f'model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})')
+  if not 0.0 <= m.dropout < 1.0:
+    problems.append(f'model.dropout must be in [0, 1) (got {m.dropout})')
+  if m.attention not in ATTENTION_BACKENDS:
+    problems.append(f'model.attention must be one of {ATTENTION_BACKENDS} (got {m.attention!r})')
+  if m.dtype not in DTYPES:
+    problems.append(f'model.dtype must be one of {DTYPES} (got {m.dtype!r})')
+  unknown = sorted(m.ablated - set(ABLATIONS))
+  if unknown:
+    problems.append(f'model.ablate: unknown piece(s) {unknown}; it takes a comma-separated subset of '
+                    f'{ABLATIONS}, e.g. \'attention,mlp\' (\'\' = the whole model)')
+  if m.position not in POSITIONS:
+    problems.append(f'model.position must be one of {POSITIONS} (got {m.position!r})')
+  elif m.position == 'rotary' and m.n_head >= 1 and m.head_size % 2:
+    problems.append(f'model.position=\'rotary\' rotates pairs of head dimensions, so the head size '
+                    f'n_embd // n_head must be even (got {m.head_size})')
+  if not m.rope_base > 0:
+    problems.append(f'model.rope_base must be > 0 (got {m.rope_base})')
+  if m.activation not in ACTIVATIONS:
+    problems.append(f'model.activation must be one of {ACTIVATIONS} (got {m.activation!r})')
+  return problems
 
 
 def check_model(m: Mapping[str, Any]) -> list[str]:

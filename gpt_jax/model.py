@@ -8,16 +8,13 @@ each with `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`
 Shapes: B = batch, T = sequence length, C = n_embd, H = n_head, D = head size (C // H),
 S = cache length (= block_size), V = vocab size.
 
-Things that differ from Flax's defaults on purpose (GPT-2 faithfulness):
-  * weights are initialised N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 L)), biases zero
-    (Flax's Dense would use lecun_normal);
-  * LayerNorm epsilon is 1e-5 (Flax's is 1e-6);
-  * GELU is exact (erf) by default as in nanoGPT, or the tanh form GPT-2 used (`gelu_approximate`).
+Where Flax's defaults differ, GPT-2's are followed: weights N(0, 0.02), residual projections
+N(0, 0.02 / sqrt(2 L)), biases zero (Flax's Dense: lecun_normal); LayerNorm eps 1e-5 (Flax: 1e-6);
+GELU exact (erf) as in nanoGPT, or GPT-2's tanh form (`gelu_approximate`).
 
-How the attention softmax is computed (written out, blockwise, over a KV cache, or a fused kernel) is
-gpt_jax/attention.py. The options that leave GPT-2 (rotary positions, QK-norm, ReLU^2, zero-initialised
-projections, the ablations) are each one line here into gpt_jax/model_variants.py, which a reader of
-GPT-2 can skip: off (the default) every one of them is the identity.
+How the attention softmax is computed (written out, blockwise, over a KV cache, fused) is
+gpt_jax/attention.py. The departures from GPT-2 (rotary, QK-norm, ReLU^2, zero-init, the ablations)
+are one line each into gpt_jax/model_variants.py, which a reader can skip: off, each is the identity.
 """
 
 from __future__ import annotations
@@ -82,9 +79,8 @@ class Linear(nn.Module):
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """GELU(x) = x * Phi(x). Exact: 0.5 x (1 + erf(x / sqrt(2))), the formula PyTorch's F.gelu uses.
 
-  `approximate`: GPT-2's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-  (jax.nn.gelu's exact form goes through erfc, about twice as slow on a CPU for the same values.)
-  """
+  `approximate`: GPT-2's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). (jax.nn.gelu's
+  exact form goes through erfc, slower on a CPU for the same values.)"""
   if approximate:
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
   return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
@@ -93,11 +89,10 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   """Zeroes each element with probability `rate` and scales the survivors by 1 / (1 - rate).
 
-  The keep/drop decision compares 16 random bits with round(rate * 2^16), so two elements share one
-  32-bit draw: half the random numbers of `jax.random.bernoulli`, whose generator is most of the cost
-  of dropout on a CPU. The rate is thus a multiple of 2^-16 (0.2 -> 0.199997), and survivors are
-  scaled by the exact inverse of the keep probability actually used, so E[dropout(x)] = x.
-  """
+  Keep/drop compares 16 random bits with round(rate * 2^16), so two elements share one 32-bit draw:
+  half the random numbers of `jax.random.bernoulli`, whose generator is most of dropout's cost on a
+  CPU. The rate is a multiple of 2^-16, and survivors are scaled by the exact inverse of the keep
+  probability used, so E[dropout(x)] = x."""
   threshold = min(round(rate * 65536), 65535)
   n = x.size
   bits = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
@@ -118,12 +113,9 @@ class Dropout(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with an optional KV cache for generation.
-
-  `record_probs` asks for the attention probabilities (sown as 'intermediates'/'attn_probs'), which
-  only the written-out full (T, T) path has: the per-layer statistics pass sets it explicitly
-  (gpt_jax/training/layer_stats.py). It never changes the function computed, only the kernel.
-  """
+  """Multi-head causal self-attention with an optional KV cache for generation. `record_probs` sows the
+  attention probabilities ('intermediates'/'attn_probs'; the written-out (T, T) kernel only), for the
+  per-layer statistics (training/layer_stats.py): it changes the kernel, never the function."""
   config: ModelConfig
   record_probs: bool = False
 
@@ -234,11 +226,8 @@ class GPT(nn.Module):
     return self._forward(idx, deterministic, None, 0)[0]
 
   def decode(self, idx: jax.Array, cache: Cache, pos: Any) -> tuple[jax.Array, Cache]:
-    """Runs tokens at absolute positions [pos, pos + T) against a KV cache (inference only).
-
-    Used both to prefill a prompt (T > 1, pos = 0) and to extend by one token (T = 1).
-    Returns logits (B, T, V) and the updated cache.
-    """
+    """Runs tokens at absolute positions [pos, pos + T) against a KV cache (inference only): a prompt's
+    prefill (T > 1, pos = 0) or one more token (T = 1). Returns logits (B, T, V) and the new cache."""
     return self._forward(idx, True, cache, pos)
 
 

@@ -1,21 +1,14 @@
 """GPT-2's optimizer: global-norm gradient clipping -> AdamW, with a warmup + cosine learning rate.
 
-Two implementations of the same maths, chosen by `train.optimizer`:
-  'adamw'          `adamw`: a chain of optax pieces (the default);
-  'adamw_by_hand'  `adamw_by_hand`: pure functions over pytrees, with the update written out below.
-Both decay only >= 2-D tensors (matmul weights and the embedding tables), never biases or
-LayerNorm scales, as in GPT-2 / nanoGPT. Both compute Adam's bias correction 1 - b^t accurately
-(`bias_correction`); that is the one piece the optax chain does not take from `optax.adamw`.
-tests/test_optim.py checks that 200 training steps with either give the same parameters (bit for
-bit, in practice), and both against stock `optax.adamw`.
-
-The hand-written AdamW is exposed as an `optax.GradientTransformation(init, update)` so Flax's
-`TrainState.apply_gradients` uses it unchanged; its state is an `AdamWByHandState` NamedTuple of
-arrays, which Orbax checkpoints like any other pytree (by its field names, not its class name).
-
-Departures from GPT-2's recipe live in gpt_jax/optim_variants.py and are reached from here in one
-line each: the 'muon' optimizer, the 'wsd' schedule and the moving average of the weights
-(train.ema_decay > 0). A first reading can skip that file.
+Two implementations of the same maths, chosen by `train.optimizer`: 'adamw' (`adamw`, a chain of optax
+pieces; the default) and 'adamw_by_hand' (`adamw_by_hand`, the update written out over pytrees). Both
+decay only >= 2-D tensors (matmul weights, embedding tables), never biases or LayerNorm scales, as
+GPT-2 / nanoGPT, and both compute Adam's bias correction accurately (`bias_correction`).
+tests/test_optim.py checks them against each other and against stock `optax.adamw`. The hand-written
+one is an `optax.GradientTransformation`, so Flax's `TrainState.apply_gradients` uses it unchanged; its
+state is a NamedTuple of arrays, which Orbax saves like any pytree (by field names, not class name).
+The departures (the 'muon' optimizer, the 'wsd' schedule, the weights' moving average) live in
+gpt_jax/optim_variants.py, reached from here in one line each; a first reading can skip that file.
 """
 
 from __future__ import annotations
@@ -31,9 +24,8 @@ from gpt_jax import optim_variants
 from gpt_jax.errors import UserError
 
 OPTIMIZERS = ('adamw', 'adamw_by_hand', 'muon')
-# Names runs stored before the optimizers were named by their algorithm (in a config.json, a
-# checkpoint's metadata, a saved command line): 'optax' named the library, 'scratch' the hand-written
-# AdamW. Read everywhere through `optimizer_name`, so old runs resume under either name.
+# Older runs stored these names (config.json, checkpoint metadata, command lines): 'optax' named the
+# library, 'scratch' the hand-written AdamW. Read through `optimizer_name`, old runs still resume.
 OPTIMIZER_ALIASES = {'optax': 'adamw', 'scratch': 'adamw_by_hand'}
 LR_SCHEDULES = ('cosine', 'wsd')
 ADAM_EPS = 1e-8  # nanoGPT / PyTorch's AdamW default; not a config field.
@@ -55,11 +47,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def lr_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> optax.Schedule:
-  """The learning rate of every step, by `train.lr_schedule`; `scale` multiplies all of it.
-
-  'cosine' (`cosine_schedule`) is nanoGPT's; 'wsd' is warmup-stable-decay (`optim_variants`). Muon's
-  learning rate is the same schedule scaled by muon_learning_rate / learning_rate.
-  """
+  """The learning rate of every step by `train.lr_schedule` ('cosine': nanoGPT's; 'wsd': optim_variants),
+  times `scale` (Muon's: muon_learning_rate / learning_rate)."""
   kind = train_cfg.lr_schedule
   if kind == 'cosine':
     return cosine_schedule(train_cfg, scale)
@@ -69,23 +58,17 @@ def lr_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> opt
 
 
 def cosine_schedule(train_cfg: ml_collections.ConfigDict, scale: float = 1.0) -> optax.Schedule:
-  """Linear warmup 0 -> learning_rate over `warmup_steps`, cosine down to `min_learning_rate` at
-  step `lr_decay_steps`, then flat.
-
-  optax's `decay_steps` counts *from step 0*, warmup included, which is exactly nanoGPT's
-  `lr_decay_iters` meaning, so it is passed through unchanged (not `lr_decay_steps - warmup_steps`).
-  The warmup starts at 0 (`init_value=0`): step s < warmup gets learning_rate * s / warmup_steps, so
-  the very first update has learning rate 0 (it only fills the Adam moments). That is nanoGPT's
-  original get_lr; today's nanoGPT uses (s + 1) / (warmup_steps + 1) instead, one step ahead.
-  A constant learning rate: warmup_steps = 0 and min_learning_rate = learning_rate.
+  """Linear warmup 0 -> learning_rate over `warmup_steps`, cosine down to `min_learning_rate` at step
+  `lr_decay_steps`, then flat. optax's `decay_steps` counts from step 0, warmup included: exactly
+  nanoGPT's `lr_decay_iters`, so it passes through unchanged. Step s < warmup gets learning_rate * s /
+  warmup_steps, so the first update's is 0 (it only fills the Adam moments): nanoGPT's original get_lr
+  (today's uses (s + 1) / (warmup_steps + 1), one step ahead). A constant learning rate:
+  warmup_steps = 0 and min_learning_rate = learning_rate.
   """
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=train_cfg.learning_rate * scale,
-      warmup_steps=train_cfg.warmup_steps,
+      init_value=0.0, peak_value=train_cfg.learning_rate * scale, warmup_steps=train_cfg.warmup_steps,
       decay_steps=max(train_cfg.lr_decay_steps, train_cfg.warmup_steps + 1),
-      end_value=train_cfg.min_learning_rate * scale,
-  )
+      end_value=train_cfg.min_learning_rate * scale)
 
 
 def decay_mask(params: Any) -> Any:
@@ -96,10 +79,8 @@ def decay_mask(params: Any) -> Any:
 def adamw(train_cfg: ml_collections.ConfigDict, clip: bool = True) -> optax.GradientTransformation:
   """clip_by_global_norm(grad_clip) -> AdamW(schedule, beta1, beta2, weight_decay on the mask).
 
-  The AdamW part is `optax.adamw`'s own chain (scale_by_adam -> add_decayed_weights ->
-  scale_by_learning_rate) with `scale_by_adam` below in place of optax's, so the optimizer state
-  has exactly optax.adamw's structure. `clip=False` leaves the clipping out (Muon's chain clips
-  all gradients before it splits them).
+  The AdamW is `optax.adamw`'s own chain with `scale_by_adam` below in place of optax's, so the state
+  has exactly optax.adamw's structure. `clip=False`: no clipping (Muon's chain clips before it splits).
   """
   tx = optax.chain(
       scale_by_adam(train_cfg.beta1, train_cfg.beta2, ADAM_EPS),
@@ -116,27 +97,20 @@ def adamw(train_cfg: ml_collections.ConfigDict, clip: bool = True) -> optax.Grad
 def bias_correction(decay: float, count: jax.Array) -> jax.Array:
   """1 - decay**count in float32, accurate to a couple of float32 roundings.
 
-  The textbook form `1 - decay**count` (optax's) cancels catastrophically in float32: 0.99 is stored
-  as 0.99000001 and the power is rounded again, so for beta2 = 0.99 the correction is off by up to
-  1.8e-6 relative in the first 100 steps (2e-5 for 0.999), and nearly always in the same direction.
-  Every parameter's early steps then come out slightly too short, a bias PyTorch's AdamW does not
-  have (it computes this scalar in double precision): on the `tiny` preset it put the JAX run 9.3e-5
-  in loss from a float64 run by step 89, against 1.1e-5 with this form
-  (docs/faithfulness.md, "JAX vs PyTorch").
-  Written as -expm1(count * log1p(-(1 - decay))), with 1 - decay formed in double precision before
-  the cast, it is within 3e-7 of exact.
+  The textbook `1 - decay**count` (optax's) cancels in float32 (0.99 is stored as 0.99000001 and the
+  power is rounded again), nearly always in the same direction, so every early step came out slightly
+  too short: a bias PyTorch's AdamW, which computes this scalar in double precision, does not have
+  (docs/faithfulness.md, "JAX vs PyTorch"). -expm1(count * log1p(-(1 - decay))), with 1 - decay
+  formed in double precision before the cast, is accurate.
   """
   one_minus = jnp.float32(1.0 - decay)  # 0.01, not 1 - float32(0.99)
   return -jnp.expm1(count.astype(jnp.float32) * jnp.log1p(-one_minus))
 
 
 def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-  """`optax.scale_by_adam` with an accurate bias correction (see `bias_correction`).
-
-  optax's own transformation keeps the state (count and both moments, `optax.ScaleByAdamState`, so
-  checkpoints are interchangeable with `optax.adamw`'s); only m_hat / (sqrt(v_hat) + eps) is formed
-  here, from its updated moments. Under jit, optax's discarded update costs nothing.
-  """
+  """`optax.scale_by_adam` with an accurate bias correction (see `bias_correction`). optax's keeps the
+  state (`ScaleByAdamState`: checkpoints as `optax.adamw`'s); only m_hat / (sqrt(v_hat) + eps) is formed
+  here, from its updated moments. Under jit, optax's discarded update costs nothing."""
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -164,10 +138,8 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def clip_by_global_norm(grads: Any, max_norm: float) -> Any:
-  """Scales all gradients by max_norm / norm when their global norm exceeds max_norm.
-
-  One factor for the whole tree keeps the update's direction; only its length is capped.
-  """
+  """Scales all gradients by max_norm / norm when their global norm exceeds max_norm: one factor for
+  the whole tree keeps the update's direction; only its length is capped."""
   norm = global_norm(grads)
   clip = norm >= max_norm  # where() discards g / norm when not clipping, so a zero norm is harmless.
   return jax.tree_util.tree_map(lambda g: jnp.where(clip, g / norm * max_norm, g), grads)
@@ -189,9 +161,8 @@ def adamw_update(grads: Any, state: AdamWByHandState, params: Any, *, lr: jax.Ar
     m_hat = m / (1 - b1^t)                  v_hat = v / (1 - b2^t)       (t = count + 1)
     update = -lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)    (decay on >= 2-D p only)
 
-  The decay is *decoupled*: it is added after the Adam normalisation, so it shrinks weights at
-  rate lr * weight_decay whatever their gradient scale (L2 in the loss would be divided by
-  sqrt(v_hat) too).
+  The decay is *decoupled*: added after the Adam normalisation, it shrinks weights at rate
+  lr * weight_decay whatever their gradient scale (L2 in the loss would be divided by sqrt(v_hat) too).
   """
   t = state.count + 1
   # The moments start at 0, so early EMAs are biased towards 0 by a factor (1 - b^t); divide it out.
@@ -210,25 +181,17 @@ def adamw_update(grads: Any, state: AdamWByHandState, params: Any, *, lr: jax.Ar
 
 
 def adamw_by_hand(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW with the warmup-cosine schedule, as an optax GradientTransformation.
-
-  Clipping and the update are the functions above; from optax come only the container type and the
-  schedule function (`lr_schedule`, shared with `adamw`).
-  """
+  """clip_by_global_norm -> AdamW with the warmup-cosine schedule, as an optax GradientTransformation:
+  the functions above, with only the container type and `lr_schedule` (shared with `adamw`) from optax."""
   grad_clip = float(train_cfg.grad_clip)
   hyper = dict(b1=float(train_cfg.beta1), b2=float(train_cfg.beta2), eps=ADAM_EPS,
                weight_decay=float(train_cfg.weight_decay))
-  # The learning rate comes from the same `lr_schedule` as the optax chain, so both optimizers see
-  # bit-identical learning rates. (A re-derived formula, lr * s / warmup, differs from optax's
-  # algebra by an ulp at some steps; 200 training steps amplify that to ~1e-6 relative in the params,
-  # which would hide a real bug in the update behind noise.)
+  # The same `lr_schedule` as the optax chain, so both see bit-identical learning rates: a re-derived
+  # formula (lr * s / warmup) differs from optax's algebra by an ulp at some steps, which training
+  # amplifies into a difference in the params that would hide a real bug in the update behind noise.
   schedule = lr_schedule(train_cfg)
 
-  def init(params: Any) -> AdamWByHandState:
-    return adamw_init(params)
-
-  def update(grads: Any, state: AdamWByHandState, params: Any = None
-             ) -> tuple[Any, AdamWByHandState]:
+  def update(grads: Any, state: AdamWByHandState, params: Any = None) -> tuple[Any, AdamWByHandState]:
     if params is None:
       raise ValueError('the hand-written AdamW needs params for weight decay: call update(g, s, params)')
     if grad_clip > 0:
@@ -236,4 +199,4 @@ def adamw_by_hand(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransfo
     lr = schedule(state.count)  # This update's learning rate: step `count` (0 for the first).
     return adamw_update(grads, state, params, lr=lr, **hyper)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformation(adamw_init, update)

@@ -47,7 +47,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from gpt_jax import config as config_lib
-  from gpt_jax.config import load_config_file
+  from gpt_jax.config_files import load_config_file
   from gpt_jax.errors import UserError
   from gpt_jax.lab import bench  # Imported after flag parsing so --help is instant.
   # nanoGPT's shakespeare_char optimizer settings (the speed does not depend on them).

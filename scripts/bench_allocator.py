@@ -62,7 +62,7 @@ def child(setting: str, steps: int, warmup: int) -> dict:
   import jax.numpy as jnp
 
   from gpt_jax import optim
-  from gpt_jax.config import load_config_file
+  from gpt_jax.config_files import load_config_file
   from gpt_jax.lab import bench
   from gpt_jax.model import GPT
   from gpt_jax.training import step as step_lib

@@ -32,8 +32,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from gpt_jax import sampling  # Imported after flag parsing so --help is instant.
-  cli.run_main(lambda: sampling.sample_from_checkpoint(
+  from gpt_jax import sample_run  # Imported after flag parsing so --help is instant.
+  cli.run_main(lambda: sample_run.sample_from_checkpoint(
       FLAGS.ckpt_dir, step=FLAGS.step, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
       num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,

@@ -214,15 +214,15 @@ def _metrics_line(line):
 
 
 def _sample(tmp, **kw):
-  from gpt_jax import sampling
-  return lambda: sampling.sample_from_checkpoint(str(tmp / 'run'), max_new_tokens=4, **kw)
+  from gpt_jax import sample_run
+  return lambda: sample_run.sample_from_checkpoint(str(tmp / 'run'), max_new_tokens=4, **kw)
 
 
 def _encode_eval_prompt(tmp):
-  from gpt_jax import sampling
+  from gpt_jax import sample_run
   from gpt_jax.data import tokenizer
   tok = tokenizer.CharTokenizer.from_text((tmp / 'no_newline.txt').read_text())
-  return lambda: sampling.encode_prompt(tok, '\n', '--config.sample.prompt')
+  return lambda: sample_run.encode_prompt(tok, '\n', '--config.sample.prompt')
 
 
 def _lock(tmp, err):

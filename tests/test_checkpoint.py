@@ -112,9 +112,9 @@ def test_model_mismatch_names_fields():
   meta = _meta()
   other = ModelConfig(**dict(CFG.to_dict(), n_layer=2, dropout=0.3))
   with pytest.raises(UserError, match=r'n_layer: checkpoint 1, config 2'):
-    checkpoint_lib.check_model_matches(meta, other, 'here')
+    checkpoint_damage.check_model_matches(meta, other, 'here')
   # Dropout does not change the parameters, so it alone is not a mismatch.
-  checkpoint_lib.check_model_matches(meta, ModelConfig(**dict(CFG.to_dict(), dropout=0.3)), 'here')
+  checkpoint_damage.check_model_matches(meta, ModelConfig(**dict(CFG.to_dict(), dropout=0.3)), 'here')
 
 
 def test_a_failed_restore_awaits_its_other_reads_and_leaves_nothing_to_print_later(tmp_path,

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from configs import shakespeare
-from gpt_jax import sampling
+from gpt_jax import sample_run
 from gpt_jax.training import loop as loop_lib
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'checkpoints_v1'
@@ -70,7 +70,7 @@ def _check_resumed(run: str, records: list[dict]) -> None:
 @pytest.mark.parametrize('run', sorted(EXPECTED['runs']))
 def test_old_checkpoint_samples_the_same_text(run, tmp_path):
   out_dir = _copy(run, tmp_path)
-  texts = sampling.sample_from_checkpoint(
+  texts = sample_run.sample_from_checkpoint(
       str(out_dir), prompt=EXPECTED['prompt'], max_new_tokens=EXPECTED['max_new_tokens'],
       temperature=EXPECTED['temperature'], top_k=EXPECTED['top_k'], seed=EXPECTED['seed'], verbose=False)
   assert texts == [EXPECTED['runs'][run]['sample']]

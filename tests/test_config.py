@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gpt_jax import config as config_lib, config_checks
+from gpt_jax import config as config_lib, config_checks, config_files
 from gpt_jax.config import ModelConfig, SampleConfig
 from gpt_jax.errors import UserError
 from gpt_jax.training import loop as loop_lib
@@ -65,12 +65,12 @@ def unread_fields(config, sources: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize('path,preset', ALL_PRESETS)
 def test_every_field_of_every_preset_is_read_by_some_code(path, preset):
-  config = config_lib.load_config_file(str(ROOT / path), preset)
+  config = config_files.load_config_file(str(ROOT / path), preset)
   assert unread_fields(config, _sources()) == []
 
 
 def test_the_unread_field_search_finds_a_made_up_field():
-  config = config_lib.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
+  config = config_files.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
   config.train.learning_rate_multiplier_xyz = 2.0
   config.sample.made_up_sample_field = 1
   assert sorted(unread_fields(config, _sources())) == ['sample.made_up_sample_field',
@@ -79,25 +79,25 @@ def test_the_unread_field_search_finds_a_made_up_field():
 
 @pytest.mark.parametrize('path,preset', ALL_PRESETS)
 def test_every_preset_passes_the_checks(path, preset):
-  config_checks.validate(config_lib.load_config_file(str(ROOT / path), preset))
+  config_checks.validate(config_files.load_config_file(str(ROOT / path), preset))
 
 
 @pytest.mark.parametrize('path', [os.path.relpath(f, ROOT) for f in CONFIG_FILES])
 def test_an_unknown_preset_names_the_valid_ones(path):
   with pytest.raises(ValueError, match=r"unknown preset 'huge': use one of ''"):
-    config_lib.load_config_file(str(ROOT / path), 'huge')
+    config_files.load_config_file(str(ROOT / path), 'huge')
 
 
 def test_a_misspelt_override_is_an_error_not_a_new_field():
-  config = config_lib.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
+  config = config_files.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
   with pytest.raises(KeyError, match='train.max_stepz'):
-    config_lib.with_overrides(config, {'train.max_stepz': 3})
+    config_files.with_overrides(config, {'train.max_stepz': 3})
 
 
 def test_the_model_and_sample_sections_are_the_dataclass_defaults():
   """One home per default: the base recipe's model and sample sections are ModelConfig's and
   SampleConfig's own defaults (vocab_size 0: from the data)."""
-  c = config_lib.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
+  c = config_files.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
   assert config_lib.model_config_from(c, ModelConfig().vocab_size) == ModelConfig()
   assert c.model.vocab_size == 0
   assert c.sample.to_dict() == SampleConfig().__dict__
@@ -136,7 +136,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize('key,value,problem', BAD_SETTINGS)
 def test_each_bad_setting_is_named_before_anything_is_written(tiny_config, key, value, problem):
-  config_lib.with_overrides(tiny_config, {key: value})
+  config_files.with_overrides(tiny_config, {key: value})
   with pytest.raises(UserError) as e:
     loop_lib.train_and_evaluate(tiny_config)
   assert str(e.value).startswith('invalid config: ') and problem in str(e.value)
@@ -144,7 +144,7 @@ def test_each_bad_setting_is_named_before_anything_is_written(tiny_config, key, 
 
 
 def test_several_problems_in_one_message(tiny_config):
-  config_lib.with_overrides(tiny_config, {'train.beta1': 1.5, 'train.warmup_steps': -10,
+  config_files.with_overrides(tiny_config, {'train.beta1': 1.5, 'train.warmup_steps': -10,
                                           'sample.temperature': -1.0, 'model.n_head': 5})
   with pytest.raises(UserError) as e:
     config_checks.validate(tiny_config)
@@ -160,7 +160,7 @@ def test_the_sampling_checks_serve_the_flags_too():
 def test_block_size_longer_than_a_split_is_refused_before_compiling():
   """A block_size of 200000 on the tiny preset: refused at once, naming the split and the memory."""
   m = ModelConfig(vocab_size=65, block_size=200_000, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-  c = config_lib.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'), 'tiny')
+  c = config_files.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'), 'tiny')
   with pytest.raises(UserError) as e:
     config_checks.check_fits(m, c.train, {'train': 1_003_854, 'val': 111_540})
   message = str(e.value)
@@ -181,7 +181,7 @@ def test_an_impossible_block_size_is_one_message_within_seconds(tiny_config):
 def test_every_preset_fits_its_splits_and_a_large_host():
   """The memory estimate is a lower bound: no shipped preset but GPT-2's real sizes needs 16 GiB."""
   for path, preset in ALL_PRESETS:
-    c = config_lib.load_config_file(str(ROOT / path), preset)
+    c = config_files.load_config_file(str(ROOT / path), preset)
     vocab = {'char': 65, 'gpt2': 50257, 'bpe': c.data.bpe_vocab_size}[c.data.tokenizer]
     m = config_lib.model_config_from(c, vocab)
     need = config_checks.step_memory_bytes(m, c.train.batch_size)

@@ -262,12 +262,12 @@ def bpe_hf_dir(tmp_path_factory):
 
 
 def test_convert_sample_and_export_round_trip(bpe_hf_dir, tmp_path):
-  from gpt_jax import sampling
+  from gpt_jax import sample_run
   hf_dir, tok = bpe_hf_dir
   out = tmp_path / 'run'
   hf.convert_to_checkpoint(str(hf_dir), str(out))
-  texts = sampling.sample_from_checkpoint(str(out), prompt='ROMEO:', max_new_tokens=8,
-                                        temperature=0.0, verbose=False)
+  texts = sample_run.sample_from_checkpoint(str(out), prompt='ROMEO:', max_new_tokens=8,
+                                            temperature=0.0, verbose=False)
   assert texts[0].startswith('ROMEO:') and len(texts[0]) > len('ROMEO:')
 
   with pytest.raises(UserError, match='already holds checkpoints'):

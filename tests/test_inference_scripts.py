@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib, hf, sampling
+from gpt_jax import checkpoint as checkpoint_lib, hf, sample_run
 from gpt_jax.data import text as text_lib, tokenizer as tokenizer_lib
 from gpt_jax.training import loop as loop_lib
 
@@ -114,7 +114,7 @@ def test_sample_step_n_and_window_shift_past_the_block(run):
   tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])
   prompt = np.array([text_lib.encode_text(tok, PROMPT)], np.int32)
   n = cfg.block_size + 60 - prompt.shape[1]
-  expected = {shift: tok.decode(sampling.generate_uncached(params, cfg, prompt, n, window_shift=ref)[0])
+  expected = {shift: tok.decode(sample_run.generate_uncached(params, cfg, prompt, n, window_shift=ref)[0])
               for shift, ref in ((1, 1), (0, cfg.block_size // 4))}
   assert expected[0] != expected[1]  # Otherwise this model could not tell the two rules apart.
   for shift, text in expected.items():

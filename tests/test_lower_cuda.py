@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import shakespeare
-from gpt_jax import attention as attention_lib, optim, sampling
+from gpt_jax import attention as attention_lib, optim, sample_run
 from gpt_jax.config import model_config_from
 from gpt_jax.model import GPT
 from gpt_jax.parallel import mesh as mesh_lib
@@ -52,8 +52,8 @@ def _programs(preset: str, n_devices: int) -> dict:
   prompt = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   lower = lambda f, *args, **kw: f.trace(*args, **kw).lower(lowering_platforms=('cuda',))
   out = {'train': lower(train, abstract, data), 'eval': lower(evaluate, abstract.params, data, key),
-         'sample': lower(sampling._generate, abstract.params, prompt, key, cfg=cfg, max_new_tokens=8,
-                         temperature=0.8, top_k=200, shift=64, vocab_limit=65)}
+         'sample': lower(sample_run.generate_in_one_program, abstract.params, prompt, key, cfg=cfg,
+                         max_new_tokens=8, temperature=0.8, top_k=200, shift=64, vocab_limit=65)}
   if n_devices > 1:  # The partitioned program, compiled for this CPU (XLA:CPU cannot compile CUDA).
     out['partitioned'] = train.trace(abstract, data).lower().compile().as_text()
   return out
@@ -112,7 +112,7 @@ def eight_device_programs():
 @pytest.mark.parametrize('preset', ['', 'gpu'])
 def test_eight_devices_shard_the_batch_and_the_dropout_bits(eight_device_programs, preset):
   p = eight_device_programs[preset]
-  assert p['devices'] == 8 and p['sample'].startswith('module @jit__generate')
+  assert p['devices'] == 8 and p['sample'].startswith('module @jit_generate_in_one_program')
   for name in ('train', 'eval'):
     text = p[name]
     assert 'num_partitions = 8' in text, name

@@ -18,6 +18,7 @@ import pytest
 from configs import shakespeare
 from gpt_jax import (
   checkpoint as checkpoint_lib,
+  checkpoint_damage,
   config as config_lib,
   hf,
   model as model_lib,
@@ -118,9 +119,9 @@ def test_old_checkpoint_without_the_new_fields_loads_as_gpt2(tmp_path):
   x = _tokens((2, 9))
   np.testing.assert_array_equal(GPT(loaded_cfg).apply({'params': loaded}, x),
                                 GPT(cfg).apply({'params': params}, x))
-  checkpoint_lib.check_model_matches({'model': old_meta}, cfg, 'old run')  # Resumable as before.
+  checkpoint_damage.check_model_matches({'model': old_meta}, cfg, 'old run')  # Resumable as before.
   with pytest.raises(UserError, match='position'):
-    checkpoint_lib.check_model_matches({'model': old_meta}, _cfg(position='rotary'), 'old run')
+    checkpoint_damage.check_model_matches({'model': old_meta}, _cfg(position='rotary'), 'old run')
 
 
 @pytest.mark.parametrize('bad, message', [

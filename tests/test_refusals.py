@@ -5,7 +5,7 @@ import pathlib
 import jax
 import pytest
 
-from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sampling
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sample_run
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 from gpt_jax.training import loop as loop_lib, step as step_lib
@@ -116,18 +116,18 @@ def test_every_sample_argument_check(trained):
   config, before = trained
   for kwargs, message in SAMPLE_CHECKS:
     with pytest.raises(UserError, match=message):
-      sampling.sample_from_checkpoint(config.out_dir, verbose=False, **{'max_new_tokens': 4, **kwargs})
-  assert sampling.sample_from_checkpoint(config.out_dir, verbose=False, max_new_tokens=4,
-                                           prompt='the ')[0].startswith('the ')  # Valid: fine.
+      sample_run.sample_from_checkpoint(config.out_dir, verbose=False, **{'max_new_tokens': 4, **kwargs})
+  assert sample_run.sample_from_checkpoint(config.out_dir, verbose=False, max_new_tokens=4,
+                                             prompt='the ')[0].startswith('the ')  # Valid: fine.
   assert _files(config.out_dir) == before
 
 
 def test_sample_refuses_a_directory_without_checkpoints(tmp_path):
   with pytest.raises(UserError, match='no checkpoint directory'):
-    sampling.sample_from_checkpoint(str(tmp_path / 'missing'), verbose=False)
+    sample_run.sample_from_checkpoint(str(tmp_path / 'missing'), verbose=False)
   (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
   with pytest.raises(UserError, match='no checkpoints in'):
-    sampling.sample_from_checkpoint(str(tmp_path / 'empty'), verbose=False)
+    sample_run.sample_from_checkpoint(str(tmp_path / 'empty'), verbose=False)
 
 
 def test_an_out_dir_that_cannot_be_made_is_one_clear_message(tiny_config, tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model as model_lib, sampling
+from gpt_jax import model as model_lib, sample_run, sampling
 from gpt_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -37,7 +37,7 @@ def test_cached_greedy_equals_full_recomputation(params, prompt_len, new, shift)
   prompt = _prompt(2, prompt_len)
   cached = sampling.generate(params, CFG, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=shift)
-  reference = sampling.generate_uncached(params, CFG, prompt, new, window_shift=shift)
+  reference = sample_run.generate_uncached(params, CFG, prompt, new, window_shift=shift)
   np.testing.assert_array_equal(np.asarray(cached), reference)
   np.testing.assert_array_equal(np.asarray(cached[:, :prompt_len]), prompt)
 
@@ -71,7 +71,7 @@ def test_cached_greedy_equals_full_recomputation_under_every_option(option, prom
   prompt = _prompt(2, prompt_len)
   cached = sampling.generate(p, cfg, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=shift)
-  reference = sampling.generate_uncached(p, cfg, prompt, new, window_shift=shift)
+  reference = sample_run.generate_uncached(p, cfg, prompt, new, window_shift=shift)
   np.testing.assert_array_equal(np.asarray(cached), reference)
   assert len(set(np.asarray(cached)[:, prompt_len:].ravel().tolist())) > 1  # Not one token repeated.
 

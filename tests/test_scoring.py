@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare, shakespeare_bpe_compact
-from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sampling, scoring
+from gpt_jax import checkpoint as checkpoint_lib, config as config_lib, sample_run, scoring
 from gpt_jax.config import ModelConfig
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
@@ -183,8 +183,8 @@ def test_bpe_model_uses_the_checkpoint_tokenizer_and_saved_data(bpe_run, char_ru
 
 @pytest.mark.slow
 def test_bpe_model_samples_through_the_checkpoint(bpe_run):
-  texts = sampling.sample_from_checkpoint(str(bpe_run), prompt='ROMEO:', num_samples=2,
-                                            max_new_tokens=12, verbose=False)
+  texts = sample_run.sample_from_checkpoint(str(bpe_run), prompt='ROMEO:', num_samples=2,
+                                              max_new_tokens=12, verbose=False)
   assert len(texts) == 2 and all(t.startswith('ROMEO:') and len(t) > 12 for t in texts)
 
 

@@ -1,16 +1,11 @@
 """Batch sources: where a training or eval step gets its (x, y) batch.
 
-One `train_step` and one `eval_step` (gpt_jax/training/step.py) serve both data formats. Each step
-takes the output of a source's `train_inputs(step)` / `eval_inputs(split, i)` as a jitted argument and
-calls the source's `draw(inputs, key)` inside the jitted computation:
-
-  ResidentBatches  the in-memory splits (gpt_jax/data/text.py), put on every device once. `inputs` is
-                   that same device array at every step (no host->device copy per step); `draw` cuts
-                   random windows from it with the step's batch key.
-  ShardBatches     token shards on disk (gpt_jax/data/shards.py), for corpora too big to replicate.
-                   `inputs` is the step's global (x, y), each process reading only its own rows; `draw`
-                   returns them and ignores the key (the shards draw from (seed, step) themselves).
-
+One `train_step` and one `eval_step` (gpt_jax/training/step.py) serve both data formats: each step
+takes a source's `train_inputs(step)` / `eval_inputs(split, i)` as a jitted argument and calls its
+`draw(inputs, key)` inside the jitted computation. `ResidentBatches`: the in-memory splits, put on
+every device once and cut into random windows with the step's batch key (no host->device copy per
+step). `ShardBatches`: token shards on disk (gpt_jax/data/shards.py), for corpora too big to
+replicate; each process reads its own rows, drawn from (seed, step) by the shards themselves.
 Either way a batch is a pure function of (train.seed, step), so a resumed run sees exactly the batches
 of an uninterrupted one. Eval batches come from a stream of their own, the same at every eval.
 """
@@ -31,10 +26,8 @@ EVAL_KEY_SALT = 0x5EED  # Eval batches come from their own key stream, fixed for
 
 def get_batch(data: jax.Array, key: jax.Array, batch_size: int,
               block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Draws `batch_size` random windows from a device-resident token array (jit-friendly).
-
-  Returns inputs x and next-token targets y, both (batch_size, block_size) int32.
-  """
+  """Draws `batch_size` random windows from a device-resident token array (jit-friendly): inputs x and
+  next-token targets y, both (batch_size, block_size) int32."""
   if data.shape[0] < block_size + 1:
     raise UserError(f'the data has only {data.shape[0]} tokens, fewer than block_size + 1 = '
                     f'{block_size + 1}; use a smaller model.block_size or more text.')
@@ -68,11 +61,8 @@ class BatchSource(Protocol):
 
 
 class ResidentBatches:
-  """Batches cut on the device from whole token splits that live there for the whole run.
-
-  Each split is replicated on every device (2 bytes per token: 2 MB for TinyShakespeare), so each
-  device cuts its own rows locally and no host feeds anything per step, on one host or many.
-  """
+  """Batches cut on the device from whole token splits that live there for the whole run, replicated
+  (2 bytes per token), so each device cuts its own rows and no host feeds anything per step."""
 
   def __init__(self, splits: dict[str, np.ndarray], block_size: int, batch_size: int,
                grad_accum_steps: int, mesh: Optional[jax.sharding.Mesh] = None):
@@ -95,12 +85,8 @@ class ResidentBatches:
 
 
 class ShardBatches:
-  """Batches read from token shards on disk by each process (gpt_jax/data/shards.py).
-
-  Every step each process reads its own rows of the step's global batch and feeds them to its
-  devices. Dispatch is asynchronous, so the host reads step k + 1's rows while the devices still
-  compute step k.
-  """
+  """Batches read from token shards on disk (gpt_jax/data/shards.py): each process reads its own rows of
+  the step's global batch; dispatch is asynchronous, so it reads step k + 1's while step k computes."""
 
   def __init__(self, splits: Any, block_size: int, batch_size: int, grad_accum_steps: int,
                seed: int, mesh: jax.sharding.Mesh):

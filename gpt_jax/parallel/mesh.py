@@ -1,26 +1,20 @@
 """Device mesh and sharding rules: data parallelism and FSDP on JAX's own SPMD partitioner.
 
-One code path from one device to many hosts. The run's devices form a 2-D mesh with axes
-('data', 'fsdp') (`config.mesh.data` x `config.mesh.fsdp`, -1 = all remaining devices):
+One code path from one device to many hosts. The devices form a 2-D mesh ('data', 'fsdp')
+(`config.mesh.data` x `config.mesh.fsdp`, -1 = all remaining devices):
 
-  batch       rows sharded over both axes, ('data', 'fsdp'): every device gets B / n_devices rows.
+  batch       rows sharded over both axes: every device gets B / n_devices rows.
   parameters  replicated when fsdp = 1 (plain data parallelism); otherwise each array is sharded
   + Adam      over 'fsdp' along its largest axis that the fsdp size divides (replicated if none
   moments     does), so their memory between steps shrinks by the fsdp factor (ZeRO-3 / FSDP).
   step, key   replicated.
 
-Within a step FSDP all-gathers the whole weights at once (one transient full copy of the weights,
-not of the optimizer state); gathering layer by layer would need annotations inside the model.
-
-`jit` gets these shardings for its inputs and outputs and the batch drawn inside the step is pinned
-with `with_sharding_constraint`; under FSDP the step also asks for whole weights to compute with
-(`gather_for_compute`, the all-gather) and, on mixed meshes, whole gradients (`reduce_gradients`).
-XLA's SPMD partitioner inserts the collectives. On one device the mesh is 1 x 1 and every sharding
-is trivial: the same code runs unchanged.
-
-Meshes use `AxisType.Auto` axes (GSPMD-style propagation) explicitly, since `jax.make_mesh` now
-defaults to Explicit axes, under which sharding becomes part of every type and plain reshapes of
-sharded dimensions must be annotated by hand.
+`jit` gets these shardings for its inputs and outputs; the batch drawn inside the step is pinned with
+`with_sharding_constraint`; under FSDP the step asks for whole weights to compute with (one transient
+full copy, `gather_for_compute`) and, on mixed meshes, whole gradients (`reduce_gradients`). XLA's
+SPMD partitioner inserts the collectives. On one device every sharding is trivial: the same code runs.
+Meshes use `AxisType.Auto` (GSPMD-style propagation) explicitly: under `jax.make_mesh`'s default
+Explicit axes, sharding is part of every type and reshapes of sharded dimensions need annotations.
 """
 
 from __future__ import annotations
@@ -42,8 +36,7 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int]:
   """(data, fsdp) sizes from `mesh.{data, fsdp}`, -1 filling in the remaining devices."""
   sizes = {a: int(mesh_cfg[a]) if mesh_cfg is not None and a in mesh_cfg else d
            for a, d in zip(AXES, (-1, 1))}
-  bad = [f'mesh.{a}={s}' for a, s in sizes.items() if s == 0 or s < -1]
-  if bad:
+  if bad := [f'mesh.{a}={s}' for a, s in sizes.items() if s == 0 or s < -1]:
     raise UserError(f'invalid mesh: {", ".join(bad)}; each axis size must be >= 1, or -1 for '
                     '"all remaining devices".')
   free = [a for a, s in sizes.items() if s == -1]
@@ -100,17 +93,14 @@ def param_spec(shape: Sequence[int], fsdp: int) -> P:
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   """FSDP rule for every array leaf of a params-like tree (params, optimizer moments)."""
-  fsdp = mesh.shape['fsdp']
-  return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, param_spec(a.shape, fsdp)), tree)
+  return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, param_spec(a.shape, mesh.shape['fsdp'])), tree)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """Shardings for a TrainState: FSDP rule for params and opt_state, step and key replicated."""
   rep = replicated(mesh)
-  return abstract_state.replace(
-      params=tree_shardings(abstract_state.params, mesh),
-      opt_state=tree_shardings(abstract_state.opt_state, mesh),
-      step=rep, key=rep)
+  return abstract_state.replace(params=tree_shardings(abstract_state.params, mesh),
+                                opt_state=tree_shardings(abstract_state.opt_state, mesh), step=rep, key=rep)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -127,13 +117,11 @@ def constrain_batch(x: jax.Array, sharding: Optional[NamedSharding]) -> jax.Arra
 def gather_for_compute(params: Any, mesh: Optional[Mesh]) -> Any:
   """FSDP: the whole weights for the forward/backward pass, all-gathered from their shards.
 
-  Without this, XLA's propagation tries to keep matmuls sharded along the weights' fsdp axis while
-  the activations are sharded along the batch, and falls back to "involuntary full
-  rematerialization" (replicate, then re-partition) of activations. With it, each device computes
-  on its own rows with whole weights, exactly like data parallelism; the transpose of this
-  constraint makes the gradients arrive reduce-scattered to the parameter shards, where the
-  optimizer update runs on 1/fsdp of the state per device. Storage (parameters, Adam moments)
-  stays sharded between steps. A no-op without FSDP.
+  Without it, XLA keeps matmuls sharded along the weights' fsdp axis while the activations are
+  sharded along the batch, and falls back to "involuntary full rematerialization" of activations.
+  With it, each device computes on its own rows with whole weights, as in data parallelism, and the
+  transpose makes the gradients arrive reduce-scattered to the parameter shards, where the update runs
+  on 1/fsdp of the state per device. Storage stays sharded between steps. A no-op without FSDP.
   """
   if mesh is None or mesh.shape['fsdp'] == 1:
     return params
@@ -143,12 +131,10 @@ def gather_for_compute(params: Any, mesh: Optional[Mesh]) -> Any:
 def reduce_gradients(grads: Any, mesh: Optional[Mesh]) -> Any:
   """Gradients whole on every device (an all-reduce) on meshes with both data > 1 and fsdp > 1.
 
-  On such meshes XLA's partitioner cannot turn the embedding's backward scatter-add (batch-sharded
-  updates into a table sharded over 'fsdp' only) into a reduce-scatter, and replicates the (B, T, C)
-  activations instead ("involuntary full rematerialization"). All-reducing the gradients avoids that;
-  each device then updates just its own parameter and optimizer-state shards, so FSDP's memory
-  saving is kept. On pure-FSDP and pure-DP meshes the gradients are left to XLA (reduce-scatter
-  resp. all-reduce).
+  There XLA cannot turn the embedding's backward scatter-add (batch-sharded updates into a table
+  sharded over 'fsdp' only) into a reduce-scatter, and replicates the (B, T, C) activations instead.
+  All-reduced gradients avoid that; each device still updates only its own shards, so FSDP's memory
+  saving is kept. On pure-FSDP and pure-DP meshes the gradients are left to XLA.
   """
   if mesh is None or mesh.shape['fsdp'] == 1 or mesh.shape['data'] == 1:
     return grads
@@ -156,21 +142,15 @@ def reduce_gradients(grads: Any, mesh: Optional[Mesh]) -> Any:
 
 
 def put_replicated(tokens: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A host array as one global array replicated on every device of the mesh.
-
-  Works across processes: each process fills its own devices from its own copy, which must hold the
-  same values on every host (the prepared token split is identical everywhere).
-  """
+  """A host array as one global array replicated on every device of the mesh. Across processes, each
+  fills its own devices from its own copy, which must be the same on every host (as the token splits)."""
   tokens = np.asarray(tokens)
   return jax.make_array_from_callback(tokens.shape, replicated(mesh), lambda idx: tokens[idx])
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
-  """Host arrays (identical on every process) placed as global arrays with the given shardings.
-
-  Each process fills only its own devices' slices, so this works on many hosts where a plain
-  `jax.device_put` of host memory would not.
-  """
+  """Host arrays (identical on every process) placed as global arrays with the given shardings: each
+  process fills only its own devices' slices (a plain `jax.device_put` would not work on many hosts)."""
   def put(a, sharding):
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])

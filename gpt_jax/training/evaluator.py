@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax import checkpoint as checkpoint_lib, sampling, scoring
+from gpt_jax import checkpoint as checkpoint_lib, sample_run, sampling, scoring
 from gpt_jax.data import batches as batches_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
@@ -41,7 +41,7 @@ class Evaluator:
     base = jax.random.fold_in(jax.random.PRNGKey(t.seed), batches_lib.EVAL_KEY_SALT)
     self.keys = [mesh_lib.put_replicated(np.asarray(jax.random.fold_in(base, i)), s.mesh)
                  for i in range(t.eval_iters)]
-    self.prompt = mesh_lib.put_replicated(np.array([sampling.encode_prompt(  # Only for a sample.
+    self.prompt = mesh_lib.put_replicated(np.array([sample_run.encode_prompt(  # Only for a sample.
         s.dataset.tokenizer, self.cfg_s.prompt or '\n', '--config.sample.prompt')], np.int32), s.mesh
         ) if self.cfg_s.eval_tokens > 0 else None
     self.bounded_dispatch = dispatch_is_bounded()
@@ -108,6 +108,18 @@ class Evaluator:
       rec['sample'] = self.s.dataset.tokenizer.decode(
           distributed.to_host(out)[0, self.prompt.shape[1]:])
     return rec
+
+
+def note_target(rec: dict, target: float, summary: dict, write: Callable[[dict], None],
+                say: Callable[[str], None]) -> None:
+  """The first eval record `rec` whose val loss reaches `target` (> 0) goes in `summary`, the log and
+  the console; later ones change nothing."""
+  if not (target > 0 and rec['val_loss'] <= target) or 'target_reached' in summary:
+    return
+  step = rec['step']
+  summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
+  write({'event': 'target_reached', 'step': step, 'time': rec['time'], 'target_val_loss': target})
+  say(f'  reached the target val loss {target} at step {step}, {rec["time"] / 60:.1f} min after the start')
 
 
 def time_to_target(t: ml_collections.ConfigDict, hit: dict | None) -> str:

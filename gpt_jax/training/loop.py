@@ -1,13 +1,9 @@
 """The training loop: the jitted `train_step` (gpt_jax/training/step.py) wired to an evaluator, a
-checkpointer, a logger and a timer.
-
-The pieces, in the order a run uses them:
-  setup, restore_or_init  devices, mesh, data and model; the state to start from
-                    (gpt_jax/training/run_setup.py).
-  Evaluator         train/val loss and a short sample at every eval (gpt_jax/training/evaluator.py).
-  Trainer           the loop itself: steps, evals that may save a checkpoint, logs, the stop request.
-  train_and_evaluate  runs a Trainer while holding the run directory's lock; SIGTERM/SIGINT stop it
-                    after the step in flight with a checkpoint of that step (gpt_jax/training/preemption.py).
+checkpointer, a logger and a timer. In the order a run uses them: `setup` and `restore_or_init`
+(devices, mesh, data, model; the state to start from: run_setup.py), the `Evaluator` (losses and a
+sample at every eval: evaluator.py), the `Trainer` (steps, evals that may save a checkpoint, logs, the
+stop request), and `train_and_evaluate`, which runs a Trainer holding the run directory's lock;
+SIGTERM/SIGINT stop it after the step in flight with a checkpoint of that step (preemption.py).
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from gpt_jax import checkpoint as checkpoint_lib, config_checks, optim, optim_variants
-from gpt_jax.config import flops_per_token
 from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
 from gpt_jax.parallel import distributed, mesh as mesh_lib
@@ -50,10 +45,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
 
 class Trainer:
-  """One run: the jitted train step, with an evaluator, a checkpointer, a logger and a timer around it.
-
-  `run()` alternates evals (each may save a checkpoint) and steps until max_steps or a stop request.
-  """
+  """One run: `run()` alternates evals (each may save a checkpoint) and jitted train steps until
+  max_steps or a stop request."""
 
   def __init__(self, config: ml_collections.ConfigDict, out_dir: str, stop: preemption.StopRequest,
                t_start: float):
@@ -67,8 +60,7 @@ class Trainer:
     # A resumed run's clock goes on from its checkpoint: every `time` it logs, its time to target and
     # its wall_seconds count the earlier segments up to that checkpoint (not the time it lay idle).
     self.t_start -= resumed_meta.get('elapsed_seconds', 0.0)
-    # Shardings of this state's own static fields (optimizer and apply_fn objects), which jit's
-    # in/out_shardings must match exactly.
+    # Shardings of this state's own static fields (optimizer, apply_fn): jit's shardings must match them.
     state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
     self.evaluator = evaluator.Evaluator(config, s, state_sh.params)
     self.schedule = optim.lr_schedule(t)
@@ -123,10 +115,7 @@ class Trainer:
         self.train_one_step()
     except KeyboardInterrupt:  # A second Ctrl-C: at once, without a checkpoint of this step.
       self.ckpt.close()
-      latest = self.ckpt.latest_step()
-      raise UserError(f'interrupted at step {self.step}. ' + (
-          f'Continue from checkpoint {latest} with --config.train.resume=True.' if latest is not None
-          else 'No checkpoint was written yet.')) from None
+      raise UserError(preemption.interrupted_message(self.step, self.ckpt.latest_step())) from None
     finally:
       self.bar.close()
     if self.step < t.max_steps:  # Left on a signal.
@@ -134,8 +123,7 @@ class Trainer:
     return self.finish()
 
   def save(self, val_loss: float) -> None:
-    meta = dict(self.meta, best_val_loss=self.best_val,
-                elapsed_seconds=round(time.time() - self.t_start, 3))
+    meta = dict(self.meta, best_val_loss=self.best_val, elapsed_seconds=round(time.time() - self.t_start, 3))
     if 'target_reached' in self.summary:
       meta['target_reached'] = self.summary['target_reached']
     self.ckpt.save(self.step, self.state, meta, val_loss, ema=optim_variants.ema_state(self.state.opt_state))
@@ -154,13 +142,7 @@ class Trainer:
     self.log.write(rec)
     improved = rec['val_loss'] < self.best_val
     self.best_val = min(self.best_val, rec['val_loss'])
-    reached = t.target_val_loss > 0 and rec['val_loss'] <= t.target_val_loss
-    if reached and 'target_reached' not in self.summary:
-      self.summary['target_reached'] = {'step': step, 'time': rec['time'], 'val_loss': rec['val_loss']}
-      self.log.write({'event': 'target_reached', 'step': step, 'time': rec['time'],
-                      'target_val_loss': t.target_val_loss})
-      say(f'  reached the target val loss {t.target_val_loss} at step {step}, '
-          f'{rec["time"] / 60:.1f} min after the start')
+    evaluator.note_target(rec, t.target_val_loss, self.summary, self.log.write, say)
     if step > self.start_step and (improved or self.config.checkpoint.save == 'always'):
       self.save(rec['val_loss'])
       say(f'  saved checkpoint {step} ({"best" if improved else "latest"})')
@@ -189,22 +171,15 @@ class Trainer:
     if step % t.log_interval == 0 or step == t.max_steps:
       self.log_step(metrics)
     if with_stats:
-      self.log.write(layer_stats.record(step, metrics, self.s.model_cfg,
-                                            time.time() - self.t_start))
+      self.log.write(layer_stats.record(step, metrics, self.s.model_cfg, time.time() - self.t_start))
 
   def log_step(self, metrics: dict) -> None:
-    step, model_cfg = self.step, self.s.model_cfg
     loss = float(metrics['loss'])  # Syncs with the device.
-    evaluator.check_finite(loss, 'the training loss', step, self.ckpt)
-    dt = self.timer.per_step()
-    rec = {'step': step, 'train_loss': loss, 'lr': float(metrics['lr']),
-           'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
-           'tokens_per_s': round(self.tokens_per_step / dt, 1),
-           'mfu': round(flops_per_token(model_cfg) * self.tokens_per_step / dt / self.peak, 5),
-           'time': round(time.time() - self.t_start, 3)}
+    evaluator.check_finite(loss, 'the training loss', self.step, self.ckpt)
+    rec = metrics_lib.step_record(self.step, loss, metrics, self.timer.per_step(), self.tokens_per_step,
+                                  self.s.model_cfg, self.peak, time.time() - self.t_start)
     self.log.write(rec)
-    self.say(f'step {step}: loss {loss:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
-             f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {self.peak_src}')
+    self.say(metrics_lib.step_line(rec, self.peak_src))
     self.bar.set_postfix(loss=f'{loss:.3f}')
     self.timer.restart()
 
@@ -216,11 +191,7 @@ class Trainer:
     ckpt.close()
     why = self.stop.signal_name or 'a signal to another process'
     self.log.write({'event': 'stopped', 'step': step, 'signal': why})
-    latest = ckpt.latest_step()
-    raise Stopped(f'{why}: stopped at step {step}; ' + (
-        f'checkpoint {latest} is saved in {ckpt.directory}. Resume with: '
-        f'{preemption.resume_command()}' if latest is not None else
-        'no checkpoint was written yet: start the run again with the same command.'), step, why)
+    raise Stopped(preemption.stopped_message(why, step, ckpt.latest_step(), ckpt.directory), step, why)
 
   def finish(self) -> dict:
     """Makes sure a checkpoint exists, finalises the writes, prints and returns the summary."""
@@ -231,8 +202,7 @@ class Trainer:
       self.save(summary.get('final_val_loss', math.inf))
     ckpt.close()
     summary.update(final_step=self.step, best_val_loss=self.best_val,
-                   wall_seconds=round(time.time() - self.t_start, 2),
-                   out_dir=self.out_dir)
+                   wall_seconds=round(time.time() - self.t_start, 2), out_dir=self.out_dir)
     self.s.say(f'done: step {self.step}, best val loss {self.best_val:.4f}, '
                f'{summary["wall_seconds"]:.1f}s; checkpoints in {ckpt.directory}')
     if t.target_val_loss > 0:

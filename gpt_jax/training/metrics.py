@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gpt_jax.config import ModelConfig, flops_per_token
 from gpt_jax.errors import UserError
 
 # Dense (no sparsity) peak TFLOP/s of one device from the vendors' datasheets, by the exact name JAX
@@ -154,6 +155,23 @@ class TensorBoardLog:
     for tag, value in scalars.items():
       self.writer.add_scalar(tag, value, step)
     self.writer.flush()  # Records are rare (log/eval intervals); keep the event file current.
+
+
+def step_record(step: int, loss: float, metrics: dict, dt: float, tokens_per_step: int,
+                model_cfg: ModelConfig, peak: float, elapsed: float) -> dict:
+  """The log record of a training step taking `dt` seconds, `elapsed` seconds into the run: its loss,
+  lr, gradient norm, speed and MFU (model FLOPs per second, config.flops_per_token, over `peak`)."""
+  return {'step': step, 'train_loss': loss, 'lr': float(metrics['lr']),
+          'grad_norm': float(metrics['grad_norm']), 'ms_per_step': round(1e3 * dt, 3),
+          'tokens_per_s': round(tokens_per_step / dt, 1),
+          'mfu': round(flops_per_token(model_cfg) * tokens_per_step / dt / peak, 5),
+          'time': round(elapsed, 3)}
+
+
+def step_line(rec: dict, peak_src: str) -> str:
+  """The printed line of a step's record."""
+  return (f'step {rec["step"]}: loss {rec["train_loss"]:.4f}, lr {rec["lr"]:.2e}, {rec["ms_per_step"]:.1f} '
+          f'ms/step, {rec["tokens_per_s"]:,.0f} tok/s, MFU {100 * rec["mfu"]:.2f}% of {peak_src}')
 
 
 class StepTimer:

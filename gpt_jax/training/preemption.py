@@ -100,3 +100,18 @@ def resume_command(argv: Optional[list[str]] = None) -> str:
                                                                 'noconfig.train.resume'))
           and a.lstrip('-') != 'config.train.resume']
   return shlex.join(['python', argv[0], *args, '--config.train.resume=True'])
+
+
+def stopped_message(why: str, step: int, latest: Optional[int], directory: str) -> str:
+  """What a run stopped by `why` (a signal) says: where its checkpoint is, and how to resume."""
+  return f'{why}: stopped at step {step}; ' + (
+      f'checkpoint {latest} is saved in {directory}. Resume with: '
+      f'{resume_command()}' if latest is not None else
+      'no checkpoint was written yet: start the run again with the same command.')
+
+
+def interrupted_message(step: int, latest: Optional[int]) -> str:
+  """What a run stopped at once (a second Ctrl-C, no checkpoint of this step) says."""
+  return f'interrupted at step {step}. ' + (
+      f'Continue from checkpoint {latest} with --config.train.resume=True.' if latest is not None
+      else 'No checkpoint was written yet.')

@@ -120,7 +120,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
       raise UserError(f'checkpoint {step} in {ckpt.directory} holds parameters only (e.g. converted '
                       'GPT-2 weights) and cannot be resumed; fine-tune from it with a fresh '
                       '--config.out_dir instead.')
-    checkpoint_lib.check_model_matches(meta, s.model_cfg, ckpt.directory)
+    checkpoint_damage.check_model_matches(meta, s.model_cfg, ckpt.directory)
     if meta.get('tokenizer') != tok.to_dict():
       raise UserError(f'the checkpoint in {ckpt.directory} was trained with another vocabulary than '
                       f'the data in {s.dataset.directory}; point data.* at the original data.')

@@ -1,10 +1,9 @@
 """One training step and one eval step, as small pure functions of the train state and a batch.
 
-Randomness is explicit and never reused. A run has one base key, PRNGKey(train.seed). Step s uses
+Randomness is explicit and never reused: a run has one base key, PRNGKey(train.seed), and step s uses
 `fold_in(base, s)`, split into a batch key and a dropout key, so a resumed run draws exactly the
-batches and dropout masks an uninterrupted run would (the same idea as Flax's lm1b example). The
-batch itself comes from a `BatchSource` (gpt_jax/data/batches.py): cut on the device from a resident
-split with the batch key, or read from token shards by the host; the dropout key is the same either way.
+batches and dropout masks of an uninterrupted one. The batch comes from a `BatchSource`
+(gpt_jax/data/batches.py): cut on the device from a resident split, or read from token shards.
 """
 
 from __future__ import annotations
@@ -35,11 +34,8 @@ class TrainState(train_state.TrainState):
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
                      mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
-  """Fresh parameters (GPT-2 init) and optimizer state; step 0.
-
-  With a `mesh`, the state is born with its shardings (`mesh.state_shardings`): each device
-  computes only its own slice, so a model too big for one device never exists whole anywhere.
-  """
+  """Fresh parameters (GPT-2 init) and optimizer state; step 0. With a `mesh`, the state is born with
+  its shardings: each device computes only its own slice, so no device ever holds a too-big model."""
   model = GPT(model_cfg)
   tx = optim.make_optimizer(train_cfg)
 
@@ -59,12 +55,9 @@ def init_train_state(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDic
 
 
 def accurate_mean(v: jax.Array) -> jax.Array:
-  """jnp.mean(v) to ~0.3 ulp instead of ~1.5.
-
-  XLA's float32 mean of the B*T per-token losses is typically 1-2 ulp off (up to 5), about 7e-7 at a
-  loss of 4, three times PyTorch's error; one pass over the residuals v - mean corrects it. The
-  correction is under stop_gradient, so the gradient is exactly jnp.mean's (1/n per element).
-  """
+  """jnp.mean(v), corrected by one pass over the residuals v - mean: XLA's float32 mean of the B*T
+  per-token losses is a few ulp off, more than PyTorch's. The correction is under stop_gradient, so
+  the gradient is exactly jnp.mean's (1/n per element)."""
   m = jnp.mean(v)
   return m + jax.lax.stop_gradient(jnp.mean(v - m))
 
@@ -80,11 +73,8 @@ def loss_fn(params: Any, model: GPT, x: jax.Array, y: jax.Array, dropout_key: Op
 def gradients(params: Any, x: jax.Array, y: jax.Array, dropout_key: jax.Array, *, model: GPT,
               batch_size: int, grad_accum_steps: int, mesh: Optional[jax.sharding.Mesh] = None,
               ) -> tuple[jax.Array, Any]:
-  """(mean loss, mean gradients) of one step's batch x, y: (batch_size * grad_accum_steps, T).
-
-  The rows are split into `grad_accum_steps` consecutive micro-batches of `batch_size`, so
-  accumulation computes the same gradients as one big batch (up to float summation order).
-  """
+  """(mean loss, mean gradients) of one step's batch x, y: (batch_size * grad_accum_steps, T), split into
+  consecutive micro-batches of `batch_size`: the same gradients as one big batch (up to summation order)."""
   T = model.config.block_size
   if mesh is not None and grad_accum_steps == 1:
     x, y = (mesh_lib.constrain_batch(a, mesh_lib.batch_sharding(mesh)) for a in (x, y))
@@ -99,11 +89,9 @@ def gradients(params: Any, x: jax.Array, y: jax.Array, dropout_key: jax.Array, *
 
   if grad_accum_steps == 1:
     return micro(0, x, y)
-  xs = x.reshape(grad_accum_steps, batch_size, T)
-  ys = y.reshape(grad_accum_steps, batch_size, T)
+  xs, ys = (a.reshape(grad_accum_steps, batch_size, T) for a in (x, y))  # (micro-batches, B, T)
   if mesh is not None:  # Each micro-batch is split over all devices, not micro-batch i on device i.
-    xs, ys = (mesh_lib.constrain_batch(a, mesh_lib.batch_sharding(mesh, leading=1))
-              for a in (xs, ys))
+    xs, ys = (mesh_lib.constrain_batch(a, mesh_lib.batch_sharding(mesh, leading=1)) for a in (xs, ys))
 
   def body(acc, inp):
     loss, grads = micro(*inp)
@@ -131,16 +119,10 @@ def train_step(state: TrainState, inputs: Any, *, model: GPT, batch_size: int,
                ) -> tuple[TrainState, dict]:
   """One optimizer update: get the step's batch, average gradients over micro-steps, apply.
 
-  `inputs` is a BatchSource's `train_inputs(step)` and `draw` its `draw`; without a `draw`, `inputs`
-  is a device-resident token split and the batch is cut from it (`batches.get_batch`). With `layer_stats` (a
-  separately compiled variant), metrics['layer_stats'] also holds per-layer gradient, parameter and
-  update norms and activation/attention statistics (gpt_jax/training/layer_stats.py).
-
-  Accumulation computes the same update as one big batch (see `gradients`). With a `mesh`, each
-  (micro-)batch is pinned to the batch sharding: every device works on its own rows, and XLA turns the
-  mean over rows into an all-reduce of the gradients. Under FSDP the weights are all-gathered for the
-  computation and the gradients reduced onto their shards, where the update runs
-  (gpt_jax/parallel/mesh.py).
+  `inputs` is a BatchSource's `train_inputs(step)` and `draw` its `draw` (none: `inputs` is a resident
+  token split, cut by `batches.get_batch`). `layer_stats` (a separately compiled variant) adds per-layer
+  statistics to the metrics (layer_stats.py). With a `mesh` every device works on its own rows and XLA
+  turns the mean over rows into an all-reduce of the gradients; FSDP: see gpt_jax/parallel/mesh.py.
   """
   batch_key, dropout_key = step_keys(state)
   x, y = (draw or _resident(model))(inputs, batch_key, batch_size * grad_accum_steps)

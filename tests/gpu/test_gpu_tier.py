@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import attention as attention_lib, sampling
+from gpt_jax import attention as attention_lib, sample_run, sampling
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
 
@@ -65,7 +65,7 @@ def test_sampler_with_cache_equals_recomputation():
   prompt = np.array([[1, 2, 3, 4]], np.int32)
   n = CFG.block_size + 20  # Past the window: re-encoding included.
   cached = sampling.generate(params, CFG, prompt, n, jax.random.PRNGKey(0), temperature=0.0)
-  plain = sampling.generate_uncached(params, CFG, prompt, n)
+  plain = sample_run.generate_uncached(params, CFG, prompt, n)
   np.testing.assert_array_equal(np.asarray(cached), np.asarray(plain))
 
 

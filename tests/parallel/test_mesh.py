@@ -247,9 +247,9 @@ def test_checkpoint_sharded_on_4_restores_on_1(four_devices):
 @pytest.mark.slow
 def test_run_trained_on_4_devices_samples_on_1(four_devices):
   """Sampling/evaluation restore parameters only, onto this process's device, from any topology."""
-  from gpt_jax import sampling
-  texts = sampling.sample_from_checkpoint(os.path.join(four_devices['root'], 'fsdp4', 'out'),
-                                        max_new_tokens=10, verbose=False)
+  from gpt_jax import sample_run
+  texts = sample_run.sample_from_checkpoint(os.path.join(four_devices['root'], 'fsdp4', 'out'),
+                                          max_new_tokens=10, verbose=False)
   assert len(texts) == 1 and len(texts[0]) == 11
 
 

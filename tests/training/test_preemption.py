@@ -25,7 +25,7 @@ from train_procs import (  # Shared with test_chaos.py.
   truncate_largest_array as _truncate_largest_array,
 )
 
-from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, sampling
+from gpt_jax import checkpoint as checkpoint_lib, checkpoint_damage, sample_run
 from gpt_jax.errors import UserError
 from gpt_jax.training import loop as loop_lib, preemption, run_setup, runlock
 
@@ -325,7 +325,7 @@ def test_damaged_checkpoint_is_named_and_resume_can_continue_from_the_newest_goo
   files = {p: p.read_bytes() for p in (ckpt_dir / '20').rglob('*') if p.is_file()}
 
   with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\)'):
-    sampling.sample_from_checkpoint(config.out_dir, max_new_tokens=2, verbose=False)
+    sample_run.sample_from_checkpoint(config.out_dir, max_new_tokens=2, verbose=False)
   config.train.update(resume=True, max_steps=30)
   with pytest.raises(UserError, match=r'checkpoint 20 in .* is damaged \(.+\); .*resume_from_last_good'
                      r'=True') as e:
