@@ -8,6 +8,7 @@ window rule; greedy decoding gives identical tokens with both (tests/test_sampli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from gpt_jax.config import ModelConfig, SampleConfig
 from gpt_jax.model import GPT
 from gpt_jax.sampling import _STATIC, _chunk, _prefill, _schedule, generate, resolve_shift
 
-_S = SampleConfig()  # The defaults of sample_from_checkpoint (scripts/sample.py's flags).
+_FIELDS = {f.name for f in dataclasses.fields(SampleConfig)}
 
 
 def generate_uncached(params: Any, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: int,
@@ -74,24 +75,33 @@ def encode_prompt(tok: Any, prompt: str, flag: str) -> list[int]:
                     f'of characters of the training text{example}.') from None
 
 
-def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt: str = _S.prompt,
-                           prompt_file: Optional[str] = None, num_samples: int = _S.num_samples,
-                           max_new_tokens: int = _S.max_new_tokens, temperature: float = _S.temperature,
-                           top_k: int = _S.top_k, seed: int = _S.seed, window_shift: int = _S.window_shift,
-                           verbose: bool = True) -> list[str]:
-  """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt."""
+def sample_from_checkpoint(ckpt_dir: str, *, step: Optional[int] = None, prompt: Optional[str] = None,
+                           prompt_file: Optional[str] = None, num_samples: Optional[int] = None,
+                           max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                           top_k: Optional[int] = None, seed: Optional[int] = None,
+                           window_shift: Optional[int] = None, verbose: bool = True) -> list[str]:
+  """Loads a checkpoint directory and prints (and returns) `num_samples` continuations of a prompt.
+
+  A setting left None is the run's own (the `sample` section of the config it was trained with), else
+  SampleConfig's default: a run made with the `tiny` preset samples its 64 tokens unless told otherwise.
+  """
   from gpt_jax import checkpoint as checkpoint_lib, config_checks, files
   from gpt_jax.data import tokenizer as tokenizer_lib
   from gpt_jax.errors import UserError
+  given = {k: v for k, v in dict(prompt=prompt, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, seed=seed,
+                                 window_shift=window_shift).items() if v is not None}
   if prompt_file:
-    prompt = files.read_text(prompt_file, '--prompt_file')
-  if not prompt:
+    given['prompt'] = files.read_text(prompt_file, '--prompt_file')
+  if given.get('prompt') == '':
     raise UserError('the prompt is empty; give at least one character (e.g. --prompt "\\n").')
-  config_checks.raise_problems(config_checks.check_sampling(dict(
-      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-      window_shift=window_shift), prefix='--'), 'invalid arguments')
+  config_checks.raise_problems(config_checks.check_sampling(given, prefix='--'), 'invalid arguments')
 
   cfg, params, meta = checkpoint_lib.load_for_inference(ckpt_dir, step)
+  run = meta.get('config', {}).get('sample', {})  # Checked when the run was made.
+  s = {**dataclasses.asdict(SampleConfig()), **{k: v for k, v in run.items() if k in _FIELDS}, **given}
+  prompt, num_samples, max_new_tokens = s['prompt'] or '\n', s['num_samples'], s['max_new_tokens']
+  temperature, top_k, seed, window_shift = s['temperature'], s['top_k'], s['seed'], s['window_shift']
   tok = tokenizer_lib.tokenizer_from_dict(meta['tokenizer'])
   ids = np.array([encode_prompt(tok, prompt, '--prompt_file' if prompt_file else '--prompt')]
                  * num_samples, np.int32)

@@ -15,16 +15,22 @@ allocator.preload()  # Re-executes this script once on mimalloc, before jax load
 
 flags.DEFINE_string('ckpt_dir', None, 'A training run\'s out_dir (or its checkpoints/ folder).')
 flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the best one).')
-_S = SampleConfig()  # The defaults: the sample section of every config.
-flags.DEFINE_string('prompt', _S.prompt, 'Text to continue.')
+# Left out, a setting is the run's own (its config's sample section), else SampleConfig's default.
+_S = SampleConfig()
+_RUN = " (default: the run's sample.{}, else {!r})"
+flags.DEFINE_string('prompt', None, 'Text to continue.' + _RUN.format('prompt', _S.prompt))
 flags.DEFINE_string('prompt_file', None, 'Read the prompt from this file instead of --prompt.')
-flags.DEFINE_integer('num_samples', _S.num_samples, 'How many samples (generated together as one batch).')
-flags.DEFINE_integer('max_new_tokens', _S.max_new_tokens, 'Tokens to generate per sample.')
-flags.DEFINE_float('temperature', _S.temperature, 'Softmax temperature; 0 = greedy.')
-flags.DEFINE_integer('top_k', _S.top_k, 'Sample only from the k most likely tokens (0 = all).')
-flags.DEFINE_integer('seed', _S.seed, 'PRNG seed.')
-flags.DEFINE_integer('window_shift', _S.window_shift, 'Past block_size, re-encode every N tokens (0 = auto, '
-                     '1 = exact nanoGPT cropping).')
+flags.DEFINE_integer('num_samples', None, 'How many samples (generated together as one batch).'
+                     + _RUN.format('num_samples', _S.num_samples))
+flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate per sample.'
+                     + _RUN.format('max_new_tokens', _S.max_new_tokens))
+flags.DEFINE_float('temperature', None, 'Softmax temperature; 0 = greedy.'
+                   + _RUN.format('temperature', _S.temperature))
+flags.DEFINE_integer('top_k', None, 'Sample only from the k most likely tokens (0 = all).'
+                     + _RUN.format('top_k', _S.top_k))
+flags.DEFINE_integer('seed', None, 'PRNG seed.' + _RUN.format('seed', _S.seed))
+flags.DEFINE_integer('window_shift', None, 'Past block_size, re-encode every N tokens (0 = auto, 1 = exact '
+                     'nanoGPT cropping).' + _RUN.format('window_shift', _S.window_shift))
 flags.mark_flag_as_required('ckpt_dir')
 FLAGS = flags.FLAGS
 

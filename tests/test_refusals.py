@@ -119,6 +119,11 @@ def test_every_sample_argument_check(trained):
       sample_run.sample_from_checkpoint(config.out_dir, verbose=False, **{'max_new_tokens': 4, **kwargs})
   assert sample_run.sample_from_checkpoint(config.out_dir, verbose=False, max_new_tokens=4,
                                              prompt='the ')[0].startswith('the ')  # Valid: fine.
+  # What is not given is the run's own sample setting: its config's prompt and max_new_tokens.
+  text, = sample_run.sample_from_checkpoint(config.out_dir, verbose=False, num_samples=1)
+  assert config.sample.max_new_tokens == 64  # The tiny preset's, not SampleConfig's 500.
+  assert text.startswith(config.sample.prompt)
+  assert len(text) == len(config.sample.prompt) + config.sample.max_new_tokens
   assert _files(config.out_dir) == before
 
 
