@@ -415,6 +415,9 @@ def script_results(tmp_path_factory):
   return {n: (r.returncode, r.stdout, r.stderr, before[n], _tree(worlds[n])) for n, r in done.items()}
 
 
+# Slow tier: 22 Python processes, each importing JAX; the in-process cases above (quick tier) reach the
+# same refusals through cli.run_main, as the scripts do.
+@pytest.mark.slow
 @pytest.mark.parametrize('name,words', [(c[0], c[3]) for c in SCRIPT_CASES],
                          ids=[c[0] for c in SCRIPT_CASES])
 def test_bad_input_in_scripts(name, words, script_results):
@@ -465,6 +468,7 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
 
 # --- Ctrl-C during sampling; a text without a newline ---------------------------------------------------
 
+@pytest.mark.slow  # Compiles the chunked generation loop for two runs.
 def test_generation_stops_between_chunks_with_the_tokens_so_far(monkeypatch):
   """A stop request ends generation after the chunk in flight; the tokens made are those of a full run."""
   import jax
@@ -475,7 +479,7 @@ def test_generation_stops_between_chunks_with_the_tokens_so_far(monkeypatch):
   from gpt_jax.config import ModelConfig
   from gpt_jax.model import GPT
   cfg = ModelConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8)
-  params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  params = jax.jit(GPT(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
   monkeypatch.setattr(sampling, 'CHUNK', 5)
   prompt, key = np.array([[1, 2, 3]]), jax.random.PRNGKey(1)
   full = np.asarray(sampling.generate(params, cfg, prompt, 40, key, 0.8, 5, 2))

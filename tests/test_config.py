@@ -1,6 +1,7 @@
 """Settings: every preset is its file's base recipe plus its overrides, every field is read by some code,
 and every check of a run config is in gpt_jax/config_checks.py and runs before any work starts."""
 
+import functools
 import glob
 import math
 import os
@@ -44,21 +45,27 @@ def _leaves(d: dict, prefix: str = '') -> dict:
   return out
 
 
+@functools.cache  # Read once per worker, not once per preset.
 def _sources() -> dict[str, str]:
   return {str(p.relative_to(ROOT)): p.read_text(encoding='utf-8') for p in READERS}
 
 
-def unread_fields(config, sources: dict[str, str]) -> list[str]:
+@functools.cache  # The presets share most fields: each is searched for once per worker.
+def _is_read(section: str, field: str) -> bool:
+  """Whether some file that names `section` reads `.field`, `['field']` or `.get('field'`."""
+  # FLAGS.name is a command-line flag of the same name, not this field.
+  access = re.compile(rf"(?<!FLAGS)\.{field}\b|\[['\"]{field}['\"]\]|get\(['\"]{field}['\"]")
+  in_section = re.compile(rf'\b{section}\b' + (r'|ModelConfig|model_cfg' if section == 'model' else ''))
+  return any(access.search(text) and in_section.search(text) for text in _sources().values())
+
+
+def unread_fields(config) -> list[str]:
   """The dotted fields of `config` that no reader accesses: no file that names the field's section
   reads `.field`, `['field']` or `.get('field'` (a static search)."""
   unread = []
   for key in _leaves(config.to_dict()):
     *sections, field = key.split('.')
-    section = sections[-1] if sections else 'config'
-    # FLAGS.name is a command-line flag of the same name, not this field.
-    access = re.compile(rf"(?<!FLAGS)\.{field}\b|\[['\"]{field}['\"]\]|get\(['\"]{field}['\"]")
-    in_section = re.compile(rf'\b{section}\b' + (r'|ModelConfig|model_cfg' if section == 'model' else ''))
-    if not any(access.search(text) and in_section.search(text) for text in sources.values()):
+    if not _is_read(sections[-1] if sections else 'config', field):
       unread.append(key)
   return unread
 
@@ -66,14 +73,14 @@ def unread_fields(config, sources: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize('path,preset', ALL_PRESETS)
 def test_every_field_of_every_preset_is_read_by_some_code(path, preset):
   config = config_files.load_config_file(str(ROOT / path), preset)
-  assert unread_fields(config, _sources()) == []
+  assert unread_fields(config) == []
 
 
 def test_the_unread_field_search_finds_a_made_up_field():
   config = config_files.load_config_file(str(ROOT / 'configs' / 'shakespeare.py'))
   config.train.learning_rate_multiplier_xyz = 2.0
   config.sample.made_up_sample_field = 1
-  assert sorted(unread_fields(config, _sources())) == ['sample.made_up_sample_field',
+  assert sorted(unread_fields(config)) == ['sample.made_up_sample_field',
                                                        'train.learning_rate_multiplier_xyz']
 
 

@@ -61,13 +61,16 @@ def test_cached_greedy_equals_full_recomputation_under_every_option(option, prom
   """As above for every model option. With rotary positions the cache holds rotated keys, and the
   re-encoded window restarts at position 0 in both paths."""
   cfg = dataclasses.replace(CFG, **OPTIONS[option])
-  p = model_lib.init_params(cfg, jax.random.PRNGKey(0))
-  # Large random weights everywhere (zero-initialised projections and biases too) make the greedy
-  # choice depend on the context; the scaling above would let some of these models settle on
-  # repeating one token.
-  leaves, tree = jax.tree_util.tree_flatten(p)
-  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-  p = tree.unflatten([a + 0.5 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+  def make():
+    # Large random weights everywhere (zero-initialised projections and biases too) make the greedy
+    # choice depend on the context; the scaling above would let some of these models settle on
+    # repeating one token.
+    leaves, tree = jax.tree_util.tree_flatten(model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    return tree.unflatten([a + 0.5 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+  p = jax.jit(make)()  # One program: eagerly, each op of the init compiles on its own.
   prompt = _prompt(2, prompt_len)
   cached = sampling.generate(p, cfg, prompt, new, jax.random.PRNGKey(0), temperature=0.0,
                                window_shift=shift)
@@ -131,7 +134,7 @@ def test_vocab_limit_masks_padded_rows(params):
 @pytest.mark.slow
 def test_top_k_restricts_choices(params):
   prompt = _prompt(1, 3)
-  logits = model_lib.GPT(CFG).apply({'params': params}, jnp.asarray(prompt))[:, -1]
+  logits = jax.jit(model_lib.GPT(CFG).apply)({'params': params}, jnp.asarray(prompt))[:, -1]
   allowed = set(np.asarray(jax.lax.top_k(logits, 3)[1])[0].tolist())
   firsts = {int(sampling.generate(params, CFG, prompt, 1, jax.random.PRNGKey(s), temperature=5.0,
                                     top_k=3)[0, -1]) for s in range(30)}

@@ -39,10 +39,15 @@ def _batch(cfg, B=4, T=None, seed=1):
 
 def _params(cfg, seed=0):
   """GPT-2 init, with LayerNorm scales/biases moved off 1/0 so a transpose or swap would show."""
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 100), 1000))
-  return jax.tree_util.tree_map(
-      lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params)
+
+  @jax.jit  # One program: eagerly, each op of the init would compile on its own.
+  def make():
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 100), 1000))
+    return jax.tree_util.tree_map(
+        lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params)
+
+  return make()
 
 
 def test_missing_torch_is_a_user_error(monkeypatch):

@@ -431,29 +431,40 @@ def test_remat_computes_the_same_steps():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+MIXED_PRECISION_DATA = jnp.asarray((np.arange(3000) * 7) % 20, jnp.uint16)  # Each token fixes the next.
+
+
+@functools.cache  # The float32 curve is shared by both 16-bit cases (same program, same numbers).
+def _mixed_precision_curve(dt: str):
+  """40 steps computed in `dt`: (losses, the dtypes of the loss and grad norm, of the state's arrays,
+  the model config, the final parameters)."""
+  model_cfg, train_cfg = _setup(dict(dtype=dt), learning_rate=3e-3, warmup_steps=5)
+  state, step = step_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 8, 1)
+  losses = []
+  for _ in range(40):
+    state, m = step(state, MIXED_PRECISION_DATA)
+    losses.append(float(m['loss']))
+  state_dtypes = {a.dtype for a in jax.tree_util.tree_leaves((state.params, state.opt_state))
+                  if hasattr(a, 'dtype') and a.ndim}
+  return np.array(losses), (m['loss'].dtype, m['grad_norm'].dtype), state_dtypes, model_cfg, state.params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_mixed_precision_keeps_float32_state_and_tracks_float32(dtype):
   """Compute in 16 bits; parameters, optimizer state, gradients and the loss stay float32."""
-  data = jnp.asarray((np.arange(3000) * 7) % 20, jnp.uint16)  # Learnable: each token fixes the next.
   curves = {}
   for dt in ('float32', dtype):
-    model_cfg, train_cfg = _setup(dict(dtype=dt), learning_rate=3e-3, warmup_steps=5)
-    state, step = step_lib.init_train_state(model_cfg, train_cfg), _step_fn(model_cfg, train_cfg, 8, 1)
-    losses = []
-    for _ in range(40):
-      state, m = step(state, data)
-      losses.append(float(m['loss']))
-    assert m['loss'].dtype == jnp.float32 and m['grad_norm'].dtype == jnp.float32
-    assert {a.dtype for a in jax.tree_util.tree_leaves((state.params, state.opt_state))
-            if hasattr(a, 'dtype') and a.ndim} == {jnp.dtype(jnp.float32)}
-    curves[dt] = np.array(losses)
+    curves[dt], metric_dtypes, state_dtypes, model_cfg, params = _mixed_precision_curve(dt)
+    assert metric_dtypes == (jnp.float32, jnp.float32)
+    assert state_dtypes == {jnp.dtype(jnp.float32)}
   # As under torch.autocast, the residual stream stays float32 while the matmuls are 16-bit (their
   # operands are checked in tests/test_gpu_path.py and tests/test_lower_cuda.py). XLA:CPU may keep
   # excess precision between ops, so the curves can be even closer here than on a GPU.
   model = GPT(ModelConfig(**dict(model_cfg.to_dict(), dtype=dtype)))
-  _, inter = model.apply({'params': state.params}, data[None, :16].astype(jnp.int32),
-                         mutable='intermediates')
+  # Only the dtype is checked: eval_shape traces the model without running it.
+  _, inter = jax.eval_shape(lambda p: model.apply({'params': p}, MIXED_PRECISION_DATA[None, :16].astype(jnp.int32),
+                                                  mutable='intermediates'), params)
   assert inter['intermediates']['h_0']['resid'][0].dtype == jnp.float32
   # The same curve within 16-bit rounding: losses fall (3.0 -> ~1.1 here) and differ by less than
   # half the dtype's epsilon (bfloat16 2e-3, float16 2.4e-4); a loss or softmax computed in 16 bits
