@@ -31,7 +31,14 @@ from gpt_jax.lab import shape_flow
 from gpt_jax.model import GPT
 from gpt_jax.training import step as step_lib
 
-CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+import tiny_models
+
+CFG = tiny_models.CFG
+_cfg = tiny_models.cfg
+_params = functools.lru_cache(maxsize=None)(tiny_models.params)  # Many tests read the same trees.
+_shapes = tiny_models.shapes
+_tokens = tiny_models.tokens
+_flat = tiny_models.flat
 OPTIONS = {  # One model per speedrun option, and all of them at once.
     'rotary': dict(position='rotary'),
     'qk_norm': dict(qk_norm=True),
@@ -41,32 +48,9 @@ OPTIONS = {  # One model per speedrun option, and all of them at once.
 }
 
 
-def _cfg(**kw) -> ModelConfig:
-  return dataclasses.replace(CFG, **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _params(cfg: ModelConfig, seed: int = 0):
-  return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-
-
-def _shapes(cfg: ModelConfig):
-  """The parameter tree `_params` would return, as shapes and dtypes only: nothing is compiled."""
-  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-
-
 @functools.lru_cache(maxsize=None)
 def _forward(cfg: ModelConfig):
   return jax.jit(lambda p, x: GPT(cfg).apply({'params': p}, x))
-
-
-def _tokens(shape, seed=1, vocab=CFG.vocab_size):
-  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
-
-
-def _flat(tree) -> dict:
-  return {'.'.join(str(k.key) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _subset(params, like):

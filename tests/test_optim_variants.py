@@ -16,31 +16,18 @@ import optax
 import pytest
 
 from configs import shakespeare
-from gpt_jax import checkpoint as checkpoint_lib, model as model_lib, optim, optim_variants
-from gpt_jax.config import ModelConfig
+from gpt_jax import checkpoint as checkpoint_lib, optim, optim_variants
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT
 from gpt_jax.training import step as step_lib
 
-CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+import tiny_models
 
-
-def _params(cfg: ModelConfig, seed: int = 0):
-  return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-
-
-def _shapes(cfg: ModelConfig):
-  """The parameter tree `_params` would return, as shapes and dtypes only: nothing is compiled."""
-  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-
-
-def _tokens(shape, seed=1, vocab=CFG.vocab_size):
-  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
-
-
-def _flat(tree) -> dict[str, jax.Array]:
-  return {'.'.join(str(k.key) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+CFG = tiny_models.CFG
+_params = tiny_models.params
+_shapes = tiny_models.shapes
+_tokens = tiny_models.tokens
+_flat = tiny_models.flat
 
 
 # --- Muon -----------------------------------------------------------------------------------------

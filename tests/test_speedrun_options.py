@@ -5,7 +5,6 @@ The model's options are tested in tests/test_model_variants.py, the optimizer's 
 tests/test_optim_variants.py.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -13,41 +12,14 @@ import numpy as np
 import pytest
 
 from configs import gpt2 as gpt2_configs, shakespeare
-from gpt_jax import config as config_lib, model as model_lib, optim
+from gpt_jax import config as config_lib, optim
 from gpt_jax.config import ModelConfig
 from gpt_jax.model import GPT
 from gpt_jax.training import step as step_lib
 
-CFG = ModelConfig(vocab_size=29, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-OPTIONS = {  # One model per option, and all of them at once.
-    'rotary': dict(position='rotary'),
-    'qk_norm': dict(qk_norm=True),
-    'relu2': dict(activation='relu2'),
-    'zero_init_proj': dict(zero_init_proj=True),
-    'all': dict(position='rotary', qk_norm=True, activation='relu2', zero_init_proj=True, bias=True),
-}
+import tiny_models
 
-
-def _cfg(**kw) -> ModelConfig:
-  return dataclasses.replace(CFG, **kw)
-
-
-def _params(cfg: ModelConfig, seed: int = 0):
-  return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-
-
-def _shapes(cfg: ModelConfig):
-  """The parameter tree `_params` would return, as shapes and dtypes only: nothing is compiled."""
-  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-
-
-def _tokens(shape, seed=1, vocab=CFG.vocab_size):
-  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
-
-
-def _flat(tree) -> dict[str, jax.Array]:
-  return {'.'.join(str(k.key) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+_flat = tiny_models.flat
 
 
 # --- defaults: exactly the model and optimizer of before --------------------------------------------
