@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gpt_jax import config_checks
 from gpt_jax.errors import UserError
 
 AXES = ('data', 'fsdp')
@@ -36,13 +37,9 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int]:
   """(data, fsdp) sizes from `mesh.{data, fsdp}`, -1 filling in the remaining devices."""
   sizes = {a: int(mesh_cfg[a]) if mesh_cfg is not None and a in mesh_cfg else d
            for a, d in zip(AXES, (-1, 1))}
-  if bad := [f'mesh.{a}={s}' for a, s in sizes.items() if s == 0 or s < -1]:
-    raise UserError(f'invalid mesh: {", ".join(bad)}; each axis size must be >= 1, or -1 for '
-                    '"all remaining devices".')
+  if problems := config_checks.check_mesh(sizes):  # The sizes alone, as validate checks them.
+    raise UserError('invalid mesh: ' + '; '.join(problems))
   free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise UserError('invalid mesh: only one of mesh.data / mesh.fsdp may be -1 (all remaining '
-                    'devices); give the other a size.')
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if n_devices % fixed:

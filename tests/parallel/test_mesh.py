@@ -147,7 +147,7 @@ def test_mesh_shape_fills_in_and_validates():
     mesh_lib.mesh_shape({'data': -1, 'fsdp': 3}, 8)
   with pytest.raises(UserError, match='only one of'):
     mesh_lib.mesh_shape({'data': -1, 'fsdp': -1}, 8)
-  with pytest.raises(UserError, match='mesh.data=0'):
+  with pytest.raises(UserError, match=r'mesh.data must be >= 1, or -1 for "all remaining devices" \(got 0\)'):
     mesh_lib.mesh_shape({'data': 0, 'fsdp': 1}, 8)
   with pytest.raises(UserError, match='product equal the device count'):
     mesh_lib.make_mesh({'data': 2, 'fsdp': 1})  # This process has one device.
