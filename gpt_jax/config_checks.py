@@ -206,14 +206,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   raise_problems(problems_of(config))
 
 
-def split_sizes(dataset: Any) -> dict[str, int]:
-  """{split: tokens} of in-memory splits; {} for token shards, whose own check_block_size (run next,
-  with advice about shard sizes) checks that a window fits inside one shard."""
-  if hasattr(dataset, 'check_block_size'):
-    return {}
-  return {name: len(getattr(dataset, name)) for name in ('train', 'val')}
-
-
 def step_memory_bytes(m: ModelConfig, batch_size: int) -> int:
   """A lower bound on one training step's memory: weights, gradients and two Adam moments (float32),
   the activations the backward pass keeps (at least 16 floats per position and channel in each

@@ -68,7 +68,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   distributed.barrier('gpt_jax: data prepared')
   ds = ds or load(config.data, verbose=False)
   model_cfg = model_config_from(config, ds.tokenizer.vocab_size)
-  config_checks.check_fits(model_cfg, t, config_checks.split_sizes(ds))  # Before anything compiles.
+  # Before anything compiles. Token shards check their windows themselves, with advice on shard sizes.
+  config_checks.check_fits(model_cfg, t, {} if shards_dir else {'train': len(ds.train), 'val': len(ds.val)})
   if shards_dir:  # Token shards streamed from disk: corpora too big to replicate on every device.
     ds.check_block_size(model_cfg.block_size)
     source = batches_lib.ShardBatches(ds, model_cfg.block_size, t.batch_size, t.grad_accum_steps,
