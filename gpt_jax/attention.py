@@ -7,7 +7,9 @@ softmax(q k^T / sqrt(D)) v is computed lives here:
   * `block_causal_attention`, the same a block of query rows at a time, skipping the blocks right of
     the diagonal (long sequences);
   * `cached_attention`, new tokens over a KV cache (generation);
-  * jax.nn.dot_product_attention, XLA's or cuDNN's fused kernel (`attention_implementation` decides).
+  * jax.nn.dot_product_attention, XLA's or cuDNN's fused kernel;
+  * gpt_jax/flash_attention.py, our Pallas flash-attention kernel, which can drop attention
+    probabilities (with a hashed mask) and so train. `attention_implementation` decides.
 
 Shapes: B = batch, T = new positions, S = cache length (= block_size), H = heads, D = head size.
 """
@@ -22,13 +24,15 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from gpt_jax import flash_attention
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import UserError
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                     probs_hook: Optional[Callable[[jax.Array], Any]] = None) -> jax.Array:
+                     probs_hook: Optional[Callable[[jax.Array], Any]] = None,
+                     dropout_seed: Optional[jax.Array] = None) -> jax.Array:
   """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, H, T, D); k, v: (B, H, S, D).
 
   Heads come before positions, so both products are plain batched matrix products over (B, H)
@@ -36,7 +40,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   figure).
   `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
   With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (and the survivors
-  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT. `probs_hook`, if given, sees the probabilities.
+  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT. With a `dropout_seed` (uint32) instead, the
+  mask is the flash kernel's hash of positions from 0 (flash_attention.hashed_dropout_mask), so
+  this computes what the kernel does. `probs_hook`, if given, sees the probabilities.
   Returns (B, H, T, D).
   """
   D = q.shape[-1]
@@ -53,6 +59,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   if dropout_rng is not None and dropout_rate > 0.0:
     from gpt_jax.model import dropout  # Here, not at the top: the model imports this module.
     att = dropout(att, dropout_rate, dropout_rng)
+  elif dropout_seed is not None and dropout_rate > 0.0:
+    att = flash_attention.hashed_dropout(att, dropout_rate, dropout_seed)
   y = jnp.einsum('bhts,bhsd->bhtd', att.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return y.astype(v.dtype)  # (B, H, T, D)
 
@@ -134,6 +142,23 @@ def cudnn_problem(cfg: ModelConfig, platform: str) -> Optional[str]:
   return None
 
 
+# Head sizes the flash kernel takes: powers of two (Triton's tiles are powers of two on every side),
+# from its smallest tile to the largest that fits its registers.
+FLASH_HEAD_SIZES = (16, 32, 64, 128, 256)
+GPU_PLATFORMS = ('gpu', 'cuda')
+
+
+def flash_problem(cfg: ModelConfig) -> Optional[str]:
+  """Why our Pallas flash kernel (gpt_jax/flash_attention.py) cannot run this model; None if it can.
+  It takes every model.dtype, and pads sequences to whole blocks, so any length is fine."""
+  if cfg.head_size not in FLASH_HEAD_SIZES:
+    return (f'it needs a head size (n_embd // n_head) in {FLASH_HEAD_SIZES} (got {cfg.head_size})')
+  if cfg.block_size > flash_attention.MAX_POSITIONS:
+    return (f'its dropout hash numbers at most {flash_attention.MAX_POSITIONS} positions '
+            f'(model.block_size={cfg.block_size})')
+  return None
+
+
 # The platform programs are being built for, when it is not JAX's default backend (`target_platform`).
 _TARGET_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     'gpt_jax_target_platform', default=None)
@@ -149,9 +174,15 @@ def target_platform(platform: str) -> Iterator[None]:
     _TARGET_PLATFORM.reset(token)
 
 
+def _platform(platform: Optional[str] = None) -> str:
+  """`platform`, else `target_platform`'s, else JAX's default backend."""
+  return platform or _TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optional[str] = None,
                              ) -> str:
-  """The one place that decides which kernel a full forward (or prefill) uses: 'manual', 'xla', 'cudnn'.
+  """The one place that decides which kernel a full forward (or prefill) uses: 'manual', 'xla',
+  'cudnn' or 'flash'.
 
   `drop_probs`: this call drops attention probabilities (training, dropout > 0, attention_dropout).
   `platform`: the backend the program is for (default: `target_platform`'s, else JAX's default).
@@ -159,15 +190,24 @@ def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optio
     xla     jax.nn.dot_product_attention(implementation='xla'), except when attention probabilities
             are dropped, which only the written-out softmax can do with the step's own key.
     cudnn   implementation='cudnn' (flash attention), or a UserError saying why it cannot run here.
-    auto    cuDNN where it applies (cudnn_problem), else as 'xla'.
-  No fused kernel drops attention probabilities: jax.nn.dot_product_attention has no dropout, and
-  cuDNN's in-kernel dropout takes its seed as a compile-time constant and advances its own counter,
-  so a step would no longer be a pure function of (seed, step) and resumed runs would not repeat.
+    flash   our Pallas kernel (gpt_jax/flash_attention.py), dropout included, or a UserError saying
+            why it cannot (flash_problem). Off a GPU it runs in Pallas interpret mode: slow.
+    auto    when attention probabilities are dropped: 'flash' on a GPU where it applies, else
+            'manual'; otherwise cuDNN where it applies (cudnn_problem), else as 'xla'.
+  jax.nn.dot_product_attention cannot drop attention probabilities: it has no dropout, and cuDNN's
+  in-kernel dropout takes its seed as a compile-time constant and advances its own counter, so a
+  step would no longer be a pure function of (seed, step) and resumed runs would not repeat. The
+  flash kernel's mask is a hash of (seed, batch, head, query, key) with the seed from the step's key.
   """
   want = cfg.attention
   if want == 'manual':
     return 'manual'
-  platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
+  platform = _platform(platform)
+  if want == 'flash':
+    if problem := flash_problem(cfg):
+      raise UserError(f"model.attention='flash': the Pallas flash-attention kernel cannot run this "
+                      f"model: {problem}. Use model.attention='auto' or 'manual'.")
+    return 'flash'
   problem = cudnn_problem(cfg, platform)
   if want == 'cudnn':
     if problem:
@@ -176,10 +216,11 @@ def attention_implementation(cfg: ModelConfig, drop_probs: bool, platform: Optio
     if drop_probs:
       raise UserError("model.attention='cudnn' cannot drop attention probabilities (see "
                       "docs/gpu.md); set model.attention_dropout=False (embedding and residual "
-                      "dropout stay), or model.attention='auto' to train on the written-out softmax.")
+                      "dropout stay), or model.attention='auto' to train with the flash kernel.")
     return 'cudnn'
   if drop_probs:
-    return 'manual'
+    on_gpu = platform in GPU_PLATFORMS
+    return 'flash' if want == 'auto' and on_gpu and flash_problem(cfg) is None else 'manual'
   return 'cudnn' if want == 'auto' and problem is None else 'xla'
 
 
@@ -190,9 +231,12 @@ def describe_attention(cfg: ModelConfig, platform: Optional[str] = None) -> str:
   why = ''
   if cfg.attention != 'manual' and train == 'manual':
     why = ' (attention dropout needs the written-out softmax; model.attention_dropout=False lifts it)'
+  setting = f'model.attention={cfg.attention!r}'
+  if 'flash' in (train, evals) and _platform(platform) not in GPU_PLATFORMS:
+    setting += f'; flash runs in Pallas interpret mode on {_platform(platform)}: correct but slow'
   if train == evals:
-    return f'{train} (training and evals; model.attention={cfg.attention!r})'
-  return f'{train} in training{why}, {evals} in evals (model.attention={cfg.attention!r})'
+    return f'{train} (training and evals; {setting})'
+  return f'{train} in training{why}, {evals} in evals ({setting})'
 
 
 def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array, y: jax.Array,
@@ -224,6 +268,16 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
   if cache is not None and not prefill:
     # Generation: the new tokens attend over the cache's past and, causally, over each other.
     y = cached_attention(q, k, v, cache['k'], cache['v'], pos)
+  elif impl == 'flash':
+    # The Pallas kernel, its dropout mask hashed from a seed drawn from this layer's dropout key.
+    seed = None if dropout_rng is None else jax.random.bits(dropout_rng, (1,), jnp.uint32)
+    rate = cfg.dropout if seed is not None else 0.0
+    if probs_hook is None:
+      y = flash_attention.flash_attention(q, k, v, seed, rate,
+                                          interpret=_platform() not in GPU_PLATFORMS)
+    else:  # The same function written out, so that the probabilities exist to be seen.
+      y = causal_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)), rate, probs_hook=probs_hook,
+                           dropout_seed=seed)
   elif impl in ('xla', 'cudnn') and probs_hook is None:
     # jax.nn.dot_product_attention with the implementation named explicitly (its default, None,
     # is XLA in every JAX so far). It takes and returns (B, T, H, D).

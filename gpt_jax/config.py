@@ -34,10 +34,10 @@ class ModelConfig:
   dtype: str = 'float32'        # Compute dtype of the matmuls; parameters and the residual stream
                                 # always stay float32 (as torch.autocast keeps them).
   attention: str = 'manual'     # Full forwards and prefills: 'manual' (written out), 'xla' / 'cudnn'
-                                # (jax.nn.dot_product_attention's) or 'auto' (cuDNN where it applies,
-                                # else XLA). Decode steps always use attention.cached_attention.
+                                # (jax.nn.dot_product_attention's), 'flash' (our Pallas kernel) or 'auto'
+                                # (attention.attention_implementation). Decode: attention.cached_attention.
   attention_dropout: bool = True  # Dropout on the attention probabilities (GPT-2). False keeps only the
-                                # embedding and residual dropout, which lets fused kernels train.
+                                # embedding and residual dropout, which lets cuDNN attention train.
   remat: bool = False           # Recompute each block's activations in the backward pass (saves memory).
   # Departures from GPT-2 (gpt_jax/model_variants.py), all off by default: the defaults are GPT-2 /
   # nanoGPT exactly, and a saved config without these fields (an older checkpoint) means that model.

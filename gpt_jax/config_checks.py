@@ -59,7 +59,7 @@ def raise_problems(problems: list[str], what: str = 'invalid config') -> None:
     raise UserError(f'{what}: ' + '; '.join(problems))
 
 
-ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'auto')  # See attention.attention_implementation.
+ATTENTION_BACKENDS = ('manual', 'xla', 'cudnn', 'flash', 'auto')  # See attention.attention_implementation.
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSITIONS = ('learned', 'rotary')
 ACTIVATIONS = ('gelu', 'relu2')
@@ -215,7 +215,7 @@ def step_memory_bytes(m: ModelConfig, batch_size: int) -> int:
   layers = 1 if m.remat else m.n_layer  # Recomputed blocks keep one block's activations at a time.
   state = 4 * 4 * num_params(m)
   activations = 4 * 16 * B * T * C * layers
-  attention = 0 if m.attention in ('cudnn', 'auto') else 4 * B * H * T * T * layers
+  attention = 0 if m.attention in ('cudnn', 'flash', 'auto') else 4 * B * H * T * T * layers
   return state + activations + attention
 
 
