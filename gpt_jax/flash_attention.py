@@ -102,11 +102,18 @@ def hashed_dropout(att: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """a @ b of two 2-D blocks (either transposed), accumulated and returned in float32. A transpose
+  is a choice of contracted axis, which Triton folds into the matrix multiply."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _scores(q: jax.Array, k: jax.Array, q_start: jax.Array, k_start: jax.Array,
             scale: float) -> jax.Array:
   """Causally masked scores q k^T * scale (block_q, block_k), float32, for the blocks starting at
   query position q_start and key position k_start."""
-  s = pl.dot(q, k, trans_b=True) * scale  # pl.dot accumulates in float32.
+  s = _dot(q, k, trans_b=True) * scale
   q_pos = q_start + jnp.arange(q.shape[0], dtype=jnp.int32)
   k_pos = k_start + jnp.arange(k.shape[0], dtype=jnp.int32)
   # Only blocks on the diagonal have masked entries; applying the (cheap) mask to every visited
@@ -159,7 +166,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: flo
     l = alpha * l + jnp.sum(p, axis=1)
     if rate > 0.0:
       p = p * _dropout_factor(key, q_start, k_start, p.shape, rate)
-    acc = alpha[:, None] * acc + pl.dot(p.astype(v.dtype), v)  # bf16 inputs: bf16 p, as unfused.
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)  # bf16 inputs: bf16 p, as unfused.
     return m_new, l, acc
 
   # Causal skip: key blocks starting past this block's last query are entirely masked.
@@ -189,15 +196,15 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_re
     lse = lse_ref[pl.ds(q_start, block_q)]
     delta = delta_ref[pl.ds(q_start, block_q)]
     p = jnp.exp(_scores(q, k, q_start, k_start, scale) - lse[:, None])  # (block_q, block_k)
-    dp = pl.dot(do, v, trans_b=True)
+    dp = _dot(do, v, trans_b=True)
     if rate > 0.0:
       z = _dropout_factor(key, q_start, k_start, p.shape, rate)
       pd, dp = p * z, dp * z
     else:
       pd = p
-    dv = dv + pl.dot(pd.astype(do.dtype), do, trans_a=True)
+    dv = dv + _dot(pd.astype(do.dtype), do, trans_a=True)
     ds = p * (dp - delta[:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   # Causal skip: query blocks ending before this key block's first key never see it.
@@ -223,11 +230,11 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
     p = jnp.exp(_scores(q, k, q_start, k_start, scale) - lse[:, None])
-    dp = pl.dot(do, v, trans_b=True)
+    dp = _dot(do, v, trans_b=True)
     if rate > 0.0:
       dp = dp * _dropout_factor(key, q_start, k_start, p.shape, rate)
     ds = p * (dp - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k)
+    return dq + _dot(ds.astype(k.dtype), k)
 
   n_blocks = pl.cdiv(q_start + block_q, block_k)
   dq = jax.lax.fori_loop(0, n_blocks, visit, jnp.zeros(q_ref.shape, jnp.float32))

@@ -36,8 +36,14 @@ BF16 = ModelConfig(vocab_size=41, block_size=32, n_layer=2, n_head=2, n_embd=32,
     ('auto', 'bfloat16', 12, 'gpu', False, 'xla'),      # Head size not a multiple of 8.
     ('auto', 'bfloat16', 256, 'gpu', False, 'xla'),     # Head size over 128.
     ('auto', 'bfloat16', 16, 'cpu', False, 'xla'),
-    ('auto', 'bfloat16', 16, 'gpu', True, 'manual'),
+    ('auto', 'bfloat16', 16, 'gpu', True, 'flash'),     # Dropped probabilities on a GPU: the Pallas kernel.
+    ('auto', 'float32', 64, 'cuda', True, 'flash'),
+    ('auto', 'bfloat16', 12, 'gpu', True, 'manual'),    # Head size the flash kernel cannot take.
+    ('auto', 'bfloat16', 16, 'cpu', True, 'manual'),    # Off a GPU the kernel would only be interpreted.
+    ('xla', 'bfloat16', 16, 'gpu', True, 'manual'),     # 'xla' never picks the flash kernel.
     ('cudnn', 'bfloat16', 128, 'gpu', False, 'cudnn'),
+    ('flash', 'float32', 16, 'cpu', True, 'flash'),     # Asked for: anywhere (interpreted off a GPU).
+    ('flash', 'bfloat16', 64, 'gpu', False, 'flash'),   # Evals too.
 ])
 def test_attention_implementation(attention, dtype, head, platform, drop, want):
   cfg = ModelConfig(n_head=2, n_embd=2 * head, attention=attention, dtype=dtype)
@@ -57,9 +63,7 @@ def test_cudnn_says_why_it_cannot_run(dtype, platform, drop, match):
 
 def test_start_up_line_names_the_kernels():
   gpu = model_config_from(shakespeare.get_config('gpu'), 65)
-  assert attention_lib.describe_attention(gpu, 'gpu').startswith(
-      'manual in training (attention dropout needs the written-out softmax; '
-      'model.attention_dropout=False lifts it), cudnn in evals')
+  assert attention_lib.describe_attention(gpu, 'gpu').startswith('flash in training, cudnn in evals')
   fused = dataclasses.replace(gpu, attention_dropout=False)
   assert attention_lib.describe_attention(fused, 'gpu').startswith('cudnn (training and evals')
   assert attention_lib.describe_attention(fused, 'cpu').startswith('xla (training and evals')
@@ -71,15 +75,21 @@ def test_start_up_line_names_the_kernels():
 
 def test_model_calls_the_chosen_kernel(monkeypatch):
   """Under target_platform('gpu') an 'auto' bf16 model asks jax.nn.dot_product_attention for cuDNN
-  (run here as XLA, which the CPU has); in training with attention dropout it never calls it."""
-  seen = []
-  real = jax.nn.dot_product_attention
+  (run here as XLA, which the CPU has); in training with attention dropout it never calls it, but
+  the flash kernel, compiled (not interpreted), with a seed and the dropout rate."""
+  seen, flash_calls = [], []
+  real, real_flash = jax.nn.dot_product_attention, attention_lib.flash_attention.flash_attention
 
   def spy(*args, implementation=None, **kwargs):
     seen.append(implementation)
     return real(*args, implementation='xla', **kwargs)
 
+  def flash_spy(q, k, v, seed, rate, interpret):
+    flash_calls.append((seed is not None, rate, interpret))
+    return real_flash(q, k, v, seed, rate, interpret=True)  # Traced only; the CPU interprets it.
+
   monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  monkeypatch.setattr(attention_lib.flash_attention, 'flash_attention', flash_spy)
   cfg = dataclasses.replace(BF16, attention='auto')
   x = jnp.zeros((2, 16), jnp.int32)
   # The kernel is chosen while tracing, so tracing alone (eval_shape) shows every call; nothing runs.
@@ -94,9 +104,10 @@ def test_model_calls_the_chosen_kernel(monkeypatch):
     seen.clear()
     drop = dataclasses.replace(cfg, dropout=0.1)
     train(drop)
-    assert seen == []  # Attention dropout: the written-out softmax.
+    assert seen == []  # Attention dropout: the flash kernel.
+    assert flash_calls == [(True, 0.1, False)] * cfg.n_layer
     train(dataclasses.replace(drop, attention_dropout=False))
-    assert seen == ['cudnn'] * cfg.n_layer
+    assert seen == ['cudnn'] * cfg.n_layer and len(flash_calls) == cfg.n_layer
 
 
 def test_attention_dropout_off_drops_no_probabilities():
@@ -139,7 +150,7 @@ def test_bf16_keeps_residual_stream_float32_and_multiplies_in_bf16():
 def test_gpu_preset_is_the_default_recipe_in_bf16_with_fused_attention():
   default, gpu = shakespeare.get_config(''), shakespeare.get_config('gpu')
   assert gpu.model.dtype == 'bfloat16' and gpu.model.attention == 'auto'
-  # Attention dropout stays (nanoGPT's regulariser): training runs the written-out softmax, evals cuDNN.
+  # Attention dropout stays (nanoGPT's regulariser): on a GPU training runs the flash kernel, evals cuDNN.
   assert gpu.model.attention_dropout is True and gpu.model.dropout == default.model.dropout
   assert gpu.out_dir != default.out_dir and gpu.train.target_val_loss == 1.47
   d, g = default.to_dict(), gpu.to_dict()

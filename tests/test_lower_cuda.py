@@ -9,6 +9,8 @@ replicated. Programs are lowered at each preset's model size; only the batch is 
 Without the CUDA plugin JAX cannot lower cuDNN attention ("cuDNN is not detected"), so here the
 `gpu` preset lowers with model.attention='auto' resolved for the CPU, i.e. XLA attention; its cuDNN
 program is lowered by the gpu-marked test at the end, which runs where the plugin is installed.
+The Pallas flash kernel lowers to Triton without it: the `gpu` preset's train step chooses it for
+CUDA and is lowered with it here (compiling the Triton kernels for a GPU needs the GPU).
 """
 
 import dataclasses
@@ -129,10 +131,30 @@ def test_eight_devices_shard_the_batch_and_the_dropout_bits(eight_device_program
   assert f'u32[{words // 8}]' in shapes and f'u32[{words}]' not in shapes
 
 
+def test_gpu_preset_trains_with_the_flash_kernel_lowered_for_cuda():
+  """The `gpu` preset's train step, attention chosen for CUDA: attention dropout runs in the Pallas
+  flash kernel, lowered to Triton custom calls (forward, dk/dv and dq in each of the 6 blocks)."""
+  c = shakespeare.get_config('gpu')
+  c.train.batch_size = BATCH
+  cfg = model_config_from(c, 65)
+  abstract = jax.eval_shape(lambda: init_train_state(cfg, c.train))  # Chosen for the CPU: XLA.
+  data = jax.ShapeDtypeStruct((100_000,), jnp.uint16)
+  step = jax.jit(functools.partial(train_step, model=GPT(cfg), batch_size=BATCH, grad_accum_steps=1,
+                                   schedule=optim.lr_schedule(c.train)))
+  with attention_lib.target_platform('cuda'):
+    assert attention_lib.describe_attention(cfg).startswith('flash in training, cudnn in evals')
+    text = step.trace(abstract, data).lower(lowering_platforms=('cuda',)).as_text()
+  calls = [l for l in text.splitlines() if '__gpu$xla.gpu.triton' in l]
+  names = [re.search(r'name = "(\w+)"', l).group(1) for l in calls]
+  assert sorted(set(names)) == ['flash_attention_dkv', 'flash_attention_dq', 'flash_attention_forward']
+  assert len(names) == 3 * cfg.n_layer, names
+  assert '__cudnn$fmha' not in text  # Training drops attention probabilities: no cuDNN.
+
+
 @pytest.mark.gpu
 def test_gpu_preset_lowers_with_cudnn_attention():
   """cuDNN flash attention (custom call) lowered for CUDA: the `gpu` preset's eval step (its training
-  keeps attention dropout, so the written-out softmax), and its train step with attention dropout off."""
+  keeps attention dropout, so the Pallas flash kernel), and its train step with attention dropout off."""
   c = shakespeare.get_config('gpu')
   c.train.batch_size = BATCH
   cfg = model_config_from(c, 65)
@@ -155,4 +177,5 @@ def test_gpu_preset_lowers_with_cudnn_attention():
                   'jax-cuda13-plugin): "cuDNN is not detected"')
     raise
   assert '__cudnn$fmha' in texts['eval'] and '__cudnn$fmha' in texts['train without attention dropout']
-  assert '__cudnn$fmha' not in texts['train']  # Attention dropout: the written-out softmax.
+  assert '__cudnn$fmha' not in texts['train']  # Attention dropout: the Pallas flash kernel.
+  assert '__gpu$xla.gpu.triton' in texts['train']

@@ -327,7 +327,7 @@ def test_sequence_longer_than_block_is_rejected():
     _forward()({'params': _params()}, np.zeros((1, CFG.block_size + 1), np.int32))
 
 
-@pytest.mark.parametrize('bad', [dict(n_embd=30, n_head=4), dict(dropout=1.5), dict(attention='flash'),
+@pytest.mark.parametrize('bad', [dict(n_embd=30, n_head=4), dict(dropout=1.5), dict(attention='fused'),
                                  dict(n_layer=0), dict(dtype='float8')])
 def test_invalid_model_config_is_a_user_error(bad):
   with pytest.raises(UserError, match='invalid model config'):
