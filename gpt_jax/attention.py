@@ -31,18 +31,16 @@ from gpt_jax.errors import UserError
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                     probs_hook: Optional[Callable[[jax.Array], Any]] = None,
-                     dropout_seed: Optional[jax.Array] = None) -> jax.Array:
+                     probs_hook: Optional[Callable] = None, dropout_seed: Any = None) -> jax.Array:
   """softmax(q k^T / sqrt(D) + mask) v, written out.  q: (B, H, T, D); k, v: (B, H, S, D).
 
   Heads come before positions, so both products are plain batched matrix products over (B, H)
   that need no transposes (measured faster on a CPU than (B, T, H, D); docs/performance.md has the
   figure).
   `mask` (T, S) is True where query t may look at key s. Scores and softmax are in float32.
-  With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (and the survivors
-  scaled by 1 / (1 - rate)), as in GPT-2 / nanoGPT. With a `dropout_seed` (uint32) instead, the
-  mask is the flash kernel's hash of positions from 0 (flash_attention.hashed_dropout_mask), so
-  this computes what the kernel does. `probs_hook`, if given, sees the probabilities.
+  With a `dropout_rng`, attention probabilities are dropped with `dropout_rate` (survivors scaled by
+  1 / (1 - rate)), as in GPT-2 / nanoGPT; with a uint32 `dropout_seed` instead, by the flash kernel's
+  hashed mask (gpt_jax/flash_attention.py). `probs_hook`, if given, sees the probabilities.
   Returns (B, H, T, D).
   """
   D = q.shape[-1]
