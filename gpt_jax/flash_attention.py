@@ -97,8 +97,9 @@ def hashed_dropout(att: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
 
 # --- the kernels -------------------------------------------------------------------------------
 
-# A score that exp() turns into exactly 0. Finite, unlike -inf, so a fully masked block can never
-# produce inf - inf = NaN in the running max's corrections.
+# A score that exp() turns into exactly 0. Finite, unlike -inf: a row whose scores seen so far were
+# all masked would then give exp(-inf - (-inf)) = NaN in the running max's correction. (Key block 0
+# comes first and every query sees key 0, so that never happens; the finite value keeps it so.)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -255,10 +256,11 @@ def _call(kernel, grid: tuple[int, ...], in_specs: list, out_specs: list, out_sh
 def _specs(B: int, H: int, T: int, D: int):
   """BlockSpecs over grid (B, H, n): `rows(n)`, block i of n rows of a (B, H, T, D) array; `whole`,
   this head's whole (T, D); `vec(n)` / `whole_vec`, the same of a (B, H, T) array; `seed`."""
-  rows = lambda n: pl.BlockSpec((None, None, n, D), lambda b, h, i: (b, h, i, 0))
-  whole = pl.BlockSpec((None, None, T, D), lambda b, h, i: (b, h, 0, 0))
-  vec = lambda n: pl.BlockSpec((None, None, n), lambda b, h, i: (b, h, i))
-  whole_vec = pl.BlockSpec((None, None, T), lambda b, h, i: (b, h, 0))
+  one = pl.squeezed  # Batch and head axes: one of each per program, dropped inside the kernel.
+  rows = lambda n: pl.BlockSpec((one, one, n, D), lambda b, h, i: (b, h, i, 0))
+  whole = pl.BlockSpec((one, one, T, D), lambda b, h, i: (b, h, 0, 0))
+  vec = lambda n: pl.BlockSpec((one, one, n), lambda b, h, i: (b, h, i))
+  whole_vec = pl.BlockSpec((one, one, T), lambda b, h, i: (b, h, 0))
   seed = pl.BlockSpec((1,), lambda b, h, i: (0,))
   return rows, whole, vec, whole_vec, seed
 
