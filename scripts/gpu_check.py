@@ -66,15 +66,18 @@ TARGETS = {
     'step_gpt2_best': [('best_tokens_per_s', '>=', 470_000)],
 }
 
-# Seconds each subprocess may run on one H100/H200. They add up to the check's ceiling (BUDGET), so
-# a run that hangs costs its own limit and nothing more. --time_scale multiplies them all.
-LIMITS = {'probe': 20, 'gpu_tests': 105, 'train': 75, 'train_eval': 15, 'speedrun_cold': 55,
-          'speedrun_warm': 30, 'speedrun_eval': 20, 'speedrun_seed': 30, 'deterministic_first': 45,
-          'deterministic_second': 30, 'gpt2_setting': 40}
+# Seconds each subprocess may run on one H100/H200. They add up to the check's ceiling (budget()), so
+# a run that hangs costs its own limit and nothing more; one stopped at its limit counts as failed,
+# with the figures it logged so far. --time_scale multiplies them all.
+LIMITS = {'probe': 15, 'gpu_tests': 105, 'train': 75, 'train_eval': 15, 'speedrun_cold': 55,
+          'speedrun_warm': 30, 'speedrun_eval': 20, 'speedrun_seed': 30, 'deterministic_first': 50,
+          'deterministic_second': 30, 'gpt2_setting': 40,
+          'gpt2_data': 5}  # The first GPT-2 run also prepares GPT-2's BPE data.
 DRY_LIMIT = 300  # --dry_run: any machine, any load; the limit only catches a hang.
 
 # GPT-2 124M step settings: overrides of configs/gpt2.py:gpt2_gpu (bf16, cuDNN attention, 32 rows of
-# 1024 tokens). Each costs a start-up and a compilation (~40 s), so the default sweep holds three.
+# 1024 tokens). Each costs a start-up and a compilation (LIMITS['gpt2_setting']), so the default sweep
+# holds three.
 GPT2_SETTINGS = {
     'b16': ['--config.train.batch_size=16'],  # The earlier step_gpt2 stage's setting.
     'b32': [],
@@ -183,7 +186,7 @@ def run_figures(records: list[dict], log: str) -> dict:
   startup = next((r for r in records if r.get('event') == 'startup'), None)
   out = {'final_val_loss': evals[-1]['val_loss'] if evals else None,
          'best_eval_val_loss': min((r['val_loss'] for r in evals), default=None),
-         'seconds_to_target': hit['time'] if hit else None, 'timed_steps': sum(1 for _ in timed)}
+         'seconds_to_target': hit['time'] if hit else None, 'timed_windows': len(timed)}
   if timed:
     out.update(ms_per_step=round(mean([r['ms_per_step'] for r in timed]), 3),
                tokens_per_s=round(mean([r['tokens_per_s'] for r in timed])),
@@ -244,14 +247,14 @@ class Check:
     return ([f'--config.{key}={path}'] if PENDING_KEYS[key] else []), env
 
   def train(self, name: str, config: str, overrides: list[str], limit: str, group: str,
-            tokenizer: str = 'char', extra_env: Optional[dict] = None) -> dict:
+            tokenizer: str = 'char', extra_env: Optional[dict] = None, extra_seconds: float = 0) -> dict:
     """One scripts/train.py run into <out>/<name>: exit status, start-to-exit seconds, its figures."""
     run_dir = os.path.join(self.out, name)
     cache_args, env = self.cache(group, extra_env)
     cmd = [sys.executable, 'scripts/train.py', f'--config={config}', f'--config.out_dir={run_dir}',
            *self.data(tokenizer), *cache_args, *overrides]
     log = os.path.join(self.out, f'{name}.log')
-    status, seconds, tail = run(cmd, log, self.limit(limit), env)
+    status, seconds, tail = run(cmd, log, self.limit(limit) + extra_seconds, env)
     records = read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
     self.trajectories[name] = trajectory(records) if status == 0 else []
     res = {'ok': status == 0, 'status': status, 'wall_seconds': round(seconds, 1), **run_figures(records, log)}
@@ -272,7 +275,7 @@ class Check:
     res['evaluate_seconds'] = round(seconds, 1)
     if status == 0:
       with open(path, encoding='utf-8') as f:
-        res['full_pass_val_loss'] = round(json.load(f)['loss'], 4)
+        res['full_pass_val_loss'] = json.load(f)['loss']  # Unrounded: judged against its target.
     else:
       res['log_tail'] = tail
 
@@ -290,7 +293,7 @@ class Check:
     res = dict(self.train('train', f'configs/shakespeare.py:{preset}', dry, 'train', 'train'), preset=preset)
     self.evaluate('train', 'train_eval', res)
     step = {'ok': 'ms_per_step' in res, 'from': 'the train stage\'s logged windows after the first',
-            **{k: res[k] for k in ('ms_per_step', 'tokens_per_s', 'mfu', 'timed_steps') if k in res}}
+            **{k: res[k] for k in ('ms_per_step', 'tokens_per_s', 'mfu', 'timed_windows') if k in res}}
     return res, step
 
   def speedrun(self, name: str, limit: str, overrides: tuple[str, ...] = (), extra_env=None) -> dict:
@@ -323,7 +326,7 @@ class Check:
     res = {'ok': all(r['ok'] for r in runs.values()) and len(got) == 3, 'val_loss_by_seed': vals,
            'wall_seconds_by_seed': {s: r['wall_seconds'] for s, r in runs.items()},
            'worst_val_loss': max(got) if len(got) == 3 else None,
-           'mean_val_loss': round(mean(got), 4) if len(got) == 3 else None}
+           'mean_val_loss': mean(got) if len(got) == 3 else None}
     if not res['ok']:
       res['log_tail'] = next((r['log_tail'] for r in runs.values() if 'log_tail' in r), 'seed 1337 failed')
     return res
@@ -336,6 +339,7 @@ class Check:
     b = self.speedrun('deterministic_2', 'deterministic_second', extra_env={'XLA_FLAGS': flags})
     ta, tb = self.trajectories['deterministic_1'], self.trajectories['deterministic_2']
     res = {'ok': a['ok'] and b['ok'] and bool(ta), 'xla_flags': flags, 'compared_records': len(ta),
+           'wall_seconds_by_run': [a['wall_seconds'], b['wall_seconds']],
            'bit_identical': bool(ta) and ta == tb, 'first_difference': first_difference(ta, tb)}
     plain = [self.trajectories.get(n) for n in ('gpu_speedrun_cold', 'gpu_speedrun_warm')]
     if all(plain):  # Two runs of the same config without the flag: are they identical anyway?
@@ -358,13 +362,15 @@ class Check:
     common = [f'--config.train.max_steps={steps}', f'--config.train.log_interval={every}',
               f'--config.train.eval_interval={steps}', '--config.train.eval_iters=1',
               '--config.train.eval_at_start=False', '--config.sample.eval_tokens=0']
-    rows = {}
+    rows, extra = {}, self.limit('gpt2_data')
     for name in settings:
       overrides = GPT2_SETTINGS[name]
       if missing := pending(overrides):
         rows[name] = {'skipped': f'needs {", ".join(missing)} (PENDING_KEYS in scripts/gpu_check.py)'}
         continue
-      r = self.train(f'step_gpt2_{name}', config, common + overrides, 'gpt2_setting', 'gpt2', tokenizer='gpt2')
+      r = self.train(f'step_gpt2_{name}', config, common + overrides, 'gpt2_setting', 'gpt2', tokenizer='gpt2',
+                     extra_seconds=0 if self.dry else extra)
+      extra = 0
       rows[name] = {'overrides': overrides, **{k: r[k] for k in ('ok', 'status', 'wall_seconds', 'ms_per_step',
                                                                   'tokens_per_s', 'mfu', 'log_tail') if k in r}}
     ran = {n: r for n, r in rows.items() if r.get('tokens_per_s')}
@@ -388,7 +394,8 @@ def judge(name: str, res: dict, dry_run: bool) -> None:
 
 def budget(settings: list[str]) -> dict:
   """Seconds each stage may take on one H100/H200 (the sum of its runs' LIMITS)."""
-  gpt2 = sum(LIMITS['gpt2_setting'] for s in settings if not pending(GPT2_SETTINGS[s]))
+  runs = sum(1 for s in settings if not pending(GPT2_SETTINGS[s]))
+  gpt2 = runs * LIMITS['gpt2_setting'] + (LIMITS['gpt2_data'] if runs else 0)
   return {'environment': LIMITS['probe'], 'gpu_tests': LIMITS['gpu_tests'],
           'train': LIMITS['train'] + LIMITS['train_eval'],
           'gpu_speedrun_cold': LIMITS['speedrun_cold'] + LIMITS['speedrun_eval'],
@@ -410,7 +417,8 @@ def summary(name: str, r: dict) -> str:
   if name in ('step_gpu',):
     return f'{r.get("ms_per_step")} ms/step, {r.get("tokens_per_s")} tok/s, MFU {r.get("mfu")}'
   if name == 'gpu_speedrun_seeds':
-    return f'val by seed {r["val_loss_by_seed"]}'
+    return 'full-pass val by seed: ' + ', '.join(
+        f'{s} {v:.4f}' if v is not None else f'{s} failed' for s, v in r['val_loss_by_seed'].items())
   if name == 'deterministic':
     return (f'{r.get("ms_per_step")} ms/step with the flag, {r.get("ms_per_step_without_flag")} without '
             f'({r.get("cost_percent")}%); without it identical: {r.get("without_flag_bit_identical")}')
@@ -454,12 +462,11 @@ def main() -> int:
   for name in RUN_DIRS:
     shutil.rmtree(os.path.join(out, name), ignore_errors=True)
   plan = budget(settings)
+  print('time budget on one H100/H200, seconds: ' + ', '.join(f'{k} {v * args.time_scale:g}'
+                                                              for k, v in plan.items())
+        + f'; total {sum(plan.values()) * args.time_scale:g} (plus any pip install)', flush=True)
   if args.dry_run:
-    print(f'dry run: every stage at tiny sizes, each run limited to {DRY_LIMIT} s', flush=True)
-  else:
-    print('time budget on one H100/H200, seconds: ' + ', '.join(f'{k} {v * args.time_scale:g}'
-                                                                for k, v in plan.items())
-          + f'; total {sum(plan.values()) * args.time_scale:g} (plus any pip install)', flush=True)
+    print(f'dry run: every stage at tiny sizes, each run limited to {DRY_LIMIT} s instead', flush=True)
   results = {'dry_run': args.dry_run, 'budget_seconds': plan, 'pending_keys': PENDING_KEYS}
 
   def save():

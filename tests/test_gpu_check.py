@@ -123,3 +123,4 @@ def test_dry_run_goes_through_every_stage(tmp_path):
   assert ('skipped' in sweep['settings']['b32_spc4']) != gc.PENDING_KEYS['train.steps_per_call']
   table = proc.stdout[proc.stdout.index('stage '):]
   assert all(s in table for s in gc.STAGES) and 'not judged' in table
+  assert f'total {sum(gc.budget(settings.split(",")).values())} ' in proc.stdout  # The budget, printed.
