@@ -8,6 +8,7 @@ Presets (n_layer / n_head / n_embd; all with vocab 50257, block 1024, biases, ta
   gpt2-medium  24 / 16 / 1024   350M
   gpt2-large   36 / 20 / 1280   774M
   gpt2-xl      48 / 25 / 1600   1558M
+  gpt2_gpu     gpt2 on one GPU: bf16, cuDNN attention, the 32 x 1024 tokens of a step as one batch
 
 `init_from` is '' (train these shapes from scratch) or a local Hugging Face GPT-2 directory
 (config.json + model.safetensors) whose weights start the run; nothing is downloaded at run time
@@ -55,6 +56,11 @@ PRESETS = {  # The other sizes change only the shape (and their out_dir).
                    'out_dir': 'out/shakespeare_gpt2-large'},
     'gpt2-xl': {'model.n_layer': 48, 'model.n_head': 25, 'model.n_embd': 1600,
                 'out_dir': 'out/shakespeare_gpt2-xl'},
+    # The 124M model's fastest one-GPU step as expected, for scripts/gpu_check.py's step_gpt2_best
+    # sweep to confirm (docs/gpu.md): bf16 matmuls, cuDNN attention (no dropout to need the written-out
+    # softmax), and the recipe's 32 rows of 1024 tokens per step as one batch instead of 32 accumulated.
+    'gpt2_gpu': {'out_dir': 'out/shakespeare_gpt2_gpu', 'model.dtype': 'bfloat16', 'model.attention': 'auto',
+                 'train.batch_size': 32, 'train.grad_accum_steps': 1},
 }
 
 

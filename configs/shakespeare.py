@@ -94,6 +94,16 @@ PRESETS = {
         'train.eval_iters': 5, 'train.val_full_pass': True, 'train.log_interval': 50,
         'train.target_val_loss': 1.47, 'sample.eval_tokens': 0,
     },
+    'gpu_speedrun': {  # The speedrun levers on one GPU: bf16, cuDNN attention, batch 64 (docs/gpu.md).
+        'out_dir': 'out/shakespeare_char_gpu_speedrun', 'model.dtype': 'bfloat16', 'model.attention': 'auto',
+        'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.0, 'model.position': 'rotary',
+        'model.qk_norm': True, 'model.activation': 'relu2', 'model.zero_init_proj': True,
+        'train.batch_size': 64, 'train.learning_rate': 1.5e-3, 'train.min_learning_rate': 1.5e-4,
+        'train.optimizer': 'muon', 'train.muon_batched': True, 'train.lr_schedule': 'wsd',
+        'train.cooldown_fraction': 0.5, 'train.ema_decay': 0.99, 'train.max_steps': 300,
+        'train.lr_decay_steps': 300, 'train.eval_interval': 300, 'train.eval_at_start': False,
+        'train.eval_iters': 5, 'train.val_full_pass': True, 'train.log_interval': 50,
+        'train.target_val_loss': 1.47, 'sample.eval_tokens': 0},
     'speedrun_gpt2': {  # Record 1: the same target with GPT-2 and AdamW, sized to a CPU hour.
         'out_dir': 'out/shakespeare_char_speedrun_gpt2',
         'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.1,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check (docs/gpu.md): environment, GPU test tier, the gpu preset trained and evaluated, step
-# timings, one summary table (also written as JSON). About 5 minutes on an H200; --dry_run goes
-# through every stage at the tiny preset on any machine. Flags: see scripts/gpu_check.py --help.
+# The GPU check (docs/gpu.md): environment, GPU test tier, the gpu preset trained and evaluated, the
+# gpu_speedrun preset cold, warm and over three seeds, deterministic kernels, GPT-2 124M step settings;
+# one summary table with each stage's targets (also written as JSON). At most 10 minutes on one
+# H100/H200 (the time limits' budget, printed at the start; the real length is not yet measured);
+# --dry_run goes through every stage at tiny sizes on any machine. Flags: scripts/gpu_check.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

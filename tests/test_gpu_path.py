@@ -159,6 +159,38 @@ def test_gpu_preset_is_the_default_recipe_in_bf16_with_fused_attention():
     assert changed <= {'dtype', 'attention', 'target_val_loss'}, (section, changed)
 
 
+def _changed(a, b) -> dict:
+  """{(section, field): (a's value, b's value)} where two run configs differ."""
+  a, b = a.to_dict(), b.to_dict()
+  return {(sec, k): (a[sec][k], v) for sec in b if isinstance(b[sec], dict) for k, v in b[sec].items()
+          if a[sec][k] != v}
+
+
+def test_gpu_speedrun_preset_is_the_speedrun_levers_sized_for_one_gpu():
+  """Every lever of `speedrun` (model, optimizer, evals) kept; bf16, cuDNN, a GPU batch and its own
+  length (one eval, at the end) changed; nothing else."""
+  speedrun, gpu = shakespeare.get_config('speedrun'), shakespeare.get_config('gpu_speedrun')
+  diff = _changed(speedrun, gpu)
+  assert set(diff) == {('model', 'dtype'), ('model', 'attention'), ('train', 'batch_size'),
+                       ('train', 'max_steps'), ('train', 'lr_decay_steps'), ('train', 'eval_interval')}
+  assert gpu.model.dtype == 'bfloat16' and gpu.model.attention == 'auto' and gpu.train.batch_size == 64
+  t = gpu.train
+  assert t.max_steps == t.lr_decay_steps == t.eval_interval and not t.eval_at_start and t.val_full_pass
+  assert t.target_val_loss == 1.47 and gpu.sample.eval_tokens == 0 and gpu.out_dir != speedrun.out_dir
+
+
+def test_gpt2_gpu_preset_is_gpt2_in_bf16_with_one_batch_per_step():
+  """The same model and the same 32 x 1024 tokens per optimizer step as `gpt2`, as one bf16 batch."""
+  from configs import gpt2 as gpt2_configs
+  gpt2, gpu = gpt2_configs.get_config('gpt2'), gpt2_configs.get_config('gpt2_gpu')
+  assert set(_changed(gpt2, gpu)) == {('model', 'dtype'), ('model', 'attention'), ('train', 'batch_size'),
+                                      ('train', 'grad_accum_steps')}
+  rows = lambda c: c.train.batch_size * c.train.grad_accum_steps
+  assert rows(gpu) == rows(gpt2) == 32
+  assert gpu.model.dropout == 0.0  # No attention dropout to keep: cuDNN trains too.
+  assert gpu.out_dir != gpt2.out_dir
+
+
 # --- MFU: exact names, precision, device count ----------------------------------------------------
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ def test_tiny_preset_is_unchanged_from_before_the_options():
 
 @pytest.mark.parametrize('make', [functools.partial(shakespeare.get_config, p) for p in
                                   ('', 'speedrun_gpt2', 'cpu', 'nanogpt_cpu', 'tiny')]
-                         + [gpt2_configs.get_config])
+                         + [gpt2_configs.get_config, functools.partial(gpt2_configs.get_config, 'gpt2_gpu')])
 def test_presets_keep_every_option_off(make):
   """The presets' model sections mean ModelConfig's defaults (GPT-2), and their optimizer AdamW."""
   c = make()
