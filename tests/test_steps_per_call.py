@@ -4,6 +4,9 @@ stops, resumes and ends (a shorter last call) exactly as a run of single steps."
 
 import functools
 import json
+import pathlib
+import subprocess
+import sys
 import types
 
 import jax
@@ -15,9 +18,11 @@ from gpt_jax.data import batches as batches_lib
 from gpt_jax.errors import Stopped
 from gpt_jax.model import GPT
 from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import loop as loop_lib, multi_step, step as step_lib
+from gpt_jax.training import loop as loop_lib, multi_step, preemption, step as step_lib
 
 from tiny_models import cfg as tiny_cfg
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 MODEL = tiny_cfg(vocab_size=20, block_size=16, n_layer=1, dropout=0.1)  # Dropout: each step's own masks.
 BATCH, ACCUM, K = 4, 2, 3  # Accumulation: a scan inside each step of the scan.
@@ -53,10 +58,9 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize('per_step_batches', [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=['resident', 'host_batches'])
-def test_k_steps_in_one_call_are_k_single_steps_bit_for_bit(per_step_batches):
-  mesh = mesh_lib.make_mesh(None, jax.devices())
+def _check_k_calls_against_single_steps(mesh, per_step_batches: bool) -> None:
+  """Two calls of K steps against 2K single steps from the same state, on `mesh`: the state after K and
+  after 2K steps and every step's loss, bit for bit."""
   if per_step_batches:
     source = batches_lib.ShardBatches(types.SimpleNamespace(train=HostTokens(), val=HostTokens()),
                                       MODEL.block_size, BATCH, ACCUM, 0, mesh)
@@ -78,6 +82,23 @@ def test_k_steps_in_one_call_are_k_single_steps_bit_for_bit(per_step_batches):
     np.testing.assert_array_equal(np.asarray(m['per_step']['loss']), np.asarray(losses))
     assert m['loss'] == losses[-1] and m['per_step']['loss'].shape == (K,)
   assert len(set(np.asarray(losses).tolist())) == K  # The steps really differ.
+
+
+@pytest.mark.parametrize('per_step_batches', [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=['resident', 'host_batches'])
+def test_k_steps_in_one_call_are_k_single_steps_bit_for_bit(per_step_batches):
+  _check_k_calls_against_single_steps(mesh_lib.make_mesh(None, jax.devices()), per_step_batches)
+
+
+@pytest.mark.slow
+def test_k_steps_in_one_call_are_k_single_steps_with_fsdp_on_4_devices():
+  """Data x FSDP (2 x 2) on 4 simulated CPU devices, in a subprocess (this file as a script). The scan
+  pins the state it carries to the single step's shardings: without that, XLA partitions the loop's
+  state its own way and the FSDP updates differ from single steps in the last bits."""
+  from multidevice import worker_env
+  env = dict(worker_env(4), PYTHONPATH=str(REPO))
+  r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and 'bit-identical on 4 devices' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_a_call_of_one_step_is_the_plain_jitted_step():
@@ -174,3 +195,30 @@ def test_a_run_resumed_between_multiples_realigns_with_a_shorter_call(single_ste
   _run(config, root / 'realigned', 3)
   _run(config, root / 'realigned', steps_per_call=2, log_interval=2, resume=True)
   assert sorted(_assert_same_run(root / 'realigned', root / 'single')) == [1, 2, 3, 4, 6, 7]
+
+
+def test_processes_agree_on_stopping_after_each_call_that_passed_a_multiple_of_sync_every(monkeypatch):
+  """Several processes compare their stop flags every SYNC_EVERY steps; with calls of 5 steps the loop
+  asks only at multiples of 5, so they compare after each call that passed a multiple of SYNC_EVERY."""
+  stop = preemption.StopRequest()
+  stop._multi = True  # As __enter__ sets it with several processes.
+  compared = []
+
+  def compared_at(steps, k):
+    compared.clear()
+    for s in steps:
+      monkeypatch.setattr(preemption.distributed, 'any_process', lambda flag, s=s: compared.append(s))
+      stop.should_stop(s, False, k)
+    return compared
+
+  assert preemption.SYNC_EVERY == 8
+  assert compared_at(range(5, 45, 5), 5) == [10, 20, 25, 35, 40]  # Passed 8, 16, 24, 32, 40.
+  assert compared_at(range(1, 17), 1) == [8, 16]  # Single steps: as always.
+
+
+if __name__ == '__main__':  # The 4-device half of the FSDP test above.
+  import ml_collections
+  assert jax.device_count() == 4, jax.devices()
+  _check_k_calls_against_single_steps(mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2))),
+                                      per_step_batches=False)
+  print('bit-identical on 4 devices')

@@ -28,15 +28,24 @@ from gpt_jax.data import batches as batches_lib
 StepFn = Callable[[Any, Any], tuple[Any, dict]]  # (state, inputs) -> (state, metrics)
 
 
-def scan_steps(step_fn: StepFn, k: int, per_step_inputs: bool, state: Any, inputs: Any,
+def scan_steps(step_fn: StepFn, k: int, per_step_inputs: bool, state_sh: Any, state: Any, inputs: Any,
                ) -> tuple[Any, dict]:
   """k steps of `step_fn` as one scan: the state after them, and the last step's metrics with every
-  step's under 'per_step' (each (k, ...))."""
+  step's under 'per_step' (each (k, ...)). `state_sh`: the state's shardings."""
+  # Each step gets and returns the state laid out exactly as a call of one step does (its in and out
+  # shardings). Left free, XLA partitions the loop-carried state its own way, and with FSDP the
+  # updates then differ from single steps in the last bits.
+  pin = lambda s: jax.lax.with_sharding_constraint(s, state_sh)
+
+  def body(s: Any, step_inputs: Any) -> tuple[Any, dict]:
+    s, metrics = step_fn(pin(s), inputs if step_inputs is None else step_inputs)
+    return pin(s), metrics
+
   if per_step_inputs:  # A tuple of k (rows, T) batches -> (k, rows, T), scanned over.
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inputs)
-    state, per_step = jax.lax.scan(step_fn, state, stacked)
+    state, per_step = jax.lax.scan(body, state, stacked)
   else:  # One array for every step: closed over, not copied k times.
-    state, per_step = jax.lax.scan(lambda s, _: step_fn(s, inputs), state, None, length=k)
+    state, per_step = jax.lax.scan(body, state, None, length=k)
   return state, dict(jax.tree_util.tree_map(lambda a: a[-1], per_step), per_step=per_step)
 
 
@@ -76,7 +85,7 @@ class Steps:
       state_sh, metrics_sh = self.shardings
       in_sh = self.source.input_shardings(self.mesh)
       if k > 1:
-        step_fn = functools.partial(scan_steps, step_fn, k, self.per_step_inputs)
+        step_fn = functools.partial(scan_steps, step_fn, k, self.per_step_inputs, state_sh)
         in_sh = (in_sh,) * k if self.per_step_inputs else in_sh
       self.calls[k, layer_stats] = jax.jit(step_fn, in_shardings=(state_sh, in_sh),
                                            out_shardings=(state_sh, metrics_sh), donate_argnums=0)
