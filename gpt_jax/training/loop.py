@@ -158,7 +158,7 @@ class Trainer:
     self.step = step = first + k
     timer.tick(k)
     self.bar.update(k)
-    if self.bounded_dispatch and step % run_setup.CPU_MAX_STEPS_IN_FLIGHT < k:  # The call passed one.
+    if self.bounded_dispatch and step % run_setup.CPU_MAX_STEPS_IN_FLIGHT < k:  # Passed a multiple of it.
       metrics['loss'].block_until_ready()
     if first == self.start_step:  # The first call includes compilation.
       metrics['loss'].block_until_ready()
