@@ -40,6 +40,7 @@ def base() -> ml_collections.ConfigDict:
       train=ConfigDict(dict(
           batch_size=64,         # Sequences per micro-batch (per optimizer step: x grad_accum_steps).
           grad_accum_steps=1, max_steps=5000,
+          steps_per_call=1,      # Train steps per jitted call: > 1 dispatches less (docs/gpu.md).
           learning_rate=1e-3, min_learning_rate=1e-4,  # Peak, and the floor the schedule decays to.
           warmup_steps=100, lr_decay_steps=5000, beta1=0.9, beta2=0.99, weight_decay=0.1,
           grad_clip=1.0,         # Global-norm clip of the gradients; 0 = none.

@@ -159,12 +159,29 @@ def check_train(t: ml_collections.ConfigDict, shards: bool) -> list[str]:
   problems += at_least('train.grad_clip', t.grad_clip, 0, ', 0 = no clipping')
   problems += at_least('train.peak_flops', t.peak_flops, 0, ', 0 = look it up')
   problems += at_least('train.layer_stats_interval', t.layer_stats_interval, 0, ', 0 = off')
+  problems += steps_per_call_problems(t)
   if t.val_full_pass and shards:
     problems.append('train.val_full_pass scores the in-memory val split; with data.shards_dir set '
                     'it is not loaded: set --config.train.val_full_pass=False')
   if shards and int(t.seed) < 0:
     problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
   return problems
+
+
+def steps_per_call_problems(t: ml_collections.ConfigDict) -> list[str]:
+  """train.steps_per_call = k runs k steps per jitted call, so the loop only stops at multiples of k:
+  evals, log lines and layer statistics must fall on them (max_steps need not: a shorter call ends it)."""
+  k = t.steps_per_call
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    return [f'train.steps_per_call must be an integer >= 1 (got {k!r})']
+  off = [name for name in ('eval_interval', 'log_interval', 'layer_stats_interval')  # The last if on.
+         if isinstance(t[name], int) and t[name] >= 1 and t[name] % k]
+  if not off:
+    return []
+  return [f'train.steps_per_call={k} runs {k} steps per jitted call and the loop logs, evaluates and '
+          f'saves only between calls, so ' + ', '.join(f'train.{n} ({t[n]})' for n in off)
+          + f' must be multiples of {k} (e.g. ' + ', '.join(str(max(k, t[n] // k * k)) for n in off)
+          + '), or lower train.steps_per_call']
 
 
 def check_sampling(s: Mapping[str, Any], prefix: str = 'sample.') -> list[str]:

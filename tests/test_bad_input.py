@@ -243,6 +243,10 @@ LIB_CASES = [
     ('out_dir_is_a_file', lambda t: _train(t, out_dir=str(t / 'a_file')), 'is a file'),
     ('out_dir_current_folder', lambda t: _train(t, out_dir=str(t)), 'not a gpt_jax run'),
     ('out_dir_under_a_file', lambda t: _train(t, out_dir=str(t / 'a_file' / 'out')), 'a_file'),
+    # Calls of 4 steps: evals and logs between calls only, at multiples of 4.
+    ('steps_per_call_not_dividing_the_intervals',
+     lambda t: _train(t, **{'train.steps_per_call': 4, 'train.eval_interval': 10}),
+     'train.eval_interval (10), train.log_interval (10) must be multiples of 4'),
     ('out_dir_read_only', lambda t: _in(lambda: failing(t / 'ro', errno.EROFS),
                                         _train(t, out_dir=str(t / 'ro' / 'out'))), 'read-only'),
     # A prepared corpus is never replaced by another text.

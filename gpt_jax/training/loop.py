@@ -3,7 +3,7 @@ checkpointer, a logger and a timer. In the order a run uses them: `setup` and `r
 (devices, mesh, data, model; the state to start from: run_setup.py), the `Evaluator` (losses and a
 sample at every eval: evaluator.py), the `Trainer` (steps, evals that may save a checkpoint, logs, the
 stop request), and `train_and_evaluate`, which runs a Trainer holding the run directory's lock;
-SIGTERM/SIGINT stop it after the step in flight with a checkpoint of that step (preemption.py).
+SIGTERM/SIGINT stop it after the step (or call of steps) in flight with a checkpoint (preemption.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 import time
 
-import jax
 import ml_collections
 from tqdm.auto import tqdm
 
@@ -22,6 +21,7 @@ from gpt_jax.errors import Stopped, UserError
 from gpt_jax.model import GPT
 from gpt_jax.parallel import distributed, mesh as mesh_lib
 from gpt_jax.training import evaluator, layer_stats, metrics as metrics_lib, preemption, run_setup, runlock
+from gpt_jax.training.multi_step import Steps
 from gpt_jax.training.step import train_step
 
 
@@ -29,7 +29,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   """Runs training as configured; returns a summary (final step, losses, wall time, best val loss).
 
   The run holds its out_dir's lock throughout (gpt_jax/training/runlock.py). SIGTERM or SIGINT stops
-  it after the step in flight with a checkpoint of that step, raising `Stopped`.
+  it after the step (or call of steps) in flight with a checkpoint of that step, raising `Stopped`.
   """
   t_start = time.time()
   config_checks.validate(config)  # Every setting, before out_dir or anything else is made.
@@ -64,16 +64,14 @@ class Trainer:
     state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
     self.evaluator = evaluator.Evaluator(config, s, state_sh.params)
     self.schedule = optim.lr_schedule(t)
-    step_jit = dict(in_shardings=(state_sh, s.source.input_shardings(s.mesh)),
-                    out_shardings=(state_sh, rep), donate_argnums=0)
     step_fn = functools.partial(train_step, model=GPT(s.model_cfg), draw=s.source.draw,
                                 batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps,
                                 schedule=self.schedule, mesh=s.mesh)
-    self.plain_step = jax.jit(step_fn, **step_jit)
+    # Jitted calls of train.steps_per_call steps each (multi_step.py; 1: jax.jit(step_fn) itself).
+    self.steps = Steps(step_fn, t.steps_per_call, s.source, s.mesh, (state_sh, rep))
     if t.layer_stats_interval > 0:  # Every N steps the variant with per-layer statistics, compiled
       # up front so that no step timing includes its compilation.
-      self.stats_step = jax.jit(functools.partial(step_fn, layer_stats=True), **step_jit).lower(
-          self.state, s.source.train_inputs(int(self.state.step))).compile()
+      self.steps.compile(self.state, t.steps_per_call, layer_stats=True)
 
     if main:
       with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -110,7 +108,7 @@ class Trainer:
         # A resumed step was evaluated before it was saved; step 0 only with train.eval_at_start.
         if due and not step == self.start_step > 0 and (step > 0 or t.eval_at_start):
           evaluated = self.evaluate()
-        if step >= t.max_steps or self.stop.should_stop(step, after_eval=evaluated is not None):
+        if step >= t.max_steps or self.stop.should_stop(step, evaluated is not None, t.steps_per_call):
           break
         self.train_one_step()
     except KeyboardInterrupt:  # A second Ctrl-C: at once, without a checkpoint of this step.
@@ -151,21 +149,22 @@ class Trainer:
     return rec['val_loss']
 
   def train_one_step(self) -> None:
-    """One jitted step; syncs only where timing, logging or the CPU dispatch bound needs it."""
-    t, timer = self.t, self.timer
-    with_stats = t.layer_stats_interval > 0 and (self.step + 1) % t.layer_stats_interval == 0
-    step_fn = self.stats_step if with_stats else self.plain_step
-    self.state, metrics = step_fn(self.state, self.s.source.train_inputs(self.step))
-    self.step = step = self.step + 1
-    timer.tick()
-    self.bar.update(1)
-    if self.bounded_dispatch and step % run_setup.CPU_MAX_STEPS_IN_FLIGHT == 0:
+    """One jitted call of k steps (k = train.steps_per_call, but for a shorter call that ends at a
+    multiple of it or at max_steps); syncs only where timing, logging or the CPU dispatch bound needs it."""
+    t, timer, first = self.t, self.timer, self.step
+    k = self.steps.call_length(first, t.max_steps)
+    with_stats = t.layer_stats_interval > 0 and (first + k) % t.layer_stats_interval == 0
+    self.state, metrics = self.steps(self.state, first, k, layer_stats=with_stats)  # The last step's.
+    self.step = step = first + k
+    timer.tick(k)
+    self.bar.update(k)
+    if self.bounded_dispatch and step % run_setup.CPU_MAX_STEPS_IN_FLIGHT < k:  # Passed a multiple of it.
       metrics['loss'].block_until_ready()
-    if step == self.start_step + 1:  # The first step includes compilation.
+    if first == self.start_step:  # The first call includes compilation.
       metrics['loss'].block_until_ready()
-      self.say(f'compiled and ran the first step in {timer.seconds():.1f}s')
+      self.say(f'compiled and ran the first {f"{k} steps" if k > 1 else "step"} in {timer.seconds():.1f}s')
       timer.restart()
-    elif step == self.start_step + 6:  # A few compiled steps tell how long the whole run will take.
+    elif first < self.start_step + 6 * t.steps_per_call <= step:  # 5 compiled calls: the run's time.
       metrics['loss'].block_until_ready()
       metrics_lib.report_expected_time(self.say, timer.per_step(), t, step)
     if step % t.log_interval == 0 or step == t.max_steps:

@@ -183,8 +183,8 @@ class StepTimer:
   def restart(self) -> None:
     self.t0, self.steps = time.perf_counter(), 0
 
-  def tick(self) -> None:
-    self.steps += 1
+  def tick(self, steps: int = 1) -> None:
+    self.steps += steps
 
   def seconds(self) -> float:
     return time.perf_counter() - self.t0

@@ -2,9 +2,10 @@
 
 Schedulers stop a job with SIGTERM and a grace period before SIGKILL (Slurm, Kubernetes, spot VMs); a
 user stops it with Ctrl-C (SIGINT). `StopRequest` turns either signal into a flag that the training loop
-reads between steps: the step in flight (and an eval in progress) finishes, the loop saves a checkpoint
-of that exact step, waits for Orbax to finalise it and raises `Stopped`, which the scripts turn into
-exit status 75 (EX_TEMPFAIL from sysexits.h: "try again later") and one line naming the resume command.
+reads between steps (between calls of train.steps_per_call steps): the step or call in flight (and an
+eval in progress) finishes, the loop saves a checkpoint of that exact step, waits for Orbax to finalise
+it and raises `Stopped`, which the scripts turn into exit status 75 (EX_TEMPFAIL from sysexits.h: "try
+again later") and one line naming the resume command.
 
 A second Ctrl-C stops at once (KeyboardInterrupt) without the checkpoint; a second SIGTERM changes
 nothing, so that a scheduler repeating its signal cannot cut the checkpoint short.
@@ -75,15 +76,16 @@ class StopRequest:
     """This process received a signal (whether or not the others know yet)."""
     return self.signal_name is not None
 
-  def should_stop(self, step: int, after_eval: bool = False) -> bool:
+  def should_stop(self, step: int, after_eval: bool = False, steps_per_call: int = 1) -> bool:
     """True when the run should stop before training step `step` + 1, on every process alike.
 
-    One process: the local flag. Several: all-gathered at steps that are multiples of `SYNC_EVERY`
-    and after evals (points every process reaches at the same step), else False.
+    One process: the local flag. Several: all-gathered after evals and after the call of steps that
+    passed a multiple of `SYNC_EVERY` (points every process reaches at the same step), else False.
+    With steps_per_call = k the loop asks only at multiples of k: those within k steps past one.
     """
     if not self._multi:
       return self.requested
-    if step % SYNC_EVERY and not after_eval:
+    if step % SYNC_EVERY >= steps_per_call and not after_eval:
       return False
     return distributed.any_process(self.requested)
 
