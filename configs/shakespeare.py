@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
           layer_stats_interval=0,  # Every N steps log per-layer statistics (0 = off); see scripts/plot.py.
           tensorboard=False,     # Also write TensorBoard event files to out_dir/tensorboard (tensorboardX).
           target_val_loss=0.0,   # > 0: report when an eval's val loss first reaches it (time to target).
+          compilation_cache_dir='',  # JAX's persistent compilation cache for every program; '' = not set.
       )),
       # Device mesh (gpt_jax/parallel/mesh.py): `data` splits the batch (parameters replicated), `fsdp`
       # the batch *and* the parameters and optimizer state; -1 = all the remaining devices.
@@ -83,7 +84,8 @@ PRESETS = {
     '': {},
     # One NVIDIA GPU: bf16 matmuls; attention dropout in the Pallas flash kernel, cuDNN in evals (docs/gpu.md).
     'gpu': {'out_dir': 'out/shakespeare_char_gpu', 'model.dtype': 'bfloat16', 'model.attention': 'auto',
-            'train.target_val_loss': 1.47},
+            'train.target_val_loss': 1.47,
+            'train.compilation_cache_dir': '~/.cache/gpt_jax/jax_compilation_cache'},  # A rerun compiles nothing.
     'speedrun': {  # Record 4: val loss <= 1.47 in the fewest CPU steps found, every lever on.
         'out_dir': 'out/shakespeare_char_speedrun',
         'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.0, 'model.position': 'rotary',

@@ -165,7 +165,21 @@ def check_train(t: ml_collections.ConfigDict, shards: bool) -> list[str]:
                     'it is not loaded: set --config.train.val_full_pass=False')
   if shards and int(t.seed) < 0:
     problems.append(f'train.seed must be >= 0 with data.shards_dir (got {t.seed})')
-  return problems
+  return problems + check_cache_dir(t.compilation_cache_dir)
+
+
+def check_cache_dir(directory: Any) -> list[str]:
+  """train.compilation_cache_dir: a string; a folder JAX can create or write to (checked, not made)."""
+  name = 'train.compilation_cache_dir'
+  if not isinstance(directory, str):
+    return [f"{name} must be a folder's path, or '' for none (got {directory!r})"]
+  path = os.path.abspath(os.path.expanduser(directory)) if directory else ''
+  while path and not os.path.exists(path):  # The nearest part that exists must be a writable folder.
+    path = os.path.dirname(path)
+  if path and not (os.path.isdir(path) and os.access(path, os.W_OK)):
+    return [f'{name} {directory!r}: {path} is not a folder this user can write to; pick another '
+            "folder, or '' for no cache"]
+  return []
 
 
 def steps_per_call_problems(t: ml_collections.ConfigDict) -> list[str]:

@@ -22,6 +22,7 @@ from gpt_jax.model import GPT
 from gpt_jax.parallel import distributed, mesh as mesh_lib
 from gpt_jax.training import evaluator, layer_stats, metrics as metrics_lib, preemption, run_setup, runlock
 from gpt_jax.training.multi_step import Steps
+from gpt_jax.training.startup import Startup, persistent_cache
 from gpt_jax.training.step import train_step
 
 
@@ -36,7 +37,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
   out_dir, created = runlock.claim(config.out_dir)  # Refuses a folder that is not a gpt_jax run's.
   try:
     distributed.initialize(config.distributed)  # Multi-process runs: before any JAX call.
-    with runlock.hold(out_dir), preemption.StopRequest() as stop:  # Before touching any checkpoint.
+    with runlock.hold(out_dir), preemption.StopRequest() as stop, \
+         persistent_cache(config.train.compilation_cache_dir):  # Before any checkpoint or compile.
       return Trainer(config, out_dir, stop, t_start).run()
   except BaseException:
     if created:  # A run refused before it wrote anything leaves no stray folder behind.
@@ -52,26 +54,27 @@ class Trainer:
                t_start: float):
     self.config, self.out_dir, self.stop, self.t_start = config, out_dir, stop, t_start
     t, main = config.train, distributed.is_main()
-    self.t = t
+    self.t, self.startup = t, Startup(t_start)
     self.s = s = run_setup.setup(config)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), config.checkpoint,
                                             set_aside_damaged=t.resume and t.resume_from_last_good)
-    self.state, self.best_val, resumed_meta = run_setup.restore_or_init(config, s, self.ckpt)
-    # A resumed run's clock goes on from its checkpoint: every `time` it logs, its time to target and
-    # its wall_seconds count the earlier segments up to that checkpoint (not the time it lay idle).
-    self.t_start -= resumed_meta.get('elapsed_seconds', 0.0)
-    # Shardings of this state's own static fields (optimizer, apply_fn): jit's shardings must match them.
-    state_sh, rep = mesh_lib.state_shardings(self.state, s.mesh), mesh_lib.replicated(s.mesh)
-    self.evaluator = evaluator.Evaluator(config, s, state_sh.params)
+    abstract = run_setup.abstract_state(config, s, self.ckpt)  # Shapes and static fields only.
+    state_sh, rep = mesh_lib.state_shardings(abstract, s.mesh), mesh_lib.replicated(s.mesh)
     self.schedule = optim.lr_schedule(t)
     step_fn = functools.partial(train_step, model=GPT(s.model_cfg), draw=s.source.draw,
                                 batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps,
                                 schedule=self.schedule, mesh=s.mesh)
     # Jitted calls of train.steps_per_call steps each (multi_step.py; 1: jax.jit(step_fn) itself).
     self.steps = Steps(step_fn, t.steps_per_call, s.source, s.mesh, (state_sh, rep))
-    if t.layer_stats_interval > 0:  # Every N steps the variant with per-layer statistics, compiled
-      # up front so that no step timing includes its compilation.
-      self.steps.compile(self.state, t.steps_per_call, layer_stats=True)
+    # The first call (and any layer-stats variant) compiles in a background thread from the shapes
+    # while the state is made and the first eval runs (startup.py).
+    self.startup.compile(self.steps, abstract, t, first_step=self.ckpt.latest_step() or 0)
+    self.state, self.best_val, resumed_meta = run_setup.restore_or_init(config, s, self.ckpt, abstract)
+    self.startup.mark('state')
+    # A resumed run's clock goes on from its checkpoint: every `time` it logs, its time to target and
+    # its wall_seconds count the earlier segments up to that checkpoint (not the time it lay idle).
+    self.t_start -= resumed_meta.get('elapsed_seconds', 0.0)
+    self.evaluator = evaluator.Evaluator(config, s, state_sh.params)
 
     if main:
       with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -87,7 +90,7 @@ class Trainer:
                       'time': round(time.time() - self.t_start, 3)})
     self.meta = run_setup.checkpoint_meta(config, s)
     self.tokens_per_step = t.batch_size * t.grad_accum_steps * s.model_cfg.block_size
-    self.peak, self.peak_src = metrics_lib.peak_flops(t.peak_flops, s.model_cfg.dtype)  # All devices.
+    self.peak = metrics_lib.peak_flops_later(t.peak_flops, s.model_cfg.dtype)  # All devices.
     self.bar = tqdm(total=t.max_steps, initial=self.start_step, desc='train', unit='step',
                     dynamic_ncols=True, disable=None if main else True)
     self.say = self.bar.write if not self.bar.disable else s.say
@@ -130,8 +133,8 @@ class Trainer:
     """Evaluates at this step, logs it, notes the target and saves a checkpoint; returns val loss."""
     t, step, say = self.t, self.step, self.say
     # With train.ema_decay > 0 the evals (and so the best checkpoint) judge the averaged weights.
-    rec = dict(self.evaluator(optim_variants.eval_params(self.state), step), lr=float(self.schedule(step)),
-               time=round(time.time() - self.t_start, 3))
+    rec = dict(self.evaluator(optim_variants.eval_params(self.state), step),
+               lr=metrics_lib.lr_at(self.schedule, step), time=round(time.time() - self.t_start, 3))
     evaluator.check_finite(rec['val_loss'], 'the validation loss', step, self.ckpt)
     say(f'step {step}: train loss {rec["train_loss"]:.4f}, val loss {rec["val_loss"]:.4f} '
         f'({rec["eval_seconds"]:.1f}s)')
@@ -162,7 +165,8 @@ class Trainer:
       metrics['loss'].block_until_ready()
     if first == self.start_step:  # The first call includes compilation.
       metrics['loss'].block_until_ready()
-      self.say(f'compiled and ran the first {f"{k} steps" if k > 1 else "step"} in {timer.seconds():.1f}s')
+      self.log.write(self.startup.record(step, time.time() - self.t_start))
+      self.say(self.startup.line(f'{k} steps' if k > 1 else 'step', timer.seconds()))
       timer.restart()
     elif first < self.start_step + 6 * t.steps_per_call <= step:  # 5 compiled calls: the run's time.
       metrics['loss'].block_until_ready()
@@ -176,9 +180,9 @@ class Trainer:
     loss = float(metrics['loss'])  # Syncs with the device.
     evaluator.check_finite(loss, 'the training loss', self.step, self.ckpt)
     rec = metrics_lib.step_record(self.step, loss, metrics, self.timer.per_step(), self.tokens_per_step,
-                                  self.s.model_cfg, self.peak, time.time() - self.t_start)
+                                  self.s.model_cfg, self.peak()[0], time.time() - self.t_start)
     self.log.write(rec)
-    self.say(metrics_lib.step_line(rec, self.peak_src))
+    self.say(metrics_lib.step_line(rec, self.peak()[1]))
     self.bar.set_postfix(loss=f'{loss:.3f}')
     self.timer.restart()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -88,6 +89,19 @@ def peak_flops(configured: float, dtype: str = 'float32', devices: Optional[Sequ
   if dev.platform == 'cpu':
     return measured, f'measured {dtype} matmul'
   return measured * n, f'{each}measured {dtype} matmul ({dev.device_kind})'
+
+
+def peak_flops_later(configured: float, dtype: str = 'float32') -> Callable[[], tuple[float, str]]:
+  """`peak_flops(configured, dtype)` on the first call, the same answer after: a GEMM to measure then
+  runs at the first log line, not before the first step (which it would delay, competing with the
+  train step's compilation running then)."""
+  return functools.cache(functools.partial(peak_flops, configured, dtype))
+
+
+def lr_at(schedule: Callable[[Any], Any], step: int) -> float:
+  """The learning rate of `step`, for a log record: the schedule jitted as one small program (called
+  as it is, op by op, it compiles a dozen programs before the first step's eval)."""
+  return float(jax.jit(schedule)(step))
 
 
 class MetricsLog:

@@ -64,6 +64,8 @@ class Steps:
     # Resident splits are the same array at every step; token shards give each step its own batch.
     self.per_step_inputs = not isinstance(source, batches_lib.ResidentBatches)
     self.calls: dict[tuple[int, bool], StepFn] = {}  # (k, layer_stats) -> its jitted call
+    # (k, layer_stats) -> what waits for that call's compilation in a background thread (startup.py).
+    self.pending: dict[tuple[int, bool], Callable[[], None]] = {}
 
   def call_length(self, step: int, max_steps: int) -> int:
     """Steps of the call that starts after `step`: up to the next multiple of steps_per_call, never
@@ -80,6 +82,8 @@ class Steps:
 
   def call(self, k: int, layer_stats: bool = False) -> StepFn:
     """The jitted call of k steps: (state, inputs(step, k)) -> (state after k steps, metrics)."""
+    if (k, layer_stats) in self.pending:
+      self.pending.pop((k, layer_stats))()
     if (k, layer_stats) not in self.calls:
       step_fn = functools.partial(self.step_fn, layer_stats=True) if layer_stats else self.step_fn
       state_sh, metrics_sh = self.shardings

@@ -1,6 +1,8 @@
 """A run's setup: the devices and mesh, the data, the model config, and the state to start from.
 
   setup             devices and mesh, the data (one `BatchSource` for either format), the model.
+  abstract_state    the state's shapes and static fields, before it exists (the train step compiles
+                    from them while the state is made: startup.py).
   restore_or_init   the newest checkpoint of a resumed run (its shardings, any mesh), else a fresh
                     state born sharded, optionally with GPT-2 weights (`init_from`).
   checkpoint_meta   what every checkpoint of the run records besides its arrays.
@@ -86,24 +88,38 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(mesh, source, ds, model_cfg, say)
 
 
-def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoint_lib.Checkpointer,
-                    ) -> tuple[TrainState, float, dict]:
-  """(state, best val loss so far, checkpoint metadata): the newest checkpoint if train.resume (with
-  its metadata), else a fresh state (and {}).
+def abstract_state(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoint_lib.Checkpointer,
+                   ) -> TrainState:
+  """The run's state as shapes and dtypes (jax.ShapeDtypeStructs) with its static fields (optimizer,
+  apply_fn), computed from nothing; `restore_or_init` makes the state in this very tree.
 
-  A fresh run refuses a directory that already holds checkpoints; a resumed one checks that the
-  checkpoint is of this model and vocabulary before reading a byte of its arrays.
+  First refuses a fresh run in a directory that already holds checkpoints, and a resume without one.
+  """
+  latest = ckpt.latest_step()
+  if not config.train.resume and latest is not None:
+    raise UserError(f'{ckpt.directory} already holds checkpoints (latest step {latest}). Resume it '
+                    'with --config.train.resume=True, or pick another --config.out_dir (nothing '
+                    'was overwritten).')
+  if config.train.resume and latest is None:
+    raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
+                    'run without --config.train.resume=True to start a new run.')
+  return jax.eval_shape(lambda: init_train_state(s.model_cfg, config.train))
+
+
+def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoint_lib.Checkpointer,
+                    abstract: TrainState) -> tuple[TrainState, float, dict]:
+  """(state, best val loss so far, checkpoint metadata): the newest checkpoint if train.resume (with
+  its metadata), else a fresh state (and {}), in the tree of `abstract` (from `abstract_state`).
+
+  A resumed run checks that the checkpoint is of this model and vocabulary before reading a byte of
+  its arrays; it never materialises a fresh state it would drop.
   """
   t, tok = config.train, s.dataset.tokenizer
-  # Shapes and target shardings only: a resumed run never materialises a fresh state it would drop.
-  abstract = jax.eval_shape(lambda: init_train_state(s.model_cfg, t))
   shardings = mesh_lib.state_shardings(abstract, s.mesh)
-  latest = ckpt.latest_step()
+  # The same static fields as `abstract` (one optimizer object, not an equal one built twice), so
+  # that the state matches the shardings and the train step compiled from the abstract state.
+  in_tree = functools.partial(jax.tree_util.tree_unflatten, jax.tree_util.tree_structure(abstract))
   if not t.resume:
-    if latest is not None:
-      raise UserError(f'{ckpt.directory} already holds checkpoints (latest step {latest}). Resume it '
-                      'with --config.train.resume=True, or pick another --config.out_dir (nothing '
-                      'was overwritten).')
     state = init_train_state(s.model_cfg, t, s.mesh)  # Born sharded.
     if config.init_from:
       # Fine-tuning: start from local GPT-2 weights instead of the random init (Adam moments stay 0).
@@ -111,10 +127,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
       params = hf.init_params_from(config.init_from, s.model_cfg)
       state = state.replace(params=mesh_lib.put_global(params, shardings.params))
       s.say(f'initialised the parameters from {config.init_from}')
-    return state, math.inf, {}
-  if latest is None:
-    raise UserError(f'train.resume is set but there is no checkpoint in {ckpt.directory}; '
-                    'run without --config.train.resume=True to start a new run.')
+    return in_tree(jax.tree_util.tree_leaves(state)), math.inf, {}
 
   def check_meta(step: int, meta: dict) -> None:
     if meta.get('inference_only'):
@@ -137,7 +150,7 @@ def restore_or_init(config: ml_collections.ConfigDict, s: Setup, ckpt: checkpoin
     best_step = ckpt.best_step()
     best_val = ckpt.meta(best_step)['val_loss'] if best_step is not None else math.inf
   s.say(f'resumed from step {latest} in {ckpt.directory} (best val loss so far {best_val:.4f})')
-  return state, best_val, meta
+  return in_tree(jax.tree_util.tree_leaves(state)), best_val, meta
 
 
 def checkpoint_meta(config: ml_collections.ConfigDict, s: Setup) -> dict:
