@@ -106,7 +106,8 @@ PRESETS = {
         'train.cooldown_fraction': 0.5, 'train.ema_decay': 0.99, 'train.max_steps': 300,
         'train.lr_decay_steps': 300, 'train.eval_interval': 300, 'train.eval_at_start': False,
         'train.eval_iters': 5, 'train.val_full_pass': True, 'train.log_interval': 50,
-        'train.target_val_loss': 1.47, 'sample.eval_tokens': 0},
+        'train.target_val_loss': 1.47, 'sample.eval_tokens': 0, 'train.steps_per_call': 10,
+        'train.compilation_cache_dir': '~/.cache/gpt_jax/jax_compilation_cache'},
     'speedrun_gpt2': {  # Record 1: the same target with GPT-2 and AdamW, sized to a CPU hour.
         'out_dir': 'out/shakespeare_char_speedrun_gpt2',
         'model.n_head': 4, 'model.n_embd': 256, 'model.dropout': 0.1,

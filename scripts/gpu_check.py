@@ -51,10 +51,6 @@ JAX_GPU = 'jax[cuda13]==0.11.2'
 # `tests` whole: collecting every module needs the dev requirements (jupytext), a GPU machine may lack.
 GPU_TESTS = ('tests/gpu', 'tests/test_lower_cuda.py')
 
-# Config keys the stages pass once the config has them: True = pass it. Until then a run goes without
-# it (the compilation cache is then set through the environment alone) and a GPT-2 setting that needs
-# one is skipped, saying so. tests/test_gpu_check.py fails when a flag here disagrees with the config.
-PENDING_KEYS = {'train.compilation_cache_dir': True, 'train.steps_per_call': True}
 
 # What each stage must reach on one H100/H200: (figure in its result, comparison, bound).
 TARGETS = {
@@ -84,7 +80,7 @@ GPT2_SETTINGS = {
     'b32_remat': ['--config.model.remat=True'],
     'b32_spc4': ['--config.train.steps_per_call=4'],
 }
-GPT2_DEFAULT = ('b16', 'b32', 'b32_spc4' if PENDING_KEYS['train.steps_per_call'] else 'b32_remat')
+GPT2_DEFAULT = ('b16', 'b32', 'b32_spc4')
 GPT2_STEPS, GPT2_LOG = 24, 8  # Steps per setting; logged every 8 (a multiple of steps_per_call).
 
 STAGES = ('environment', 'gpu_tests', 'train', 'step_gpu', 'gpu_speedrun_cold', 'gpu_speedrun_warm',
@@ -137,12 +133,6 @@ def read_jsonl(path: str) -> list[dict]:
 
 def mean(values: list[float]) -> Optional[float]:
   return sum(values) / len(values) if values else None
-
-
-def pending(overrides: list[str]) -> list[str]:
-  """The keys `overrides` set that PENDING_KEYS has not enabled yet."""
-  keys = [o[len('--config.'):].split('=', 1)[0] for o in overrides if o.startswith('--config.')]
-  return [k for k in keys if PENDING_KEYS.get(k) is False]
 
 
 def environment(args, limit: float = 60) -> dict:
@@ -243,8 +233,7 @@ class Check:
     """(overrides, environment) of a run keeping compiled programs in <out>/jax_cache/<group>."""
     path = os.path.join(self.out, 'jax_cache', group)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=path, GPT_JAX_COMPILATION_CACHE=path, **(extra_env or {}))
-    key = 'train.compilation_cache_dir'
-    return ([f'--config.{key}={path}'] if PENDING_KEYS[key] else []), env
+    return [f'--config.train.compilation_cache_dir={path}'], env
 
   def train(self, name: str, config: str, overrides: list[str], limit: str, group: str,
             tokenizer: str = 'char', extra_env: Optional[dict] = None, extra_seconds: float = 0) -> dict:
@@ -365,9 +354,6 @@ class Check:
     rows, extra = {}, self.limit('gpt2_data')
     for name in settings:
       overrides = GPT2_SETTINGS[name]
-      if missing := pending(overrides):
-        rows[name] = {'skipped': f'needs {", ".join(missing)} (PENDING_KEYS in scripts/gpu_check.py)'}
-        continue
       r = self.train(f'step_gpt2_{name}', config, common + overrides, 'gpt2_setting', 'gpt2', tokenizer='gpt2',
                      extra_seconds=0 if self.dry else extra)
       extra = 0
@@ -394,7 +380,7 @@ def judge(name: str, res: dict, dry_run: bool) -> None:
 
 def budget(settings: list[str]) -> dict:
   """Seconds each stage may take on one H100/H200 (the sum of its runs' LIMITS)."""
-  runs = sum(1 for s in settings if not pending(GPT2_SETTINGS[s]))
+  runs = len(settings)
   gpt2 = runs * LIMITS['gpt2_setting'] + (LIMITS['gpt2_data'] if runs else 0)
   return {'environment': LIMITS['probe'], 'gpu_tests': LIMITS['gpu_tests'],
           'train': LIMITS['train'] + LIMITS['train_eval'],
@@ -467,7 +453,7 @@ def main() -> int:
         + f'; total {sum(plan.values()) * args.time_scale:g} (plus any pip install)', flush=True)
   if args.dry_run:
     print(f'dry run: every stage at tiny sizes, each run limited to {DRY_LIMIT} s instead', flush=True)
-  results = {'dry_run': args.dry_run, 'budget_seconds': plan, 'pending_keys': PENDING_KEYS}
+  results = {'dry_run': args.dry_run, 'budget_seconds': plan}
 
   def save():
     with open(os.path.join(out, 'gpu_check.json'), 'w', encoding='utf-8') as f:

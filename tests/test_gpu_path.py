@@ -169,12 +169,14 @@ def _changed(a, b) -> dict:
 
 def test_gpu_speedrun_preset_is_the_speedrun_levers_sized_for_one_gpu():
   """Every lever of `speedrun` (model, optimizer, evals) kept; bf16, cuDNN, a GPU batch and its own
-  length (one eval, at the end) changed; nothing else."""
+  length (one eval, at the end), 10 steps per call and the compilation cache changed; nothing else."""
   speedrun, gpu = shakespeare.get_config('speedrun'), shakespeare.get_config('gpu_speedrun')
   diff = _changed(speedrun, gpu)
   assert set(diff) == {('model', 'dtype'), ('model', 'attention'), ('train', 'batch_size'),
-                       ('train', 'max_steps'), ('train', 'lr_decay_steps'), ('train', 'eval_interval')}
+                       ('train', 'max_steps'), ('train', 'lr_decay_steps'), ('train', 'eval_interval'),
+                       ('train', 'steps_per_call'), ('train', 'compilation_cache_dir')}
   assert gpu.model.dtype == 'bfloat16' and gpu.model.attention == 'auto' and gpu.train.batch_size == 64
+  assert gpu.train.steps_per_call == 10 and gpu.train.compilation_cache_dir  # A rerun compiles nothing.
   t = gpu.train
   assert t.max_steps == t.lr_decay_steps == t.eval_interval and not t.eval_at_start and t.val_full_pass
   assert t.target_val_loss == 1.47 and gpu.sample.eval_tokens == 0 and gpu.out_dir != speedrun.out_dir
