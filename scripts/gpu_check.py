@@ -99,7 +99,7 @@ DRY_SIZE = ['--config.model.n_layer=2', '--config.model.n_head=2', '--config.mod
             '--config.model.block_size=32', '--config.train.batch_size=8', '--config.train.warmup_steps=2']
 DRY_SPEEDRUN = DRY_SIZE + ['--config.train.max_steps=10', '--config.train.lr_decay_steps=10',
                            '--config.train.eval_interval=10', '--config.train.log_interval=5',
-                           '--config.train.eval_iters=2']
+                           '--config.train.eval_iters=2', '--config.train.steps_per_call=5']
 DRY_CHARS = 60_000
 
 
